@@ -1,0 +1,39 @@
+# ringlab: the two commands of the README.
+#   make figures   set up, then execute every notebook with papermill and rewrite figures/
+#   make test      set up, then run the whole test suite
+# Both create (or refresh, when pyproject.toml changes) a virtual environment in .venv.
+#
+# TORCH picks the torch build. The default, torch==2.13.0, is the CPU wheel on the CI and
+# workbench machines. On a GPU machine install a CUDA torch first, e.g.
+#   make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN     = $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup browser test figures bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+# Chromium renders PNG figures (kaleido) and runs the browser tests (Playwright).
+browser:
+	@sh tools/ensure-chromium
+
+test: setup browser
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+figures: setup browser
+	$(BIN)/ringlab figures
+
+bench: setup
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) runs test-artifacts .pytest_cache .hypothesis

@@ -1,0 +1,100 @@
+"""Timing, machine facts and result files shared by the benchmark scripts.
+
+Times on shared machines are noise; ratios taken side by side are the figure. Every
+comparison here interleaves its contestants (a, b, a, b, ...) and reports the median of the
+per-round ratios.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import torch
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    """Facts about this machine that a reader needs to interpret a ratio."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
+                torch=torch.__version__, python=platform.python_version(), gpu=None)
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def machine_slug() -> str:
+    m = machine()
+    if m["gpu"]:
+        return m["gpu"].lower().replace("nvidia", "").strip().replace(" ", "-")
+    return f"cpu-{m['cores']}core"
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def side_by_side(contestants: dict, *, repeats: int = 3, warmup: int = 1, device="cpu") -> dict:
+    """Time each zero-argument callable, interleaved; returns name -> list of seconds."""
+    for _ in range(warmup):
+        for fn in contestants.values():
+            fn()
+    times = {name: [] for name in contestants}
+    for _ in range(repeats):
+        for name, fn in contestants.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio(times: dict, a: str, b: str) -> float:
+    """Median over rounds of time(a) / time(b)."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+        return str(x)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def record(name: str, rows: list[dict], columns: list[str], *, notes: str = "", extra=None,
+           out_dir=None) -> pathlib.Path:
+    """Print the table and write benchmarks/results/<machine>-<date>-<name>.{json,md}."""
+    out_dir = pathlib.Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.date.today().isoformat()
+    base = out_dir / f"{machine_slug()}-{stamp}-{name}"
+    table = markdown_table(rows, columns)
+    m = machine()
+    header = (f"# {name}\n\nMachine: {m['cpu']}, {m['cores']} cores"
+              + (f", GPU {m['gpu']}" if m["gpu"] else "") + f"; torch {m['torch']}; {stamp}\n")
+    text = header + "\n" + table + "\n" + (f"\n{notes}\n" if notes else "")
+    print(text)
+    base.with_suffix(".md").write_text(text)
+    base.with_suffix(".json").write_text(json.dumps(
+        dict(name=name, date=stamp, machine=m, rows=rows, notes=notes, extra=extra or {}),
+        indent=1, default=str))
+    return base

@@ -1,0 +1,100 @@
+"""Single-device engine vs PyTorch SDPA, side by side (issue: foundation).
+
+    python -m benchmarks.single_device [--quick]
+
+Prints attention/SDPA time (forward; forward+backward), dilated_attention/dense SDPA time
+against the ideal ratio of score pairs, and the measured peak live tensor bytes of each next
+to the size of q+k+v+out.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import ringlab
+from ringlab import memory
+from ringlab.dilation import score_pairs
+
+from .common import ratio, record, side_by_side
+
+LONGNET = dict(segments=[2048, 4096, 8192, 16384], rates=[1, 2, 4, 8])
+
+
+def sdpa(q, k, v, causal=False):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          is_causal=causal).transpose(1, 2)
+
+
+def fwd_bwd(fn):
+    def run():
+        out = fn()
+        out.backward(torch.ones_like(out))
+    return run
+
+
+def peak_bytes(fn) -> int:
+    with memory.track() as m:
+        fn()
+    return m.peak
+
+
+def compare(name, ours, theirs, q, k, v, *, repeats, ideal=None, causal=False):
+    """Rows for forward and forward+backward of ours vs theirs on (q, k, v)."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    io_bytes = 4 * q.numel() * q.element_size()
+    rows = []
+    for mode in ("forward", "forward+backward"):
+        if mode == "forward":
+            a = lambda: ours(q, k, v)
+            b = lambda: theirs(q, k, v)
+        else:
+            a = fwd_bwd(lambda: ours(*leaves))
+            b = fwd_bwd(lambda: theirs(*leaves))
+        with torch.no_grad() if mode == "forward" else torch.enable_grad():
+            t = side_by_side({"ours": a, "theirs": b}, repeats=repeats)
+            peak_a, peak_b = peak_bytes(a), peak_bytes(b)
+        r = ratio(t, "ours", "theirs")
+        row = dict(case=name, mode=mode, shape=tuple(q.shape), causal=causal,
+                   ours_s=min(t["ours"]), sdpa_s=min(t["theirs"]), ratio=r,
+                   peak_ours_MiB=peak_a / 2**20, peak_sdpa_MiB=peak_b / 2**20,
+                   qkvo_MiB=io_bytes / 2**20)
+        if ideal is not None:
+            row.update(ideal=ideal, ratio_over_ideal=r / ideal)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (smoke test)")
+    parser.add_argument("--out-dir", default=None, help="where to write results (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    n1, n2, repeats = (1024, 2048, 1) if args.quick else (8192, 16384, 3)
+    torch.manual_seed(0)
+    rows = []
+    q, k, v = (torch.randn(1, n1, 8, 64) for _ in range(3))
+    for causal in (False, True):
+        rows += compare("attention vs SDPA", lambda a, b, c: ringlab.attention(a, b, c, causal=causal),
+                        lambda a, b, c: sdpa(a, b, c, causal), q, k, v, repeats=repeats, causal=causal)
+    q, k, v = (torch.randn(1, n2, 8, 64) for _ in range(3))
+    segs = [min(s, n2) for s in LONGNET["segments"]]
+    segs = [s * n2 // 16384 for s in LONGNET["segments"]] if args.quick else segs
+    ideal = score_pairs(n2, 8, segs, LONGNET["rates"]) / (8 * n2 * n2)
+    rows += compare(f"dilated {segs}/{LONGNET['rates']} vs dense SDPA",
+                    lambda a, b, c: ringlab.dilated_attention(a, b, c, segs, LONGNET["rates"]),
+                    sdpa, q, k, v, repeats=repeats, ideal=ideal)
+    notes = ("Targets: attention/SDPA <= 1.15 forward, <= 1.3 forward+backward; "
+             "dilated/SDPA <= 1.5 x ideal (ideal = score pairs computed / dense pairs). "
+             "Times are the best of the rounds; ratio is the median of per-round ratios, "
+             "contestants interleaved. Peaks: measured live tensor bytes (ringlab.memory).")
+    record("single_device" + ("-quick" if args.quick else ""), rows,
+           ["case", "mode", "causal", "ours_s", "sdpa_s", "ratio", "ideal", "ratio_over_ideal",
+            "peak_ours_MiB", "peak_sdpa_MiB", "qkvo_MiB"], notes=notes, out_dir=args.out_dir)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Argument checks shared by the public functions.
+
+Every check runs before any computation or communication and raises a ValueError or
+TypeError that names the argument and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+LAYOUTS = ("contiguous", "zigzag", "striped")
+HEAD_OFFSETS = ("interleaved", "grouped")
+
+
+def check_qkv(q, k, v, *, same_length: bool) -> None:
+    """q (B, Sq, H, D), k and v (B, Sk, H, D): same dtype, device, batch, heads, head_dim."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have shape (batch, seq, heads, head_dim); "
+                             f"got {x.dim()} dims {tuple(x.shape)}")
+        if x.dtype not in DTYPES:
+            raise TypeError(f"{name} has dtype {x.dtype}; use one of float64, float32, "
+                            "bfloat16, float16")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}. "
+                        "Cast them to one dtype first")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device; got {q.device}, {k.device}, "
+                         f"{v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+        raise ValueError("q and k must agree on batch, heads and head_dim "
+                         f"(dims 0, 2, 3); got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if same_length and q.shape[1] != k.shape[1]:
+        raise ValueError(f"q and k must have the same sequence length (dim 1) here; got "
+                         f"{q.shape[1]} and {k.shape[1]}")
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        raise ValueError(f"sequence length (dim 1) must be >= 1; got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
+    if min(q.shape[0], q.shape[2], q.shape[3]) == 0:
+        raise ValueError(f"batch, heads and head_dim must be >= 1; got q {tuple(q.shape)}")
+
+
+def check_causal(causal) -> None:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    """scale, defaulting to 1/sqrt(head_dim); must be a finite positive number."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be finite and > 0, got {scale}")
+    return float(scale)
+
+
+def _positive_ints(name: str, values) -> tuple[int, ...]:
+    if isinstance(values, (int, numbers.Integral)) and not isinstance(values, bool):
+        values = (values,)
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}") from None
+    if not values:
+        raise ValueError(f"{name} must not be empty")
+    for x in values:
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral):
+            raise TypeError(f"{name} must hold ints; got {x!r} ({type(x).__name__})")
+    return tuple(int(x) for x in values)
+
+
+def check_branches(segment_lengths, dilation_rates) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Validated (segment_lengths, dilation_rates) as tuples of ints."""
+    segs = _positive_ints("segment_lengths", segment_lengths)
+    rates = _positive_ints("dilation_rates", dilation_rates)
+    if len(segs) != len(rates):
+        raise ValueError(f"segment_lengths and dilation_rates must have the same length (one "
+                         f"rate per segment); got {len(segs)} segments {segs} and {len(rates)} "
+                         f"rates {rates}")
+    for w in segs:
+        if w < 1:
+            raise ValueError(f"segment_lengths must be >= 1; got {segs}")
+    for r in rates:
+        if r < 1:
+            raise ValueError(f"dilation_rates must be >= 1 (1 means no dilation); got {rates}")
+    return segs, rates
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_ring(group, ring_size) -> None:
+    """Exactly one of ``group`` (distributed) or ``ring_size`` (simulated) may be given."""
+    if group is not None and ring_size is not None:
+        raise ValueError("pass either group= (a torch.distributed ProcessGroup: real ring) or "
+                         "ring_size= (simulated ring on one device), not both")
+    if ring_size is not None:
+        if isinstance(ring_size, bool) or not isinstance(ring_size, numbers.Integral):
+            raise TypeError(f"ring_size must be an int, got {type(ring_size).__name__}")
+        if ring_size < 1:
+            raise ValueError(f"ring_size must be >= 1, got {ring_size}")
+
+
+def check_layout_split(layout: str, seq_len: int, world_size: int, what: str = "sequence length") -> None:
+    """The layouts need equal shards: N % P == 0 (contiguous, striped), N % 2P == 0 (zigzag)."""
+    check_choice("layout", layout, LAYOUTS)
+    parts = 2 * world_size if layout == "zigzag" else world_size
+    if seq_len % parts:
+        raise ValueError(
+            f"layout {layout!r} cannot split {what} {seq_len} over {world_size} ranks: it "
+            f"needs a multiple of {parts}. Pad the sequence to {-(-seq_len // parts) * parts} "
+            "tokens or choose another world size")

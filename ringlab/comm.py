@@ -1,0 +1,215 @@
+"""The ring's communication helper: post sends and receives now, wait for them later.
+
+The per-rank algorithms (ring, ring-dilated; forward and backward) are generators written
+against this small interface, and wait with ``yield from pending.wait()``. A real rank
+(:func:`run_rank`, :class:`P2PComm`) never yields: its wait blocks on torch.distributed. A
+simulated rank (:class:`SimComm`) yields while the message it waits for has not been sent
+yet, and :func:`run_lockstep` then runs the other ranks; so one process runs exactly the
+code that P ranks would run, in ring order.
+
+Rule the algorithms follow, as real P2P requires: a tensor handed to ``exchange`` as a send is
+never modified afterwards, and a receive buffer is read only after its wait.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from . import trace
+from .layout import shard, unshard
+
+BLOCKED = "blocked"  # what a simulated rank yields while its message has not arrived
+
+
+@dataclass
+class Pending:
+    """Posted transfers; ``wait()`` blocks until every one of them is complete."""
+    works: list = field(default_factory=list)
+    deliveries: list = field(default_factory=list)  # simulated: (Mailbox, key, recv buffer)
+    rank: int = 0
+    step: int = 0
+    posted_at: float = 0.0
+    nbytes: int = 0
+    label: str = ""
+
+    def wait(self):
+        """Complete the transfers (a generator: ``yield from pending.wait()``)."""
+        t0 = time.perf_counter()
+        for w in self.works:
+            w.wait()
+        for box, key, buf in self.deliveries:
+            while not box.ready(key):
+                yield BLOCKED
+            buf.copy_(box.take(key))
+        if trace.recording():
+            trace.record(kind="wait", rank=self.rank, step=self.step, label=self.label,
+                         posted=self.posted_at, t0=t0, t1=time.perf_counter(), bytes=self.nbytes)
+
+
+class RingComm:
+    """Rank arithmetic shared by the real and simulated communicators."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def next(self) -> int:
+        return (self.rank + 1) % self.world_size
+
+    @property
+    def prev(self) -> int:
+        return (self.rank - 1) % self.world_size
+
+    def exchange(self, sends, recvs, *, step: int, label: str, tag: int = 0) -> Pending:
+        """Post sends [(peer, tensor)] and receives [(peer, buffer)]; peers are ring ranks."""
+        nbytes = sum(t.numel() * t.element_size() for _, t in sends)
+        pending = Pending(rank=self.rank, step=step, posted_at=time.perf_counter(),
+                          nbytes=nbytes, label=label)
+        self._post(sends, recvs, tag, pending)
+        if trace.recording():
+            trace.record(kind="post", rank=self.rank, step=step, label=label,
+                         t=pending.posted_at, bytes=nbytes, peers=[p for p, _ in sends])
+        return pending
+
+    def pass_on(self, tensor, *, step: int, label: str, tag: int = 0):
+        """Send ``tensor`` to the next rank and receive one like it from the previous.
+        Returns (receive buffer, pending)."""
+        incoming = torch.empty_like(tensor)
+        return incoming, self.exchange([(self.next, tensor)], [(self.prev, incoming)], step=step,
+                                       label=label, tag=tag)
+
+    def _post(self, sends, recvs, tag, pending) -> None:
+        raise NotImplementedError
+
+
+class P2PComm(RingComm):
+    """Real ring over a torch.distributed process group (gloo on CPU, NCCL on GPU)."""
+
+    def __init__(self, group):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    def _post(self, sends, recvs, tag, pending) -> None:
+        ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(self.group, p), self.group, tag)
+               for p, t in sends]
+        ops += [dist.P2POp(dist.irecv, b, dist.get_global_rank(self.group, p), self.group, tag)
+                for p, b in recvs]
+        if ops:
+            pending.works = dist.batch_isend_irecv(ops)
+
+
+class Mailbox:
+    """The messages in flight of one simulated ring, FIFO per (src, dst, tag)."""
+
+    def __init__(self):
+        self.queues = collections.defaultdict(collections.deque)
+        self.events = 0  # posts + deliveries; the deadlock check watches it
+
+    def put(self, key, tensor) -> None:
+        self.queues[key].append(tensor)
+        self.events += 1
+
+    def ready(self, key) -> bool:
+        return bool(self.queues[key])
+
+    def take(self, key):
+        self.events += 1
+        return self.queues[key].popleft()
+
+
+class SimComm(RingComm):
+    """One simulated rank; all ranks of a simulated ring share one mailbox."""
+
+    def __init__(self, rank: int, world_size: int, mailbox: Mailbox):
+        self.rank, self.world_size, self.mailbox = rank, world_size, mailbox
+
+    def _post(self, sends, recvs, tag, pending) -> None:
+        for peer, t in sends:
+            self.mailbox.put((self.rank, peer, tag), t)
+        pending.deliveries = [(self.mailbox, (peer, self.rank, tag), buf) for peer, buf in recvs]
+
+
+def run_rank(gen):
+    """Drive one real rank's generator to completion and return its result."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+def run_lockstep(gens, mailbox: "Mailbox") -> list:
+    """Drive every simulated rank's generator in turn until all are done; a rank runs until it
+    waits for a message that has not been sent yet."""
+    gens = list(gens)
+    results: list = [None] * len(gens)
+    alive = list(range(len(gens)))
+    while alive:
+        before = (mailbox.events, len(alive))
+        for r in list(alive):
+            try:
+                while next(gens[r]) != BLOCKED:
+                    pass
+            except StopIteration as stop:
+                results[r] = stop.value
+                alive.remove(r)
+        if (mailbox.events, len(alive)) == before:
+            raise RuntimeError(f"simulated ring deadlock: ranks {alive} wait for messages nobody sent")
+    return results
+
+
+def check_group_agrees(group, device, meta: list[int], names: list[str]) -> None:
+    """All ranks of ``group`` must pass the same ``meta`` ints; raise on every rank otherwise.
+
+    One small all_gather, before any K/V moves.
+    """
+    mine = torch.tensor(meta, dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, mine, group=group)
+    for r, theirs in enumerate(everyone):
+        bad = [n for n, a, b in zip(names, meta, theirs.tolist()) if a != b]
+        if bad:
+            raise ValueError(
+                f"ranks of the group disagree on {', '.join(bad)}: rank {dist.get_rank(group)} has "
+                f"{dict(zip(names, meta))}, rank {r} has {dict(zip(names, theirs.tolist()))}. "
+                "Every rank must pass shards of the same shape, dtype and options")
+
+
+@dataclass(frozen=True, eq=False)
+class RingAlgorithm:
+    """An algorithm given as per-rank generators, run on a real ring or a simulated one.
+
+    ``forward_rank(comm, q, k, v)`` returns (out, lse); ``backward_rank(comm, dout, q, k, v,
+    out, lse, dlse)`` returns (dq, dk, dv). Real (``group`` given): tensors are this rank's
+    shards. Simulated (``ring_size``): tensors are whole sequences, sharded by ``layout`` for
+    each simulated rank, and the ranks' results are unsharded.
+    """
+    forward_rank: Callable
+    backward_rank: Callable
+    group: object
+    ring_size: int | None
+    layout: str
+
+    def forward(self, q, k, v):
+        return self._run(self.forward_rank, (q, k, v), (1, 1, 1), (1, 2))
+
+    def backward(self, dout, q, k, v, out, lse, dlse):
+        return self._run(self.backward_rank, (dout, q, k, v, out, lse, dlse), (1, 1, 1, 1, 1, 2, 2),
+                         (1, 1, 1))
+
+    def _run(self, rank_fn, tensors, dims, out_dims):
+        if self.group is not None:
+            return run_rank(rank_fn(P2PComm(self.group), *tensors))
+        p, layout = self.ring_size, self.layout
+        local = [[None if t is None else shard(t, r, p, layout, d) for t, d in zip(tensors, dims)]
+                 for r in range(p)]
+        box = Mailbox()
+        results = run_lockstep([rank_fn(SimComm(r, p, box), *local[r]) for r in range(p)], box)
+        return tuple(unshard([res[i] for res in results], layout, d) for i, d in enumerate(out_dims))

@@ -1,0 +1,140 @@
+"""LongNet dilated attention on one device, with the exact LSE merge of branches (SPEC §3).
+
+Each :class:`ringlab.dilation.Block` gathers the selected rows of equal-length segments for
+the heads of one offset group, folds the segments into the batch dimension, runs one block
+kernel and merges the result into the running (out, lse) of those rows. The backward reruns
+the same blocks with the global out and lse, which is the exact gradient of the merged
+softmax, branch weights included.
+
+The block functions here also serve the ring-dilated engine for the rows a rank holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .autograd import exact_attention
+from .checks import check_branches, check_causal, check_choice, check_qkv, resolve_scale, HEAD_OFFSETS
+from .dilation import Rows, local_blocks
+from .kernels import accum_dtype, block_attention, block_attention_backward
+from .merge import merge
+
+
+def rows_view(x: torch.Tensor, rows: Rows, heads: slice) -> torch.Tensor:
+    """Strided view of x (B, S, H, D) at ``rows`` and ``heads``: (B, nseg, count, H_g, D)."""
+    h = range(x.shape[2])[heads]
+    s0, s1, s2, s3 = x.stride()
+    return x.as_strided((x.shape[0], rows.nseg, rows.count, len(h), x.shape[3]),
+                        (s0, rows.seg_stride * s1, rows.stride * s1, h.step * s2, s3),
+                        x.storage_offset() + rows.start * s1 + h.start * s2)
+
+
+def lse_view(lse: torch.Tensor, rows: Rows, heads: slice) -> torch.Tensor:
+    """Strided view of lse (B, H, S) at ``rows`` and ``heads``: (B, nseg, H_g, count)."""
+    h = range(lse.shape[1])[heads]
+    s0, s1, s2 = lse.stride()
+    return lse.as_strided((lse.shape[0], rows.nseg, len(h), rows.count),
+                          (s0, rows.seg_stride * s2, h.step * s1, rows.stride * s2),
+                          lse.storage_offset() + rows.start * s2 + h.start * s1)
+
+
+def attend(q, k, v, out, lse, *, causal: bool, scale: float) -> None:
+    """One block on 5-D views q (B, nseg, cq, Hg, D), k, v (B, nseg, ck, Hg, D); the result
+    merges into the accumulator views out (B, nseg, cq, Hg, D) and lse (B, nseg, Hg, cq)."""
+    o, l = block_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), causal=causal, scale=scale)
+    merge(out, lse, o.view(out.shape), l.view(lse.shape))
+
+
+def attend_backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, *, causal: bool, scale: float) -> None:
+    """Gradients of one block (views as in :func:`attend`), added in place to the views dq, dk, dv."""
+    gq, gk, gv = block_attention_backward(
+        dout.flatten(0, 1), q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), out.flatten(0, 1),
+        lse.flatten(0, 1), causal=causal, scale=scale,
+        dlse=None if dlse is None else dlse.flatten(0, 1))
+    dq += gq.view(dq.shape)
+    dk += gk.view(dk.shape)
+    dv += gv.view(dv.shape)
+
+
+def new_accumulators(q: torch.Tensor):
+    """Running (out, lse) for the rows of q: zeros and -inf, float32 (float64 for float64)."""
+    b, n, h, d = q.shape
+    acc = accum_dtype(q.dtype)
+    return (torch.zeros(b, n, h, d, dtype=acc, device=q.device),
+            torch.full((b, h, n), -math.inf, dtype=acc, device=q.device))
+
+
+def blocks_forward(q, k, v, blocks, out, lse, *, scale: float) -> None:
+    """Run blocks among the rows of q, k, v and merge them into the accumulators out, lse."""
+    for blk in blocks:
+        h = blk.heads
+        attend(rows_view(q, blk.q, h), rows_view(k, blk.k, h), rows_view(v, blk.k, h),
+               rows_view(out, blk.q, h), lse_view(lse, blk.q, h), causal=blk.causal, scale=scale)
+
+
+def blocks_backward(dout, q, k, v, out, lse, dlse, blocks, dq, dk, dv, *, scale: float) -> None:
+    """Accumulate the gradients of the blocks into dq, dk, dv (float32 or float64)."""
+    for blk in blocks:
+        h, qr, kr = blk.heads, blk.q, blk.k
+        attend_backward(rows_view(dout, qr, h), rows_view(q, qr, h), rows_view(k, kr, h),
+                        rows_view(v, kr, h), rows_view(out, qr, h), lse_view(lse, qr, h),
+                        None if dlse is None else lse_view(dlse, qr, h),
+                        rows_view(dq, qr, h), rows_view(dk, kr, h), rows_view(dv, kr, h),
+                        causal=blk.causal, scale=scale)
+
+
+def new_grads(q, k, v):
+    """Zero gradient accumulators for q, k, v in the accumulation dtype."""
+    acc = accum_dtype(q.dtype)
+    return tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
+
+
+@dataclass(frozen=True)
+class _Dilated:
+    blocks: tuple
+    scale: float
+
+    def forward(self, q, k, v):
+        out, lse = new_accumulators(q)
+        blocks_forward(q, k, v, self.blocks, out, lse, scale=self.scale)
+        return out, lse
+
+    def backward(self, dout, q, k, v, out, lse, dlse):
+        dq, dk, dv = new_grads(q, k, v)
+        blocks_backward(dout, q, k, v, out, lse, dlse, self.blocks, dq, dk, dv, scale=self.scale)
+        return dq, dk, dv
+
+
+def check_dilated_args(q, k, v, segment_lengths, dilation_rates, causal, scale, head_offsets):
+    """Shared argument checks of the dilated functions; returns (segments, rates, scale)."""
+    check_qkv(q, k, v, same_length=True)
+    check_causal(causal)
+    segs, rates = check_branches(segment_lengths, dilation_rates)
+    check_choice("head_offsets", head_offsets, HEAD_OFFSETS)
+    return segs, rates, resolve_scale(scale, q.shape[-1])
+
+
+def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal: bool = False,
+                      scale: float | None = None, head_offsets: str = "interleaved",
+                      return_lse: bool = False):
+    """LongNet dilated attention of q, k, v (B, N, H, D), branches merged exactly.
+
+    Args:
+        segment_lengths, dilation_rates: one (w_i, r_i) per branch. Any N works: a ragged last
+            segment is a shorter segment and w_i > N means the whole sequence.
+        causal: key k is visible to query q only if k <= q (within the segment).
+        head_offsets: "interleaved" (head h reads offset h % r) or "grouped"
+            (h // ceil(H / r)).
+
+    Returns:
+        out (B, N, H, D), or (out, lse) with lse (B, H, N). Equals softmax attention with the
+        additive bias log m_h(q, k) of :func:`ringlab.dilation.multiplicity`.
+    """
+    segs, rates, scale = check_dilated_args(q, k, v, segment_lengths, dilation_rates, causal,
+                                            scale, head_offsets)
+    blocks = local_blocks(((0, q.shape[1]),), q.shape[2], segs, rates, head_offsets, causal)
+    out, lse = exact_attention(q, k, v, _Dilated(blocks, scale))
+    return (out, lse) if return_lse else out

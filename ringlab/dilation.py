@@ -1,0 +1,190 @@
+"""Geometry of LongNet dilation (SPEC §3), shared by the engine, the reference, tests and plots.
+
+Branch i has segment length w and dilation rate r. Head h reads offset o(h) = h % r
+("interleaved", the paper's s_j = j mod r) or h // ceil(H / r) ("grouped", torchscale's
+assignment). Position p is selected for head h iff (p mod w) % r == o(h); a query and a key
+interact in branch i iff they share a w-segment, both are selected (and k <= q when causal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+Pieces = tuple[tuple[int, int], ...]  # sorted, disjoint [start, stop) ranges of positions
+
+
+def head_offset(head: int, num_heads: int, rate: int, mode: str) -> int:
+    """Offset o(h) of one head in a branch with dilation ``rate``."""
+    if mode == "interleaved":
+        return head % rate
+    return head // math.ceil(num_heads / rate)
+
+
+def offset_groups(num_heads: int, rate: int, mode: str) -> tuple[tuple[int, slice], ...]:
+    """The heads sharing each offset, as (offset, slice of heads); offsets no head uses are absent.
+
+    interleaved: offset o holds heads o, o + r, o + 2r, ...; grouped: a contiguous run of
+    ceil(H / r) heads per offset.
+    """
+    if mode == "interleaved":
+        return tuple((o, slice(o, num_heads, rate)) for o in range(min(rate, num_heads)))
+    size = math.ceil(num_heads / rate)
+    return tuple((o, slice(o * size, min((o + 1) * size, num_heads)))
+                 for o in range(math.ceil(num_heads / size)))
+
+
+def selected(pos: torch.Tensor, segment: int, rate: int, offset: int) -> torch.Tensor:
+    """Boolean mask over positions ``pos``: which ones this (branch, offset) selects."""
+    return (pos % segment) % rate == offset
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The selected rows of ``nseg`` consecutive segments that hold them alike: a strided run.
+
+    Row (i, j), for i < nseg and j < count, is local row ``start + i*seg_stride + j*stride``
+    at global position ``pos + i*seg_stride + j*stride``, in segment ``seg + i``. The engine
+    reads such rows as a strided view of q, k, v and the accumulators, without copying.
+    """
+    start: int
+    pos: int
+    seg: int
+    nseg: int
+    count: int
+    stride: int
+    seg_stride: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.nseg * self.count
+
+    @property
+    def last_pos(self) -> int:
+        return self.pos + (self.nseg - 1) * self.seg_stride + (self.count - 1) * self.stride
+
+
+def _segment_run(lo: int, hi: int, seg: int, local0: int, a: int, w: int, r: int, o: int):
+    """Rows of segment ``seg`` selected by offset o, restricted to positions [lo, hi)."""
+    first = seg * w + o
+    if first < lo:
+        first += -(-(lo - first) // r) * r
+    if first >= hi:
+        return None
+    return Rows(start=local0 + first - a, pos=first, seg=seg, nseg=1,
+                count=(hi - 1 - first) // r + 1, stride=r, seg_stride=w)
+
+
+def _piece_runs(a: int, b: int, local0: int, w: int, r: int, o: int) -> list[Rows]:
+    """Runs of one contiguous piece [a, b): a partial head segment, the full segments in one
+    run, a partial tail segment."""
+    head, tail = a // w, (b - 1) // w
+    if head == tail:
+        return [x for x in [_segment_run(a, b, head, local0, a, w, r, o)] if x]
+    runs = []
+    if a % w:
+        runs.append(_segment_run(a, (head + 1) * w, head, local0, a, w, r, o))
+        head += 1
+    last_full = tail if b % w == 0 else tail - 1
+    if head <= last_full:
+        first = _segment_run(head * w, (head + 1) * w, head, local0, a, w, r, o)
+        if first:
+            runs.append(dataclasses.replace(first, nseg=last_full - head + 1))
+    if b % w:
+        runs.append(_segment_run(tail * w, b, tail, local0, a, w, r, o))
+    return [x for x in runs if x]
+
+
+@functools.lru_cache(maxsize=1024)
+def runs(pieces: Pieces, segment: int, rate: int, offset: int) -> tuple[Rows, ...]:
+    """The rows of ``pieces`` that (segment, rate, offset) selects, as strided runs in local
+    order. Local rows number the pieces' positions consecutively."""
+    out, local0 = [], 0
+    for a, b in pieces:
+        out += _piece_runs(a, b, local0, segment, rate, offset)
+        local0 += b - a
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Block:
+    """One kernel call: rows q attend rows k (the same segments), for the heads of one offset
+    group of one branch. ``causal`` applies the causal mask on local rows (then q is k)."""
+    branch: int
+    heads: slice
+    q: Rows
+    k: Rows
+    causal: bool
+
+    def pairs(self, num_heads: int) -> int:
+        """Score pairs this block computes, over its heads."""
+        heads = len(range(num_heads)[self.heads])
+        c = self.q.count
+        per_seg = c * (c + 1) // 2 if self.causal else c * self.k.count
+        return heads * self.q.nseg * per_seg
+
+
+def pair_blocks(branch: int, heads: slice, qs, ks, causal: bool, same_rank: bool):
+    """Blocks between runs ``qs`` and ``ks`` that share a segment. On one rank a run meets
+    itself under the causal mask; distinct runs meet fully, unless causal hides the later one."""
+    for x in qs:
+        for y in ks:
+            if same_rank and x is y:
+                yield Block(branch, heads, x, x, causal)
+            elif x.nseg == y.nseg == 1 and x.seg == y.seg and not (causal and y.pos > x.pos):
+                yield Block(branch, heads, x, y, False)
+
+
+@functools.lru_cache(maxsize=256)
+def local_blocks(pieces: Pieces, num_heads: int, segment_lengths: tuple, dilation_rates: tuple,
+                 mode: str, causal: bool) -> tuple[Block, ...]:
+    """Every block of dilated attention among the rows in ``pieces`` (one rank's own work)."""
+    return tuple(blk for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates))
+                 for o, heads in offset_groups(num_heads, r, mode)
+                 for blk in pair_blocks(i, heads, runs(pieces, w, r, o), runs(pieces, w, r, o),
+                                        causal, same_rank=True))
+
+
+def multiplicity(seq_len: int, num_heads: int, segment_lengths, dilation_rates, *,
+                 head_offsets: str = "interleaved", causal: bool = False) -> torch.Tensor:
+    """m_h(q, k): in how many branches query q and key k interact, as an (H, N, N) int tensor."""
+    p = torch.arange(seq_len)
+    m = torch.zeros(num_heads, seq_len, seq_len, dtype=torch.int32)
+    for w, r in zip(segment_lengths, dilation_rates):
+        seg = p // w
+        pair = seg[:, None] == seg[None, :]
+        if causal:
+            pair &= p[None, :] <= p[:, None]
+        offs = torch.tensor([head_offset(h, num_heads, r, head_offsets) for h in range(num_heads)])
+        sel = ((p % w) % r)[None, :] == offs[:, None]  # (H, N)
+        m += pair[None] & sel[:, :, None] & sel[:, None, :]
+    return m
+
+
+def score_pairs(seq_len: int, num_heads: int, segment_lengths, dilation_rates, *,
+                head_offsets: str = "interleaved", causal: bool = False) -> int:
+    """Query-key pairs the engine scores, summed over heads and branches (a pair counted once
+    per branch it appears in). Dense attention scores H * N^2 (H * N(N+1)/2 causal)."""
+    blocks = local_blocks(((0, seq_len),), num_heads, tuple(segment_lengths),
+                          tuple(dilation_rates), head_offsets, causal)
+    return sum(blk.pairs(num_heads) for blk in blocks)
+
+
+def receptive_field(seq_len: int, num_heads: int, segment_lengths, dilation_rates, layers: int, *,
+                    head_offsets: str = "interleaved", causal: bool = True) -> torch.Tensor:
+    """Fraction of positions each query can draw on after 1..``layers`` stacked layers.
+
+    A layer lets q read k if any head has m_h(q, k) > 0; stacking composes that relation.
+    Returns a (layers, N) float tensor.
+    """
+    reach = (multiplicity(seq_len, num_heads, segment_lengths, dilation_rates,
+                          head_offsets=head_offsets, causal=causal) > 0).any(0).float()
+    step, frac = reach.clone(), []
+    for _ in range(layers):
+        frac.append(step.mean(1))
+        step = ((step @ reach) > 0).float()
+    return torch.stack(frac)

@@ -1,0 +1,45 @@
+"""Dense float64 references (SPEC §3, §5): the ground truth every test compares against.
+
+They materialise the (B, H, Sq, Sk) score matrix, so keep N small (a few thousand at most).
+Both are plain differentiable torch code, so autograd gives the reference gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .dilation import multiplicity
+
+
+def dense_attention(q, k, v, *, causal: bool = False, scale: float | None = None,
+                    bias: torch.Tensor | None = None):
+    """softmax(scale * q k^T + bias) v in float64. Returns (out (B,Sq,H,D), lse (B,H,Sq)).
+
+    ``bias`` broadcasts to (B, H, Sq, Sk); -inf entries hide a key. A row that sees no key
+    gets out 0 and lse -inf.
+    """
+    q, k, v = (x.to(torch.float64) for x in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if causal:
+        sq, sk = q.shape[1], k.shape[1]
+        hidden = torch.arange(sk)[None, :] > torch.arange(sq)[:, None]
+        s = s.masked_fill(hidden, -math.inf)
+    if bias is not None:
+        s = s + bias.to(torch.float64)
+    empty = (s == -math.inf).all(-1)
+    # logsumexp of an all -inf row has a NaN gradient; give such rows a harmless stand-in.
+    lse = torch.logsumexp(s.masked_fill(empty[..., None], 0.0), dim=-1)
+    p = torch.exp(s - lse.masked_fill(empty, 0.0)[..., None])
+    out = torch.einsum("bhqk,bkhd->bqhd", p, v)
+    return out, lse.masked_fill(empty, -math.inf)
+
+
+def dense_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal: bool = False,
+                            scale: float | None = None, head_offsets: str = "interleaved"):
+    """Dilated attention as dense attention with bias log m_h(q, k) (SPEC §3), in float64."""
+    m = multiplicity(q.shape[1], q.shape[2], segment_lengths, dilation_rates,
+                     head_offsets=head_offsets, causal=causal)
+    return dense_attention(q, k, v, scale=scale, bias=torch.log(m.to(torch.float64)))

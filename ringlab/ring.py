@@ -1,0 +1,155 @@
+"""Ring attention (Liu et al. 2023; SPEC §4): Q, K and V sharded, K/V blocks rotating.
+
+Each rank keeps its Q block and output accumulator. At step t it holds the K/V block of rank
+(rank - t) mod P, posts the transfer of that block to rank+1 (and the receive of the next one
+from rank-1) *before* computing on it, so the transfer hides behind the compute. Partial
+results merge through the LSE. The backward rotates K/V again, with the dK/dV accumulators of
+the held block travelling alongside it, and recomputes each tile from the saved global lse;
+dQ stays local. After P steps each dK/dV accumulator is one hop from home: a last transfer
+delivers it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import struct
+
+import torch
+import torch.distributed as dist
+
+from . import trace
+from .checks import (LAYOUTS, check_causal, check_choice, check_layout_split, check_qkv,
+                     check_ring, resolve_scale)
+from .autograd import exact_attention
+from .comm import RingAlgorithm, check_group_agrees
+from .dilated import new_accumulators
+from .kernels import accum_dtype, block_attention, block_attention_backward
+from .layout import ring_tile
+from .merge import merge
+
+
+@contextlib.contextmanager
+def _traced_tile(rank, step, src, tile):
+    """Record the tile computed inside the block (or that it was skipped)."""
+    if tile is None:
+        if trace.recording():
+            trace.record(kind="skip", rank=rank, step=step, src=src)
+        yield
+        return
+    with trace.span(kind="compute", rank=rank, step=step, src=src, causal=tile.causal,
+                    q_rows=(tile.q.start, tile.q.stop), k_rows=(tile.k.start, tile.k.stop),
+                    pairs=tile.pairs()):
+        yield
+
+
+def ring_forward_rank(comm, q, k, v, *, layout: str, causal: bool, scale: float):
+    """One rank's forward (a generator; see ringlab.comm). Returns (out, lse) accumulators."""
+    p, rank, n = comm.world_size, comm.rank, q.shape[1]
+    out, lse = new_accumulators(q)
+    kv = torch.stack([k, v])  # one buffer, one transfer per step
+    for step in range(p):
+        src = (rank - step) % p
+        if step + 1 < p:
+            incoming, pending = comm.pass_on(kv, step=step, label="kv")
+        tile = ring_tile(layout, rank, src, p, n, causal)
+        with _traced_tile(rank, step, src, tile):
+            if tile is not None:
+                o, l = block_attention(q[:, tile.q], kv[0][:, tile.k], kv[1][:, tile.k],
+                                       causal=tile.causal, scale=scale)
+                merge(out[:, tile.q], lse[:, :, tile.q], o, l)
+        if step + 1 < p:
+            yield from pending.wait()
+            kv = incoming
+    return out, lse
+
+
+def ring_backward_rank(comm, dout, q, k, v, out, lse, dlse, *, layout: str, causal: bool,
+                       scale: float):
+    """One rank's backward (a generator). Returns (dq, dk, dv) in the accumulation dtype."""
+    p, rank, n = comm.world_size, comm.rank, q.shape[1]
+    acc = accum_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv = torch.stack([k, v])
+    dkv_incoming = dkv_pending = None  # the dK/dV accumulator arriving with the next block
+    for step in range(p):
+        src = (rank - step) % p
+        if step + 1 < p:
+            incoming, kv_pending = comm.pass_on(kv, step=step, label="kv")
+        if step == 0:  # our own block starts a fresh accumulator
+            dkv = torch.zeros(kv.shape, dtype=acc, device=kv.device)
+        else:
+            yield from dkv_pending.wait()
+            dkv = dkv_incoming
+        tile = ring_tile(layout, rank, src, p, n, causal)
+        with _traced_tile(rank, step, src, tile):
+            if tile is not None:
+                qr, kr = tile.q, tile.k
+                gq, gk, gv = block_attention_backward(
+                    dout[:, qr], q[:, qr], kv[0][:, kr], kv[1][:, kr], out[:, qr], lse[:, :, qr],
+                    causal=tile.causal, scale=scale,
+                    dlse=None if dlse is None else dlse[:, :, qr])
+                dq[:, qr] += gq
+                dkv[0][:, kr] += gk
+                dkv[1][:, kr] += gv
+        if p == 1:
+            return dq, dkv[0], dkv[1]
+        dkv_incoming, dkv_pending = comm.pass_on(dkv, step=step, label="dkv", tag=1)
+        if step + 1 < p:
+            yield from kv_pending.wait()
+            kv = incoming
+    yield from dkv_pending.wait()  # our own block's dK/dV, home from its last holder
+    return dq, dkv_incoming[0], dkv_incoming[1]
+
+
+def _group_meta(q, causal, layout, scale) -> tuple[list[int], list[str]]:
+    dtypes = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+    meta = [*q.shape, dtypes.index(q.dtype), int(causal), LAYOUTS.index(layout),
+            struct.unpack("<q", struct.pack("<d", scale))[0]]
+    names = ["batch", "seq (shard length)", "heads", "head_dim", "dtype", "causal", "layout", "scale"]
+    return meta, names
+
+
+def check_ring_args(q, k, v, group, ring_size, causal, layout):
+    """Checks shared by ring_attention and ring_dilated_attention (no communication yet)."""
+    check_qkv(q, k, v, same_length=True)
+    check_causal(causal)
+    check_choice("layout", layout, LAYOUTS)
+    check_ring(group, ring_size)
+    if group is None and ring_size is None:
+        raise ValueError("pass group= (a torch.distributed ProcessGroup; q, k, v are this rank's "
+                         "shards) or ring_size= (simulate that many ranks on this device)")
+    if group is None:
+        check_layout_split(layout, q.shape[1], ring_size)
+    else:
+        p = dist.get_world_size(group)
+        check_layout_split(layout, q.shape[1] * p, p, what="sequence length (shard length x ranks)")
+
+
+def ring_attention(q, k, v, *, group=None, ring_size: int | None = None, causal: bool = False,
+                   layout: str = "contiguous", scale: float | None = None,
+                   return_lse: bool = False):
+    """Exact softmax attention with the sequence split over a ring of ranks.
+
+    Distributed: ``group`` is a torch.distributed ProcessGroup and q, k, v (B, N/P, H, D) are
+    this rank's shards in ``layout`` order (see :func:`ringlab.shard`); the result is this
+    rank's shard of the output. Simulated: ``ring_size=P`` and q, k, v (B, N, H, D) are the
+    whole sequence; one process runs what P ranks would, step by step.
+
+    Args:
+        causal: key k visible to query q only if k <= q (global positions).
+        layout: "contiguous", "zigzag" or "striped"; the last two balance causal work.
+        scale: default 1/sqrt(D).
+        return_lse: also return lse (B, H, S) for the same rows as out.
+
+    Equals ``ringlab.attention`` on the whole sequence, outputs and gradients.
+    """
+    check_ring_args(q, k, v, group, ring_size, causal, layout)
+    scale = resolve_scale(scale, q.shape[-1])
+    if group is not None:
+        check_group_agrees(group, q.device, *_group_meta(q, causal, layout, scale))
+    opts = dict(layout=layout, causal=causal, scale=scale)
+    algorithm = RingAlgorithm(functools.partial(ring_forward_rank, **opts),
+                              functools.partial(ring_backward_rank, **opts), group, ring_size, layout)
+    out, lse = exact_attention(q, k, v, algorithm)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,280 @@
+"""Ring-dilated attention: LongNet dilation with the sequence sharded over a ring (SPEC §4).
+
+For each branch (segment w, rate r):
+  * a segment that lies inside one rank's shard is computed locally, with no communication;
+  * a segment held by several ranks forms a *sub-ring* of those ranks. Each member packs only
+    its selected rows of that segment (per head offset: about 1/r of its K/V) into one
+    message, and the messages rotate around the sub-ring, g - 1 hops for g members. A segment
+    spanning the whole sequence is the full ring.
+Every block's (out, lse) merges into the one accumulator through the LSE, across steps and
+branches. The backward rotates the messages again with their dK/dV accumulators riding along,
+recomputing each block from the global lse, and a last hop brings each accumulator home.
+
+The per-rank plan is pure geometry (ringlab.dilation, ringlab.layout): every rank computes the
+same plan for every other rank, so message sizes need no handshake.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from . import trace
+from .checks import check_choice
+from .autograd import exact_attention
+from .comm import RingAlgorithm, check_group_agrees
+from .dilated import (attend, attend_backward, blocks_backward, blocks_forward, check_dilated_args,
+                      lse_view, new_accumulators, rows_view)
+from .dilation import Block, Rows, local_blocks, offset_groups, runs
+from .kernels import accum_dtype
+from .layout import shard_pieces
+from .ring import _group_meta, check_ring_args
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One slice of a message: a sender's rows ``rows`` of segment s for the heads ``heads``,
+    at message slots [start, start + size) where a slot is one (row, head)."""
+    group: int
+    heads: slice
+    rows: Rows
+    start: int
+    size: int
+
+
+@dataclass(frozen=True)
+class SubRing:
+    """The ranks holding one segment of one branch, and what each of them sends."""
+    branch: int
+    segment: int
+    members: tuple[int, ...]
+    parts: tuple[tuple[Part, ...], ...]  # per member: its message layout
+    sizes: tuple[int, ...]                # per member: message slots
+
+    def hops(self) -> int:
+        return len(self.members) - 1
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    local: tuple[tuple[Block, ...], ...]       # per branch: blocks among this rank's own rows
+    subrings: tuple[tuple[SubRing, ...], ...]  # per branch: the sub-rings this rank belongs to
+    steps: tuple[int, ...]                     # per branch: the most hops of any sub-ring
+
+
+def _members(pieces_of, w: int, seg: int) -> tuple[int, ...]:
+    lo, hi = seg * w, (seg + 1) * w
+    return tuple(x for x, pieces in enumerate(pieces_of) if any(a < hi and lo < b for a, b in pieces))
+
+
+@functools.lru_cache(maxsize=64)
+def rank_plan(seq_len: int, world_size: int, rank: int, layout: str, num_heads: int,
+              segment_lengths: tuple, dilation_rates: tuple, mode: str, causal: bool) -> RankPlan:
+    """Local blocks and sub-rings of ``rank`` (see module doc)."""
+    pieces_of = [shard_pieces(seq_len, x, world_size, layout) for x in range(world_size)]
+    own = local_blocks(pieces_of[rank], num_heads, segment_lengths, dilation_rates, mode, causal)
+    local = tuple(tuple(x for x in own if x.branch == b) for b in range(len(segment_lengths)))
+    subrings, steps = [], []
+    for b, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+        groups = offset_groups(num_heads, r, mode)
+        # Only a piece's first and last segments can reach another rank.
+        edge_segments = sorted({s for pieces in pieces_of for a, e in pieces for s in (a // w, (e - 1) // w)})
+        mine = []
+        most = 0
+        for seg in edge_segments:
+            members = _members(pieces_of, w, seg)
+            if len(members) < 2:
+                continue
+            most = max(most, len(members) - 1)
+            if rank not in members:
+                continue
+            parts, sizes = [], []
+            for x in members:
+                layout_x, slot = [], 0
+                for g, (o, heads) in enumerate(groups):
+                    nh = len(range(num_heads)[heads])
+                    for rows in runs(pieces_of[x], w, r, o):
+                        if rows.nseg == 1 and rows.seg == seg:
+                            layout_x.append(Part(g, heads, rows, slot, rows.count * nh))
+                            slot += rows.count * nh
+                parts.append(tuple(layout_x))
+                sizes.append(slot)
+            mine.append(SubRing(b, seg, members, tuple(parts), tuple(sizes)))
+        subrings.append(tuple(mine))
+        steps.append(most)
+    return RankPlan(local, tuple(subrings), tuple(steps))
+
+
+def _part_view(msg: torch.Tensor, part: Part) -> torch.Tensor:
+    """A part of a message (B, slots, D) as a 5-D block view (B, 1, count, H_g, D)."""
+    b, _, d = msg.shape
+    return msg[:, part.start:part.start + part.size].view(b, 1, part.rows.count, -1, d)
+
+
+def _pack(k, v, parts, slots) -> torch.Tensor:
+    """This rank's message for one sub-ring: (2, B, slots, D) holding its selected K and V rows."""
+    msg = k.new_empty(2, k.shape[0], slots, k.shape[-1])
+    for part in parts:
+        _part_view(msg[0], part).copy_(rows_view(k, part.rows, part.heads))
+        _part_view(msg[1], part).copy_(rows_view(v, part.rows, part.heads))
+    return msg
+
+
+def _cross_blocks(mine, theirs, causal):
+    """(my rows, their part) pairs of one segment that interact: all, or under the causal
+    mask only keys before the queries (runs of two ranks never interleave)."""
+    for q_part in mine:
+        for k_part in theirs:
+            if q_part.group == k_part.group and not (causal and k_part.rows.pos > q_part.rows.pos):
+                yield q_part, k_part
+
+
+def _rotate(comm, subs, idx, held, step):
+    """Post, for every sub-ring still rotating, the held message to the next member and the
+    receive of the next one. Returns [(sub-ring index, receive buffer, pending)]."""
+    pending = []
+    for j, (s, i) in enumerate(zip(subs, idx)):
+        if step < s.hops():
+            g = len(s.members)
+            b, _, d = held[j].shape[1:]
+            incoming = held[j].new_empty(2, b, s.sizes[(i - step - 1) % g], d)
+            pending.append((j, incoming, comm.exchange(
+                [(s.members[(i + 1) % g], held[j])], [(s.members[(i - 1) % g], incoming)],
+                step=step, label=f"kv/b{s.branch}/s{s.segment}", tag=_tag(s, False))))
+    return pending
+
+
+def _tag(sub: SubRing, grads: bool) -> int:
+    return 2 + 2 * (sub.branch * 4096 + sub.segment % 4096) + int(grads)
+
+
+def _event(comm, step, sub, src, q_part, k_part):
+    return dict(kind="compute", rank=comm.rank, step=step, src=src, branch=sub.branch,
+                segment=sub.segment, q_rows=q_part.rows.count, k_rows=k_part.rows.count, causal=False,
+                pairs=q_part.rows.count * k_part.rows.count * (q_part.size // q_part.rows.count))
+
+
+def ring_dilated_forward_rank(comm, q, k, v, *, plan_args: tuple, scale: float):
+    """One rank's forward (a generator; see ringlab.comm). Returns (out, lse) accumulators."""
+    plan = rank_plan(*plan_args[:2], comm.rank, *plan_args[2:])
+    causal = plan_args[-1]
+    out, lse = new_accumulators(q)
+    for b, subs in enumerate(plan.subrings):
+        idx = [s.members.index(comm.rank) for s in subs]
+        held = [_pack(k, v, s.parts[i], s.sizes[i]) for s, i in zip(subs, idx)]
+        for step in range(plan.steps[b] + 1):
+            pending = _rotate(comm, subs, idx, held, step)
+            if step == 0:
+                with trace.span(kind="compute", rank=comm.rank, step=0, src=comm.rank, branch=b,
+                                local=True, pairs=sum(x.pairs(q.shape[2]) for x in plan.local[b])):
+                    blocks_forward(q, k, v, plan.local[b], out, lse, scale=scale)
+            else:
+                for j, (s, i) in enumerate(zip(subs, idx)):
+                    if step <= s.hops():
+                        src_i = (i - step) % len(s.members)
+                        for qp, kp in _cross_blocks(s.parts[i], s.parts[src_i], causal):
+                            with trace.span(**_event(comm, step, s, s.members[src_i], qp, kp)):
+                                attend(rows_view(q, qp.rows, qp.heads), _part_view(held[j][0], kp),
+                                       _part_view(held[j][1], kp), rows_view(out, qp.rows, qp.heads),
+                                       lse_view(lse, qp.rows, qp.heads), causal=False, scale=scale)
+            for j, incoming, p in pending:
+                yield from p.wait()
+                held[j] = incoming
+    return out, lse
+
+
+def ring_dilated_backward_rank(comm, dout, q, k, v, out, lse, dlse, *, plan_args: tuple, scale: float):
+    """One rank's backward (a generator). Returns (dq, dk, dv) in the accumulation dtype."""
+    plan = rank_plan(*plan_args[:2], comm.rank, *plan_args[2:])
+    causal = plan_args[-1]
+    acc = accum_dtype(q.dtype)
+    dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
+    for b, subs in enumerate(plan.subrings):
+        idx = [s.members.index(comm.rank) for s in subs]
+        held = [_pack(k, v, s.parts[i], s.sizes[i]) for s, i in zip(subs, idx)]
+        grads = [None] * len(subs)       # dK/dV of the held message, travelling with it
+        homecoming = [None] * len(subs)  # (buffer, pending) of our own message's dK/dV
+        for step in range(plan.steps[b] + 1):
+            pending = _rotate(comm, subs, idx, held, step)
+            if step == 0:
+                blocks_backward(dout, q, k, v, out, lse, dlse, plan.local[b], dq, dk, dv, scale=scale)
+            for j, (s, i) in enumerate(zip(subs, idx)):
+                if not 1 <= step <= s.hops():
+                    continue
+                g = len(s.members)
+                src_i = (i - step) % g
+                if step == 1:
+                    dkv = torch.zeros(held[j].shape, dtype=acc, device=q.device)
+                else:
+                    buf, p = grads[j]
+                    yield from p.wait()
+                    dkv = buf
+                for qp, kp in _cross_blocks(s.parts[i], s.parts[src_i], causal):
+                    with trace.span(**_event(comm, step, s, s.members[src_i], qp, kp)):
+                        h, rows = qp.heads, qp.rows
+                        attend_backward(
+                            rows_view(dout, rows, h), rows_view(q, rows, h), _part_view(held[j][0], kp),
+                            _part_view(held[j][1], kp), rows_view(out, rows, h), lse_view(lse, rows, h),
+                            None if dlse is None else lse_view(dlse, rows, h), rows_view(dq, rows, h),
+                            _part_view(dkv[0], kp), _part_view(dkv[1], kp), causal=False, scale=scale)
+                # Pass the accumulator on; from the last holder, that is home to its owner.
+                incoming = dkv.new_empty(2, q.shape[0], s.sizes[(src_i - 1) % g], q.shape[-1])
+                p = comm.exchange([(s.members[(i + 1) % g], dkv)], [(s.members[(i - 1) % g], incoming)],
+                                  step=step, label=f"dkv/b{b}/s{s.segment}", tag=_tag(s, True))
+                if step == s.hops():
+                    homecoming[j] = (incoming, p)
+                else:
+                    grads[j] = (incoming, p)
+            for j, incoming, p in pending:
+                yield from p.wait()
+                held[j] = incoming
+        for j, (s, i) in enumerate(zip(subs, idx)):
+            buf, p = homecoming[j]
+            yield from p.wait()
+            for part in s.parts[i]:
+                rows_view(dk, part.rows, part.heads).add_(_part_view(buf[0], part))
+                rows_view(dv, part.rows, part.heads).add_(_part_view(buf[1], part))
+    return dq, dk, dv
+
+
+def ring_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, group=None,
+                           ring_size: int | None = None, causal: bool = False,
+                           layout: str = "contiguous", scale: float | None = None,
+                           head_offsets: str = "interleaved", return_lse: bool = False):
+    """LongNet dilated attention with the sequence sharded over a ring of ranks.
+
+    Same semantics as :func:`ringlab.dilated_attention` on the whole sequence, and the same
+    calling convention as :func:`ringlab.ring_attention`: with ``group``, q, k, v
+    (B, N/P, H, D) are this rank's shards and the result is this rank's shard; with
+    ``ring_size=P`` one process simulates the P ranks on the whole sequence.
+
+    Args:
+        layout: "contiguous" or "zigzag" (striped would put every segment on every rank).
+    """
+    segs, rates, scale = check_dilated_args(q, k, v, segment_lengths, dilation_rates, causal,
+                                            scale, head_offsets)
+    check_ring_args(q, k, v, group, ring_size, causal, layout)
+    check_choice("layout", layout, LAYOUTS)
+    if group is not None:
+        import torch.distributed as dist
+
+        p = dist.get_world_size(group)
+        meta, names = _group_meta(q, causal, layout, scale)
+        branches = [x for pair in zip(segs, rates) for x in pair]
+        check_group_agrees(group, q.device, meta + [len(segs), *branches, int(head_offsets == "grouped")],
+                           names + ["branches"] + [f"branch value {i}" for i in range(len(branches))]
+                           + ["head_offsets"])
+    else:
+        p = ring_size
+    seq_len = q.shape[1] * (p if group is not None else 1)
+    plan_args = (seq_len, p, layout, q.shape[2], segs, rates, head_offsets, causal)
+    opts = dict(plan_args=plan_args, scale=scale)
+    algorithm = RingAlgorithm(functools.partial(ring_dilated_forward_rank, **opts),
+                              functools.partial(ring_dilated_backward_rank, **opts), group, ring_size,
+                              layout)
+    out, lse = exact_attention(q, k, v, algorithm)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,81 @@
+"""Shared test helpers: random inputs, the SPEC §5 tolerances, comparison against float64."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+# SPEC §5: max abs error against the float64 dense reference (outputs, gradients).
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 5e-5)}
+# The same errors relative to the largest reference value: a wrong gradient term is O(1) here,
+# however small the atol (a peer's wrong dK/dV hid behind atol 1e-2, SPEC §7).
+REL = {torch.float64: 1e-11, torch.float32: 2e-5}
+# bf16/fp16 are not in the SPEC. Inputs and results are rounded to 7 (bf16) or 10 (fp16)
+# mantissa bits while the kernels accumulate in float32, so we allow 2 units in the last
+# place of the largest reference value (measured: at most about 1 ulp).
+LOW_PRECISION_ULPS = 2
+
+
+def rand_qkv(b, n, h, d, *, seed=0, nk=None, count=3):
+    """Unit-normal float64 tensors (the reference precision); cast per test."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(b, n, h, d)] + [(b, nk or n, h, d)] * (count - 1)
+    return [torch.randn(*s, generator=g, dtype=torch.float64) for s in shapes]
+
+
+def max_err(actual, expected) -> float:
+    """Max abs error; -inf entries must match exactly (rows that see no key)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    inf = torch.isinf(e)
+    assert torch.equal(torch.isinf(a), inf), "inf pattern differs from the reference"
+    assert torch.equal(a[inf], e[inf])
+    assert not torch.isnan(a).any(), "NaN in result"
+    return 0.0 if (~inf).sum() == 0 else (a[~inf] - e[~inf]).abs().max().item()
+
+
+def assert_close(actual, expected, dtype, *, grad=False, name=""):
+    err = max_err(actual, expected)
+    finite = expected[torch.isfinite(expected)]
+    scale = max(finite.abs().max().item() if finite.numel() else 0.0, 1.0)
+    if dtype in TOL:
+        atol = TOL[dtype][1 if grad else 0]
+        assert err <= atol, f"{name}: max abs error {err:.3g} > {atol:.1g} ({dtype})"
+        assert err <= REL[dtype] * scale, f"{name}: error {err:.3g} vs magnitude {scale:.3g}"
+    else:
+        tol = LOW_PRECISION_ULPS * torch.finfo(dtype).eps * scale
+        assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g} ({dtype})"
+
+
+def run_and_grad(fn, inputs, dtype, grad_out_seed=1, use_lse=False):
+    """Run fn on inputs cast to dtype; backprop a random cotangent. Returns (out, lse, grads)."""
+    xs = [x.to(dtype).clone().requires_grad_() for x in inputs]
+    out, lse = fn(*xs)
+    g = torch.Generator().manual_seed(grad_out_seed)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    loss = (out.double() * go).sum()
+    if use_lse:
+        gl = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+        loss = loss + (lse.double().masked_fill(torch.isinf(lse), 0) * gl).sum()
+    loss.backward()
+    return out.detach(), lse.detach(), [x.grad for x in xs]
+
+
+def check_against(fn, ref, inputs, dtype, *, use_lse=False, check_lse=True, name=""):
+    """Compare fn (cast to dtype) with ref (float64, on the dtype-rounded inputs)."""
+    out, lse, grads = run_and_grad(fn, inputs, dtype, use_lse=use_lse)
+    rounded = [x.to(dtype).double() for x in inputs]
+    rout, rlse, rgrads = run_and_grad(ref, rounded, torch.float64, use_lse=use_lse)
+    assert out.dtype == dtype
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(out, rout, dtype, name=f"{name} out")
+    if check_lse:
+        assert_close(lse, rlse, dtype, name=f"{name} lse")
+    for label, a, e in zip("qkv", grads, rgrads):
+        assert_close(a, e, dtype, grad=True, name=f"{name} d{label}")
+    return out, lse, grads
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,130 @@
+"""ringlab.dilated_attention against the dense float64 reference with bias log m (SPEC §3)."""
+
+import math
+
+import pytest
+import torch
+
+import ringlab
+from ringlab.dilation import multiplicity, offset_groups, runs, score_pairs
+from ringlab.kernels import use_backend
+from ringlab.reference import dense_dilated_attention
+
+from conftest import check_against, rand_qkv
+
+CONFIGS = [
+    ([16, 32], [1, 2]),               # LongNet-style, rates divide segments
+    ([7, 20, 64], [1, 3, 5]),          # rates that do not divide segments
+    ([24, 1000], [2, 11]),            # a segment longer than N, rate > heads
+    ([5], [1]),                        # one plain block-local branch
+    ([50, 50], [2, 3]),                # equal segments, different rates
+    ([40, 120], [4, 8]),               # no rate-1 branch: some rows see nothing
+]
+
+
+def _fn(segs, rates, causal, mode):
+    return lambda q, k, v: ringlab.dilated_attention(q, k, v, segs, rates, causal=causal,
+                                                     head_offsets=mode, return_lse=True)
+
+
+def _ref(segs, rates, causal, mode):
+    return lambda q, k, v: dense_dilated_attention(q, k, v, segs, rates, causal=causal,
+                                                   head_offsets=mode)
+
+
+@pytest.mark.parametrize("segs,rates", CONFIGS)
+@pytest.mark.parametrize("n", [1, 7, 64, 100, 257])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", ["interleaved", "grouped"])
+def test_against_reference_f64(segs, rates, n, causal, mode):
+    inputs = rand_qkv(2, n, 6, 16, seed=n)
+    check_against(_fn(segs, rates, causal, mode), _ref(segs, rates, causal, mode), inputs,
+                  torch.float64, name=f"{segs}/{rates}")
+
+
+@pytest.mark.parametrize("segs,rates", CONFIGS[:3])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", [16, 64, 128])
+def test_against_reference_f32(segs, rates, causal, d):
+    inputs = rand_qkv(2, 200, 4, d, seed=d)
+    check_against(_fn(segs, rates, causal, "interleaved"), _ref(segs, rates, causal, "interleaved"),
+                  inputs, torch.float32)
+
+
+def test_long_sequence_f32():
+    segs, rates = [128, 256, 512, 1024], [1, 2, 4, 8]
+    inputs = rand_qkv(1, 1024, 8, 64, seed=5)
+    check_against(_fn(segs, rates, True, "interleaved"), _ref(segs, rates, True, "interleaved"),
+                  inputs, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(dtype):
+    segs, rates = [16, 64], [1, 4]
+    inputs = rand_qkv(2, 128, 4, 32, seed=2)
+    check_against(_fn(segs, rates, True, "interleaved"), _ref(segs, rates, True, "interleaved"),
+                  inputs, dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_math_backend_and_lse_gradient(causal):
+    segs, rates = [12, 40], [2, 3]
+    inputs = rand_qkv(2, 70, 4, 16, seed=4)
+    with use_backend("math"):
+        check_against(_fn(segs, rates, causal, "grouped"), _ref(segs, rates, causal, "grouped"),
+                      inputs, torch.float64, use_lse=True)
+    check_against(_fn(segs, rates, causal, "interleaved"), _ref(segs, rates, causal, "interleaved"),
+                  inputs, torch.float64, use_lse=True)
+
+
+def test_rows_that_see_nothing_are_zero_and_finite():
+    """No rate-1 branch: for head 0 (offset 0) odd positions are never selected."""
+    q, k, v = (x.requires_grad_() for x in rand_qkv(1, 16, 2, 8))
+    out, lse = ringlab.dilated_attention(q, k, v, [8], [2], return_lse=True)
+    assert (out[0, 1::2, 0] == 0).all() and (lse[0, 0, 1::2] == -math.inf).all()
+    assert (lse[0, 0, 0::2] > -math.inf).all()
+    (out.sum() + lse.masked_fill(lse.isinf(), 0).sum()).backward()
+    for x in (q, k, v):
+        assert torch.isfinite(x.grad).all()
+    assert (q.grad[0, 1::2, 0] == 0).all()
+
+
+def test_dilated_with_single_full_branch_is_attention():
+    q, k, v = rand_qkv(2, 37, 3, 16)
+    for causal in (False, True):
+        a = ringlab.dilated_attention(q, k, v, [37], [1], causal=causal)
+        b = ringlab.attention(q, k, v, causal=causal)
+        assert torch.allclose(a, b, atol=1e-13)
+
+
+# ---------------------------------------------------------------- geometry
+def test_offset_groups_cover_every_head_once():
+    for h in range(1, 10):
+        for r in range(1, 12):
+            for mode in ("interleaved", "grouped"):
+                heads = [i for _, s in offset_groups(h, r, mode) for i in range(h)[s]]
+                assert sorted(heads) == list(range(h))
+
+
+@pytest.mark.parametrize("pieces", [((0, 23),), ((5, 17),), ((0, 6), (30, 41)), ((12, 13),)])
+@pytest.mark.parametrize("w,r,o", [(10, 3, 1), (4, 1, 0), (7, 2, 1), (100, 5, 4), (1, 1, 0)])
+def test_runs_enumerate_exactly_the_selected_rows(pieces, w, r, o):
+    pos = torch.cat([torch.arange(a, b) for a, b in pieces])
+    expected = [(i, p) for i, p in enumerate(pos.tolist()) if (p % w) % r == o]
+    got = sorted((x.start + i * x.seg_stride + j * x.stride, x.pos + i * x.seg_stride + j * x.stride)
+                 for x in runs(pieces, w, r, o) for i in range(x.nseg) for j in range(x.count))
+    assert got == expected
+    for x in runs(pieces, w, r, o):  # one run never spans two segments' worth of rows
+        assert (x.count - 1) * x.stride < w and x.pos // w == x.seg
+
+
+def test_multiplicity_counts_branches():
+    m = multiplicity(8, 2, [4, 8], [1, 2])
+    # head 0: offset 0 in the rate-2 branch; q=0,k=2 share both segments and are selected twice
+    assert m[0, 0, 2] == 2 and m[0, 0, 1] == 1 and m[0, 0, 5] == 0 and m[1, 1, 3] == 2
+    assert (multiplicity(8, 2, [4], [1], causal=True)[0].triu(1) == 0).all()
+
+
+def test_score_pairs_dense_case():
+    assert score_pairs(10, 3, [10], [1]) == 3 * 100
+    assert score_pairs(10, 3, [10], [1], causal=True) == 3 * 55
