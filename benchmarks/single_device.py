@@ -12,20 +12,15 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 import ringlab
 from ringlab import memory
+from ringlab.baselines import sdpa
 from ringlab.dilation import score_pairs
 
 from .common import ratio, record, side_by_side
 
 LONGNET = dict(segments=[2048, 4096, 8192, 16384], rates=[1, 2, 4, 8])
-
-
-def sdpa(q, k, v, causal=False):
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          is_causal=causal).transpose(1, 2)
 
 
 def fwd_bwd(fn):
@@ -78,7 +73,7 @@ def main(argv=None):
     q, k, v = (torch.randn(1, n1, 8, 64) for _ in range(3))
     for causal in (False, True):
         rows += compare("attention vs SDPA", lambda a, b, c: ringlab.attention(a, b, c, causal=causal),
-                        lambda a, b, c: sdpa(a, b, c, causal), q, k, v, repeats=repeats, causal=causal)
+                        lambda a, b, c: sdpa(a, b, c, causal=causal), q, k, v, repeats=repeats, causal=causal)
     q, k, v = (torch.randn(1, n2, 8, 64) for _ in range(3))
     segs = [min(s, n2) for s in LONGNET["segments"]]
     segs = [s * n2 // 16384 for s in LONGNET["segments"]] if args.quick else segs

@@ -7,6 +7,7 @@ from .attention import attention
 from .dilated import dilated_attention
 from .layout import shard, unshard
 from .ring import ring_attention
+from .ring_dilated import ring_dilated_attention
 
-__all__ = ["attention", "dilated_attention", "ring_attention", "shard", "unshard"]
+__all__ = ["attention", "dilated_attention", "ring_attention", "ring_dilated_attention", "shard", "unshard"]
 __version__ = "0.1.0"

@@ -47,6 +47,8 @@ class Pending:
             while not box.ready(key):
                 yield BLOCKED
             buf.copy_(box.take(key))
+        # Done: drop the references to the sent tensors so they can be freed now.
+        self.works, self.deliveries = [], []
         if trace.recording():
             trace.record(kind="wait", rank=self.rank, step=self.step, label=self.label,
                          posted=self.posted_at, t0=t0, t1=time.perf_counter(), bytes=self.nbytes)

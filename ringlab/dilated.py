@@ -23,37 +23,42 @@ from .kernels import accum_dtype, block_attention, block_attention_backward
 from .merge import merge
 
 
-def rows_view(x: torch.Tensor, rows: Rows, heads: slice) -> torch.Tensor:
-    """Strided view of x (B, S, H, D) at ``rows`` and ``heads``: (B, nseg, count, H_g, D)."""
+def rows_view(x: torch.Tensor, rows: Rows, heads: slice, groups: int = 1, head_step: int = 0) -> torch.Tensor:
+    """Strided view of x (B, S, H, D) at ``rows`` and ``heads``, for ``groups`` fused offset
+    groups (group g: rows shifted by g, heads by g * head_step): (B, G, nseg, count, H_g, D)."""
     h = range(x.shape[2])[heads]
     s0, s1, s2, s3 = x.stride()
-    return x.as_strided((x.shape[0], rows.nseg, rows.count, len(h), x.shape[3]),
-                        (s0, rows.seg_stride * s1, rows.stride * s1, h.step * s2, s3),
+    return x.as_strided((x.shape[0], groups, rows.nseg, rows.count, len(h), x.shape[3]),
+                        (s0, s1 + head_step * s2, rows.seg_stride * s1, rows.stride * s1, h.step * s2, s3),
                         x.storage_offset() + rows.start * s1 + h.start * s2)
 
 
-def lse_view(lse: torch.Tensor, rows: Rows, heads: slice) -> torch.Tensor:
-    """Strided view of lse (B, H, S) at ``rows`` and ``heads``: (B, nseg, H_g, count)."""
+def lse_view(lse: torch.Tensor, rows: Rows, heads: slice, groups: int = 1, head_step: int = 0) -> torch.Tensor:
+    """Strided view of lse (B, H, S) matching :func:`rows_view`: (B, G, nseg, H_g, count)."""
     h = range(lse.shape[1])[heads]
     s0, s1, s2 = lse.stride()
-    return lse.as_strided((lse.shape[0], rows.nseg, len(h), rows.count),
-                          (s0, rows.seg_stride * s2, h.step * s1, rows.stride * s2),
+    return lse.as_strided((lse.shape[0], groups, rows.nseg, len(h), rows.count),
+                          (s0, s2 + head_step * s1, rows.seg_stride * s2, h.step * s1, rows.stride * s2),
                           lse.storage_offset() + rows.start * s2 + h.start * s1)
 
 
+def _batch(x):
+    """Fold (B, G, nseg) into the kernel's batch: a view when strides allow, else a copy."""
+    return x.flatten(0, 2)
+
+
 def attend(q, k, v, out, lse, *, causal: bool, scale: float) -> None:
-    """One block on 5-D views q (B, nseg, cq, Hg, D), k, v (B, nseg, ck, Hg, D); the result
-    merges into the accumulator views out (B, nseg, cq, Hg, D) and lse (B, nseg, Hg, cq)."""
-    o, l = block_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), causal=causal, scale=scale)
+    """One block on views q (B, G, nseg, cq, Hg, D), k, v (B, G, nseg, ck, Hg, D); the result
+    merges into the accumulator views out (like q) and lse (B, G, nseg, Hg, cq)."""
+    o, l = block_attention(_batch(q), _batch(k), _batch(v), causal=causal, scale=scale)
     merge(out, lse, o.view(out.shape), l.view(lse.shape))
 
 
 def attend_backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, *, causal: bool, scale: float) -> None:
     """Gradients of one block (views as in :func:`attend`), added in place to the views dq, dk, dv."""
     gq, gk, gv = block_attention_backward(
-        dout.flatten(0, 1), q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), out.flatten(0, 1),
-        lse.flatten(0, 1), causal=causal, scale=scale,
-        dlse=None if dlse is None else dlse.flatten(0, 1))
+        _batch(dout), _batch(q), _batch(k), _batch(v), _batch(out), _batch(lse), causal=causal, scale=scale,
+        dlse=None if dlse is None else _batch(dlse))
     dq += gq.view(dq.shape)
     dk += gk.view(dk.shape)
     dv += gv.view(dv.shape)
@@ -70,19 +75,19 @@ def new_accumulators(q: torch.Tensor):
 def blocks_forward(q, k, v, blocks, out, lse, *, scale: float) -> None:
     """Run blocks among the rows of q, k, v and merge them into the accumulators out, lse."""
     for blk in blocks:
-        h = blk.heads
-        attend(rows_view(q, blk.q, h), rows_view(k, blk.k, h), rows_view(v, blk.k, h),
-               rows_view(out, blk.q, h), lse_view(lse, blk.q, h), causal=blk.causal, scale=scale)
+        g = (blk.heads, blk.groups, blk.head_step)
+        attend(rows_view(q, blk.q, *g), rows_view(k, blk.k, *g), rows_view(v, blk.k, *g),
+               rows_view(out, blk.q, *g), lse_view(lse, blk.q, *g), causal=blk.causal, scale=scale)
 
 
 def blocks_backward(dout, q, k, v, out, lse, dlse, blocks, dq, dk, dv, *, scale: float) -> None:
     """Accumulate the gradients of the blocks into dq, dk, dv (float32 or float64)."""
     for blk in blocks:
-        h, qr, kr = blk.heads, blk.q, blk.k
-        attend_backward(rows_view(dout, qr, h), rows_view(q, qr, h), rows_view(k, kr, h),
-                        rows_view(v, kr, h), rows_view(out, qr, h), lse_view(lse, qr, h),
-                        None if dlse is None else lse_view(dlse, qr, h),
-                        rows_view(dq, qr, h), rows_view(dk, kr, h), rows_view(dv, kr, h),
+        g, qr, kr = (blk.heads, blk.groups, blk.head_step), blk.q, blk.k
+        attend_backward(rows_view(dout, qr, *g), rows_view(q, qr, *g), rows_view(k, kr, *g),
+                        rows_view(v, kr, *g), rows_view(out, qr, *g), lse_view(lse, qr, *g),
+                        None if dlse is None else lse_view(dlse, qr, *g),
+                        rows_view(dq, qr, *g), rows_view(dk, kr, *g), rows_view(dv, kr, *g),
                         causal=blk.causal, scale=scale)
 
 

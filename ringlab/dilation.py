@@ -112,20 +112,49 @@ def runs(pieces: Pieces, segment: int, rate: int, offset: int) -> tuple[Rows, ..
 
 @dataclass(frozen=True)
 class Block:
-    """One kernel call: rows q attend rows k (the same segments), for the heads of one offset
-    group of one branch. ``causal`` applies the causal mask on local rows (then q is k)."""
+    """One kernel call: rows q attend rows k (the same segments) for the heads ``heads`` of one
+    offset group of one branch; ``causal`` applies the causal mask on local rows (q is k).
+
+    ``groups`` > 1 fuses consecutive offset groups into the same call: group g reads the rows
+    of the first shifted by g positions and its heads shifted by g * head_step.
+    """
     branch: int
     heads: slice
     q: Rows
     k: Rows
     causal: bool
+    groups: int = 1
+    head_step: int = 0
 
     def pairs(self, num_heads: int) -> int:
-        """Score pairs this block computes, over its heads."""
+        """Score pairs this block computes, over its heads and groups."""
         heads = len(range(num_heads)[self.heads])
         c = self.q.count
         per_seg = c * (c + 1) // 2 if self.causal else c * self.k.count
-        return heads * self.q.nseg * per_seg
+        return self.groups * heads * self.q.nseg * per_seg
+
+
+def shifted(rows: Rows, by: int) -> Rows:
+    """The rows of the offset ``by`` groups further on: every position one further per group."""
+    return Rows(rows.start + by, rows.pos + by, rows.seg, rows.nseg, rows.count, rows.stride, rows.seg_stride)
+
+
+def head_count(h: slice) -> int:
+    """How many heads a slice of heads selects."""
+    return len(range(h.start, h.stop, h.step or 1))
+
+
+def fusable(a_rows: Rows, a_heads: slice, a_groups: int, a_step: int, b_rows: Rows, b_heads: slice) -> int | None:
+    """The head step if the next group (rows b, heads b) extends a fused run of ``a_groups``
+    groups (rows a, heads a) as a pure shift, else None. Only single-segment runs fuse: their
+    rows stay a view when the groups fold into the kernel's batch."""
+    step = b_heads.start - a_heads.start if a_groups == 1 else a_step
+    if (a_rows.nseg == b_rows.nseg == 1 and a_rows.count == b_rows.count and a_rows.seg == b_rows.seg
+            and b_rows.start == a_rows.start + a_groups and b_rows.pos == a_rows.pos + a_groups
+            and a_heads.step == b_heads.step and b_heads.start == a_heads.start + a_groups * step
+            and head_count(a_heads) == head_count(b_heads)):
+        return step
+    return None
 
 
 def pair_blocks(branch: int, heads: slice, qs, ks, causal: bool, same_rank: bool):
@@ -139,14 +168,38 @@ def pair_blocks(branch: int, heads: slice, qs, ks, causal: bool, same_rank: bool
                 yield Block(branch, heads, x, y, False)
 
 
+def _fuse_blocks(numbered) -> list[Block]:
+    """Fuse the blocks of consecutive offset groups that are pure shifts of each other.
+    ``numbered`` yields (offset group index, block) in group order."""
+    out: list[Block] = []
+    where: dict = {}  # shift-normalised identity of a run pair -> index in out
+    for o, blk in numbered:
+        key = (blk.q is blk.k, blk.causal, blk.q.start - o, blk.k.start - o)
+        i = where.get(key)
+        cur = out[i] if i is not None else None
+        step = None
+        if cur is not None:
+            step = fusable(cur.q, cur.heads, cur.groups, cur.head_step, blk.q, blk.heads)
+            if step is not None and fusable(cur.k, cur.heads, cur.groups, cur.head_step, blk.k, blk.heads) != step:
+                step = None
+        if step is None:
+            where[key] = len(out)
+            out.append(blk)
+        else:
+            out[i] = dataclasses.replace(cur, groups=cur.groups + 1, head_step=step)
+    return out
+
+
 @functools.lru_cache(maxsize=256)
 def local_blocks(pieces: Pieces, num_heads: int, segment_lengths: tuple, dilation_rates: tuple,
                  mode: str, causal: bool) -> tuple[Block, ...]:
     """Every block of dilated attention among the rows in ``pieces`` (one rank's own work)."""
-    return tuple(blk for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates))
-                 for o, heads in offset_groups(num_heads, r, mode)
-                 for blk in pair_blocks(i, heads, runs(pieces, w, r, o), runs(pieces, w, r, o),
-                                        causal, same_rank=True))
+    blocks = []
+    for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
+        blocks += _fuse_blocks((o, blk) for o, heads in offset_groups(num_heads, r, mode)
+                               for blk in pair_blocks(i, heads, runs(pieces, w, r, o), runs(pieces, w, r, o),
+                                                      causal, same_rank=True))
+    return tuple(blocks)
 
 
 def multiplicity(seq_len: int, num_heads: int, segment_lengths, dilation_rates, *,

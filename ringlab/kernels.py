@@ -66,7 +66,7 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, causal: bool, mask) -> str:
         return "math"
     if q.device.type == "cpu" and "cpu_flash" not in _broken:
         return "cpu_flash"
-    if q.device.type == "cuda":
+    if q.device.type in ("cuda", "meta"):  # meta: the dry run models a CUDA rank
         d = q.shape[-1]
         flash_ok = q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
         # The CUDA flash op aligns causal masks bottom-right; ours are top-left.

@@ -17,6 +17,7 @@ import datetime
 import importlib
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -49,7 +50,9 @@ def default_backend(world_size: int) -> str:
 def _check_importable(fn) -> None:
     mod = getattr(fn, "__module__", None)
     name = getattr(fn, "__qualname__", "")
-    ok = mod not in (None, "__main__") and "<" not in name
+    # A script's or ``python -m``'s __main__ is re-imported by the spawned ranks; an
+    # interactive one (notebook, REPL) has no file and cannot be.
+    ok = mod is not None and "<" not in name and (mod != "__main__" or hasattr(sys.modules["__main__"], "__file__"))
     if ok:
         try:
             obj = importlib.import_module(mod)

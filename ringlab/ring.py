@@ -55,9 +55,9 @@ def ring_forward_rank(comm, q, k, v, *, layout: str, causal: bool, scale: float)
         tile = ring_tile(layout, rank, src, p, n, causal)
         with _traced_tile(rank, step, src, tile):
             if tile is not None:
-                o, l = block_attention(q[:, tile.q], kv[0][:, tile.k], kv[1][:, tile.k],
-                                       causal=tile.causal, scale=scale)
-                merge(out[:, tile.q], lse[:, :, tile.q], o, l)
+                merge(out[:, tile.q], lse[:, :, tile.q],
+                      *block_attention(q[:, tile.q], kv[0][:, tile.k], kv[1][:, tile.k],
+                                       causal=tile.causal, scale=scale))
         if step + 1 < p:
             yield from pending.wait()
             kv = incoming
@@ -92,6 +92,7 @@ def ring_backward_rank(comm, dout, q, k, v, out, lse, dlse, *, layout: str, caus
                 dq[:, qr] += gq
                 dkv[0][:, kr] += gk
                 dkv[1][:, kr] += gv
+                del gq, gk, gv  # free them before the next step's kernel allocates its own
         if p == 1:
             return dq, dkv[0], dkv[1]
         dkv_incoming, dkv_pending = comm.pass_on(dkv, step=step, label="dkv", tag=1)

@@ -27,7 +27,7 @@ from .autograd import exact_attention
 from .comm import RingAlgorithm, check_group_agrees
 from .dilated import (attend, attend_backward, blocks_backward, blocks_forward, check_dilated_args,
                       lse_view, new_accumulators, rows_view)
-from .dilation import Block, Rows, local_blocks, offset_groups, runs
+from .dilation import Block, Rows, head_count, fusable, local_blocks, offset_groups, runs, shifted
 from .kernels import accum_dtype
 from .layout import shard_pieces
 from .ring import _group_meta, check_ring_args
@@ -37,13 +37,49 @@ LAYOUTS = ("contiguous", "zigzag")
 
 @dataclass(frozen=True)
 class Part:
-    """One slice of a message: a sender's rows ``rows`` of segment s for the heads ``heads``,
-    at message slots [start, start + size) where a slot is one (row, head)."""
+    """One slice of a message: a sender's rows ``rows`` of segment s for the heads ``heads`` of
+    offset group ``group``, at message slots [start, start + size) where a slot is one
+    (row, head). ``groups`` > 1 fuses consecutive offset groups, each a shift of the first
+    (see ringlab.dilation.Block), stored one after the other."""
     group: int
     heads: slice
     rows: Rows
     start: int
     size: int
+    groups: int = 1
+    head_step: int = 0
+
+    def view_args(self):
+        return self.heads, self.groups, self.head_step
+
+    def slice(self, lo: int, hi: int) -> "Part":
+        """The fused groups lo .. hi - 1 of this part."""
+        d = lo - self.group
+        heads = slice(self.heads.start + d * self.head_step, self.heads.stop + d * self.head_step, self.heads.step)
+        return Part(lo, heads, shifted(self.rows, d), self.start + d * self.size, self.size, hi - lo,
+                    self.head_step)
+
+
+def _message_layout(pieces, w: int, r: int, seg: int, groups, num_heads: int) -> tuple[tuple[Part, ...], int]:
+    """The parts of one member's message for segment ``seg``, and its slots. Parts that are
+    shifts of one run over consecutive offset groups are laid out together and fused."""
+    found = [(g, heads, rows) for g, (o, heads) in enumerate(groups) for rows in runs(pieces, w, r, o)
+             if rows.seg == seg and rows.nseg == 1]
+    found.sort(key=lambda t: (t[2].start - t[0], t[0]))  # runs of one shift family, in group order
+    parts: list[Part] = []
+    slot = 0
+    for g, heads, rows in found:
+        size = rows.count * head_count(heads)
+        last = parts[-1] if parts else None
+        step = None
+        if last is not None and last.group + last.groups == g and last.size == size:
+            step = fusable(last.rows, last.heads, last.groups, last.head_step, rows, heads)
+        if step is None:
+            parts.append(Part(g, heads, rows, slot, size))
+        else:
+            parts[-1] = Part(last.group, last.heads, last.rows, last.start, size, last.groups + 1, step)
+        slot += size
+    return tuple(parts), slot
 
 
 @dataclass(frozen=True)
@@ -66,9 +102,14 @@ class RankPlan:
     steps: tuple[int, ...]                     # per branch: the most hops of any sub-ring
 
 
-def _members(pieces_of, w: int, seg: int) -> tuple[int, ...]:
-    lo, hi = seg * w, (seg + 1) * w
-    return tuple(x for x, pieces in enumerate(pieces_of) if any(a < hi and lo < b for a, b in pieces))
+def _members(seq_len: int, world_size: int, layout: str, w: int, seg: int) -> tuple[int, ...]:
+    """Ranks holding positions of segment ``seg``: the owners of the chunks it overlaps."""
+    chunks = world_size * (2 if layout == "zigzag" else 1)
+    c = seq_len // chunks
+    lo, hi = seg * w // c, (min((seg + 1) * w, seq_len) - 1) // c
+    if layout == "contiguous":
+        return tuple(range(lo, hi + 1))
+    return tuple(sorted({i if i < world_size else chunks - 1 - i for i in range(lo, hi + 1)}))
 
 
 @functools.lru_cache(maxsize=64)
@@ -86,51 +127,44 @@ def rank_plan(seq_len: int, world_size: int, rank: int, layout: str, num_heads: 
         mine = []
         most = 0
         for seg in edge_segments:
-            members = _members(pieces_of, w, seg)
+            members = _members(seq_len, world_size, layout, w, seg)
             if len(members) < 2:
                 continue
             most = max(most, len(members) - 1)
             if rank not in members:
                 continue
-            parts, sizes = [], []
-            for x in members:
-                layout_x, slot = [], 0
-                for g, (o, heads) in enumerate(groups):
-                    nh = len(range(num_heads)[heads])
-                    for rows in runs(pieces_of[x], w, r, o):
-                        if rows.nseg == 1 and rows.seg == seg:
-                            layout_x.append(Part(g, heads, rows, slot, rows.count * nh))
-                            slot += rows.count * nh
-                parts.append(tuple(layout_x))
-                sizes.append(slot)
-            mine.append(SubRing(b, seg, members, tuple(parts), tuple(sizes)))
+            layouts = [_message_layout(pieces_of[x], w, r, seg, groups, num_heads) for x in members]
+            mine.append(SubRing(b, seg, members, tuple(p for p, _ in layouts), tuple(n for _, n in layouts)))
         subrings.append(tuple(mine))
         steps.append(most)
     return RankPlan(local, tuple(subrings), tuple(steps))
 
 
 def _part_view(msg: torch.Tensor, part: Part) -> torch.Tensor:
-    """A part of a message (B, slots, D) as a 5-D block view (B, 1, count, H_g, D)."""
+    """A part of a message (B, slots, D) as a block view (B, G, 1, count, H_g, D)."""
     b, _, d = msg.shape
-    return msg[:, part.start:part.start + part.size].view(b, 1, part.rows.count, -1, d)
+    return msg[:, part.start:part.start + part.groups * part.size].view(b, part.groups, 1, part.rows.count, -1, d)
 
 
 def _pack(k, v, parts, slots) -> torch.Tensor:
     """This rank's message for one sub-ring: (2, B, slots, D) holding its selected K and V rows."""
     msg = k.new_empty(2, k.shape[0], slots, k.shape[-1])
     for part in parts:
-        _part_view(msg[0], part).copy_(rows_view(k, part.rows, part.heads))
-        _part_view(msg[1], part).copy_(rows_view(v, part.rows, part.heads))
+        _part_view(msg[0], part).copy_(rows_view(k, part.rows, *part.view_args()))
+        _part_view(msg[1], part).copy_(rows_view(v, part.rows, *part.view_args()))
     return msg
 
 
 def _cross_blocks(mine, theirs, causal):
-    """(my rows, their part) pairs of one segment that interact: all, or under the causal
-    mask only keys before the queries (runs of two ranks never interleave)."""
+    """(my part, their part) pairs of one segment that interact, cut to their common offset
+    groups: all of them, or under the causal mask only keys before the queries (runs of two
+    ranks never interleave)."""
     for q_part in mine:
         for k_part in theirs:
-            if q_part.group == k_part.group and not (causal and k_part.rows.pos > q_part.rows.pos):
-                yield q_part, k_part
+            lo = max(q_part.group, k_part.group)
+            hi = min(q_part.group + q_part.groups, k_part.group + k_part.groups)
+            if lo < hi and not (causal and k_part.rows.pos > q_part.rows.pos):
+                yield q_part.slice(lo, hi), k_part.slice(lo, hi)
 
 
 def _rotate(comm, subs, idx, held, step):
@@ -155,7 +189,8 @@ def _tag(sub: SubRing, grads: bool) -> int:
 def _event(comm, step, sub, src, q_part, k_part):
     return dict(kind="compute", rank=comm.rank, step=step, src=src, branch=sub.branch,
                 segment=sub.segment, q_rows=q_part.rows.count, k_rows=k_part.rows.count, causal=False,
-                pairs=q_part.rows.count * k_part.rows.count * (q_part.size // q_part.rows.count))
+                groups=q_part.groups, pairs=q_part.rows.count * k_part.rows.count * q_part.size // q_part.rows.count
+                * q_part.groups)
 
 
 def ring_dilated_forward_rank(comm, q, k, v, *, plan_args: tuple, scale: float):
@@ -178,9 +213,10 @@ def ring_dilated_forward_rank(comm, q, k, v, *, plan_args: tuple, scale: float):
                         src_i = (i - step) % len(s.members)
                         for qp, kp in _cross_blocks(s.parts[i], s.parts[src_i], causal):
                             with trace.span(**_event(comm, step, s, s.members[src_i], qp, kp)):
-                                attend(rows_view(q, qp.rows, qp.heads), _part_view(held[j][0], kp),
-                                       _part_view(held[j][1], kp), rows_view(out, qp.rows, qp.heads),
-                                       lse_view(lse, qp.rows, qp.heads), causal=False, scale=scale)
+                                va = qp.view_args()
+                                attend(rows_view(q, qp.rows, *va), _part_view(held[j][0], kp),
+                                       _part_view(held[j][1], kp), rows_view(out, qp.rows, *va),
+                                       lse_view(lse, qp.rows, *va), causal=False, scale=scale)
             for j, incoming, p in pending:
                 yield from p.wait()
                 held[j] = incoming
@@ -215,11 +251,11 @@ def ring_dilated_backward_rank(comm, dout, q, k, v, out, lse, dlse, *, plan_args
                     dkv = buf
                 for qp, kp in _cross_blocks(s.parts[i], s.parts[src_i], causal):
                     with trace.span(**_event(comm, step, s, s.members[src_i], qp, kp)):
-                        h, rows = qp.heads, qp.rows
+                        va, rows = qp.view_args(), qp.rows
                         attend_backward(
-                            rows_view(dout, rows, h), rows_view(q, rows, h), _part_view(held[j][0], kp),
-                            _part_view(held[j][1], kp), rows_view(out, rows, h), lse_view(lse, rows, h),
-                            None if dlse is None else lse_view(dlse, rows, h), rows_view(dq, rows, h),
+                            rows_view(dout, rows, *va), rows_view(q, rows, *va), _part_view(held[j][0], kp),
+                            _part_view(held[j][1], kp), rows_view(out, rows, *va), lse_view(lse, rows, *va),
+                            None if dlse is None else lse_view(dlse, rows, *va), rows_view(dq, rows, *va),
                             _part_view(dkv[0], kp), _part_view(dkv[1], kp), causal=False, scale=scale)
                 # Pass the accumulator on; from the last holder, that is home to its owner.
                 incoming = dkv.new_empty(2, q.shape[0], s.sizes[(src_i - 1) % g], q.shape[-1])
@@ -236,8 +272,8 @@ def ring_dilated_backward_rank(comm, dout, q, k, v, out, lse, dlse, *, plan_args
             buf, p = homecoming[j]
             yield from p.wait()
             for part in s.parts[i]:
-                rows_view(dk, part.rows, part.heads).add_(_part_view(buf[0], part))
-                rows_view(dv, part.rows, part.heads).add_(_part_view(buf[1], part))
+                rows_view(dk, part.rows, *part.view_args()).add_(_part_view(buf[0], part))
+                rows_view(dv, part.rows, *part.view_args()).add_(_part_view(buf[1], part))
     return dq, dk, dv
 
 

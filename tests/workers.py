@@ -86,3 +86,37 @@ def odd_zigzag_shard():
 
 def rank_and_size():
     return dist.get_rank(), dist.get_world_size(), torch.get_num_threads()
+
+
+def train_longnet(steps, seed, layout):
+    """A few SGD steps of a float64 LongNetLM on this rank's shard; returns losses and params."""
+    from ringlab.nn import LongNetLM, all_reduce_grads
+
+    group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+    rank, p = (dist.get_rank(), dist.get_world_size()) if group is not None else (0, 1)
+    torch.manual_seed(seed)
+    model = LongNetLM(50, 32, 2, 4, [8, 32], [1, 2], max_seq_len=64, group=group, layout=layout,
+                      dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, 50, (2, 33), generator=g)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    if group is not None:
+        x, y = ringlab.shard(x, rank, p, layout), ringlab.shard(y, rank, p, layout)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model.loss(x, y, total_tokens=2 * 32)
+        loss.backward()
+        if group is not None:
+            all_reduce_grads(model, group)
+            dist.all_reduce(loss.detach(), group=group)
+        losses.append(loss.item())
+        opt.step()
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def memory_peaks(problems):
+    """Measured peak bytes of each (problem, mode, backward) on this rank's shard."""
+    from ringlab.experiments import measure_peak
+    return [measure_peak(pb, mode, backward=backward, group=dist.group.WORLD) for pb, mode, backward in problems]

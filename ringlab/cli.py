@@ -1,0 +1,119 @@
+"""The ``ringlab`` command.
+
+    ringlab plan --tokens 1G --heads 32 --head-dim 128 --dtype bf16 --gpu h100 [--gpus N]
+                 [--segments 4096,65536,1G --rates 1,8,64] [--dry-run] [--json]
+    ringlab sweep NOTEBOOK -p name v1 v2 ... [-p other ...] [--jobs 2] [--sweep-id ID]
+    ringlab figures [--only NAME ...]      # the main job: execute every notebook, write figures/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                 "float": "float32", "fp64": "float64", "double": "float64"}
+
+
+def _ints(text: str, what: str) -> list[int]:
+    from .planner import parse_tokens
+    try:
+        return [parse_tokens(x) for x in text.replace(" ", ",").split(",") if x]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated positive numbers (K/M/G suffixes allowed), got {text!r}") from None
+
+
+def _plan(args) -> int:
+    from .memory_model import Problem
+    from .planner import devices, plan
+
+    profiles = devices(args.devices) if args.devices else None
+    p = plan(args.tokens, heads=args.heads, head_dim=args.head_dim,
+             dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
+             segments=_ints(args.segments, "--segments") if args.segments else (),
+             rates=_ints(args.rates, "--rates") if args.rates else (), gpu=args.gpu, gpus=args.gpus,
+             batch=args.batch, causal=not args.no_causal, layout=args.layout, head_offsets=args.head_offsets,
+             backward=not args.forward_only, device_profiles=profiles)
+    result = p.to_dict()
+    if args.dry_run:
+        from .dryrun import dry_run
+        pb = Problem(**p.problem)
+        result["dry_run"] = dry_run(pb, backward=not args.forward_only)
+    if args.json:
+        json.dump(result, sys.stdout, indent=1, default=str)
+        print()
+        return 0
+    print(p.table())
+    if args.dry_run:
+        d = result["dry_run"]
+        print(f"\ndry run of rank 0's engine code on meta tensors: peak {d['measured'] / 2**30:,.2f} GiB "
+              f"measured vs {d['model'] / 2**30:,.2f} GiB modelled (ratio {d['ratio']:.4f}; kernel scratch "
+              "excluded: meta kernels allocate none)")
+    return 0
+
+
+def _sweep(args) -> int:
+    from .sweep import run_sweep
+    report = run_sweep(args.notebook, [(name, values) for name, *values in args.param], jobs=args.jobs,
+                       sweep_id=args.sweep_id, root=args.runs, timeout=args.timeout)
+    print(report.summary())
+    return 1 if report.failed else 0
+
+
+def _figures(args) -> int:
+    from .workbench import run_notebooks
+    return run_notebooks(only=args.only, timeout=args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ringlab", description="ring and dilated attention workbench")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="what an N-token run needs per GPU")
+    p.add_argument("--tokens", required=True, help="sequence length: 65536, 512K, 1G (=2**30), 1e9")
+    p.add_argument("--heads", type=int, required=True)
+    p.add_argument("--head-dim", type=int, required=True)
+    p.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32, fp64 (default bf16)")
+    p.add_argument("--segments", default="", help="comma-separated segment lengths (ring-dilated)")
+    p.add_argument("--rates", default="", help="comma-separated dilation rates, one per segment")
+    p.add_argument("--gpu", default="h100", help="device profile: h100, h200, a100 (see ringlab/devices.json)")
+    p.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: the fewest that fit)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--no-causal", action="store_true")
+    p.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag", "striped"])
+    p.add_argument("--head-offsets", default="interleaved", choices=["interleaved", "grouped"])
+    p.add_argument("--forward-only", action="store_true", help="inference: no backward")
+    p.add_argument("--devices", default=None, help="a JSON file of device profiles to use instead")
+    p.add_argument("--dry-run", action="store_true", help="also run rank 0's engine on meta tensors")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(run=_plan)
+
+    s = sub.add_parser("sweep", help="execute a notebook over a parameter grid with papermill")
+    s.add_argument("notebook")
+    s.add_argument("-p", "--param", nargs="+", action="append", default=[], metavar=("NAME", "VALUE"),
+                   help="a parameter and its values; repeat for a grid")
+    s.add_argument("--jobs", type=int, default=1, help="runs at once")
+    s.add_argument("--sweep-id", default=None, help="resume this sweep (default: from the grid)")
+    s.add_argument("--runs", default="runs", help="folder for sweeps (default runs/)")
+    s.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    s.set_defaults(run=_sweep)
+
+    f = sub.add_parser("figures", help="execute every notebook and rewrite figures/ (the main job)")
+    f.add_argument("--only", nargs="*", default=None, help="notebook names (default: all)")
+    f.add_argument("--timeout", type=float, default=1800, help="seconds per notebook")
+    f.set_defaults(run=_figures)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as err:
+        parser.exit(2, f"ringlab {args.command}: error: {err}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

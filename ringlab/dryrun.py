@@ -1,0 +1,126 @@
+"""Run one rank's real engine code at any scale without the memory: the dry run.
+
+    report = ringlab.dryrun.dry_run(Problem(2**30, heads=32, head_dim=128, dtype="bfloat16",
+                                            world_size=256, causal=True, layout="zigzag"))
+
+One rank's forward and backward generators (the same code a real rank runs) execute on
+``meta`` tensors, with a communicator whose transfers complete at once. Meta tensors carry
+shapes and dtypes but no data, so a billion-token call runs in seconds. A dispatch-mode
+tracker records every tensor the engine allocates and when it dies, giving the peak the rank
+would reach.
+
+Kernels: on ``meta`` the engine dispatches as on CUDA (flash for 16-bit dtypes, else the
+efficient kernel), and torch's meta registrations of those ops give output shapes. Their
+internal workspace is not allocated on meta; the report adds the CUDA kernel-scratch term of
+:mod:`ringlab.memory_model` to compare with the planner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from . import memory
+from .comm import RingComm, run_rank
+from .memory_model import Problem, estimate
+from .ring import ring_backward_rank, ring_forward_rank
+from .ring_dilated import ring_dilated_backward_rank, ring_dilated_forward_rank
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Live bytes of the tensor storages created inside the mode, and their peak."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+        # Tensors made before the region (inputs) and their views are not allocations.
+        self.existing = {t.untyped_storage()._cdata for t in existing}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._see(t)
+        return out
+
+    def _see(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self.live or key in self.existing or st.nbytes() == 0:
+            return
+        self.live[key] = st.nbytes()
+        self.current += st.nbytes()
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(st, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+
+class InstantComm(RingComm):
+    """A rank whose transfers complete at once: receive buffers keep whatever they hold."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def _post(self, sends, recvs, tag, pending) -> None:
+        pass
+
+
+def rank_generators(pb: Problem, rank: int):
+    """(forward, backward) per-rank generator functions of the ring or ring-dilated engine."""
+    scale = pb.head_dim ** -0.5
+    if pb.segments:
+        plan_args = (pb.seq_len, pb.world_size, pb.layout, pb.heads, tuple(pb.segments), tuple(pb.rates),
+                     pb.head_offsets, pb.causal)
+        opts = dict(plan_args=plan_args, scale=scale)
+        return (functools.partial(ring_dilated_forward_rank, **opts),
+                functools.partial(ring_dilated_backward_rank, **opts))
+    opts = dict(layout=pb.layout, causal=pb.causal, scale=scale)
+    return functools.partial(ring_forward_rank, **opts), functools.partial(ring_backward_rank, **opts)
+
+
+def run_one_rank(pb: Problem, rank: int = 0, *, backward: bool = True, device="meta") -> int:
+    """Run ``rank``'s forward (and backward) on ``device`` with instant transfers and return
+    the peak bytes the call allocated (inputs and output gradient exist before it starts, as
+    in ringlab.memory measurements). On meta the AllocationTracker counts; on a real device
+    ringlab.memory.track does."""
+    dtype = getattr(torch, pb.dtype)
+    shape = (pb.batch, pb.local, pb.heads, pb.head_dim)
+    q, k, v, dout = (torch.empty(shape, dtype=dtype, device=device) for _ in range(4))
+    fwd, bwd = rank_generators(pb, rank)
+    comm = InstantComm(rank, pb.world_size)
+    meta = torch.device(device).type == "meta"
+    tracker = AllocationTracker(existing=(q, k, v, dout)) if meta else memory.track(device)
+    with tracker as report:
+        out, lse = run_rank(fwd(comm, q, k, v))
+        out = out.to(dtype)
+        if backward:
+            grads = [g.to(dtype) for g in run_rank(bwd(comm, dout, q, k, v, out, lse, None))]
+            del grads
+        del out, lse
+    return report.peak
+
+
+def dry_run(pb: Problem, *, backward: bool = True, rank: int = 0) -> dict:
+    """One rank's engine code on meta tensors at full scale, next to the planner's model.
+
+    Returns the peak bytes the tracker measured, the model's peak without the kernel scratch
+    the meta kernels do not allocate, their ratio, and the planner's peak and total (with
+    scratch and resident inputs) for the same rank.
+    """
+    pb_cuda = dataclasses.replace(pb, device="cuda")
+    measured = run_one_rank(pb_cuda, rank, backward=backward, device="meta")
+    mode = "ring_dilated" if pb.segments else "ring"
+    est = estimate(dataclasses.replace(pb_cuda, scratch=False), mode, backward=backward, rank=rank)
+    planned = estimate(pb_cuda, mode, backward=backward, rank=rank)
+    return dict(problem=dataclasses.asdict(pb_cuda), rank=rank, backward=backward, measured=measured,
+                model=est.peak, ratio=est.peak / measured if measured else float("nan"), terms=est.terms,
+                resident=est.resident, planned_peak=planned.peak, planned_total=planned.total)

@@ -1,0 +1,322 @@
+"""Analytic per-rank memory of every mode, term by term.
+
+For a problem (batch B, sequence N, heads H, head_dim D, dtype, P ranks, ...) and a mode,
+:func:`estimate` returns the tensors live at the peak of one attention call, each a named term
+in bytes, for the forward alone or forward+backward. It mirrors what the code allocates, so
+``ringlab.memory.track`` around the same call measures the same number (tests hold the two
+within 10%). Inputs (q, k, v and the output gradient) exist before the call; they are listed
+separately as ``resident`` and are not part of the call's peak.
+
+Modes (per rank):
+  dense           materialized softmax(q k^T) v: the (B, H, N, N) scores and probabilities
+  sdpa            torch SDPA (flash kernels)
+  attention       ringlab.attention
+  dilated         ringlab.dilated_attention
+  ring            ringlab.ring_attention on P real ranks: one rank's memory
+  simulated_ring  ringlab.ring_attention(ring_size=P): what one simulated rank holds, the
+                  same per-rank code and so the same terms as ``ring``. (The simulating
+                  process holds all P ranks at once; that total is not a per-rank figure.)
+  ring_dilated    ringlab.ring_dilated_attention on P real ranks: one rank's memory
+
+Kernel scratch: torch's CPU flash kernels allocate per-thread work buffers (threads x q-split
+x kv-split); the CUDA flash backward keeps a float32 dQ accumulator and the row sums.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from .dilation import local_blocks
+
+MODES = ("dense", "sdpa", "attention", "dilated", "ring", "simulated_ring", "ring_dilated")
+DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One attention call. ``seq_len`` is the whole sequence; ranks hold seq_len / world_size."""
+    seq_len: int
+    heads: int
+    head_dim: int
+    batch: int = 1
+    dtype: str = "float32"
+    world_size: int = 1
+    causal: bool = False
+    segments: tuple = ()
+    rates: tuple = ()
+    head_offsets: str = "interleaved"
+    layout: str = "contiguous"
+    device: str = "cpu"      # "cpu" or "cuda": which kernels' scratch to count
+    threads: int = 0         # CPU threads per rank; 0 = torch.get_num_threads()
+    scratch: bool = True     # count kernel work buffers (the meta dry run allocates none)
+
+    @property
+    def e(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def a(self) -> int:
+        """Accumulator bytes: float64 stays float64, everything else float32."""
+        return 8 if self.dtype == "float64" else 4
+
+    def x(self, rows: int, heads: int | None = None) -> int:
+        """Elements of a (B, rows, H, D) tensor."""
+        return self.batch * rows * (heads or self.heads) * self.head_dim
+
+    def l(self, rows: int, heads: int | None = None) -> int:
+        """Elements of a (B, H, rows) lse."""
+        return self.batch * rows * (heads or self.heads)
+
+    @property
+    def local(self) -> int:
+        return self.seq_len // self.world_size
+
+
+@dataclass
+class Estimate:
+    mode: str
+    backward: bool
+    terms: dict = field(default_factory=dict)     # live at the peak of the call, bytes
+    resident: dict = field(default_factory=dict)  # inputs held before the call, bytes
+
+    @property
+    def peak(self) -> int:
+        return sum(self.terms.values())
+
+    @property
+    def total(self) -> int:
+        """Peak of the call plus its resident inputs: what the rank needs for this layer."""
+        return self.peak + sum(self.resident.values())
+
+
+# ---------------------------------------------------------------- kernel scratch
+def _threads(pb: Problem) -> int:
+    return pb.threads or torch.get_num_threads()
+
+
+def _q_split(rows: int) -> int:
+    return min(rows, 256 if rows >= 768 else 64 if rows >= 192 else 32)
+
+
+def kernel_scratch(pb: Problem, q_len: int, k_len: int, heads: int | None = None, *, backward: bool,
+                   calls: int = 1) -> int:
+    """Work buffers the flash kernel allocates for ``calls`` batched (q_len x k_len) problems
+    of ``heads`` heads each (the batch of the call is pb.batch * calls)."""
+    if q_len == 0 or k_len == 0 or not pb.scratch:
+        return 0
+    if pb.device == "cuda":
+        if not backward:
+            return 0
+        pad = lambda x, m: -(-x // m) * m  # noqa: E731
+        h = heads or pb.heads
+        # float32 dQ accumulator and row sums of the flash backward
+        return 4 * pb.batch * calls * h * pad(q_len, 128) * (pad(pb.head_dim, 32) + 1)
+    qs, ks = _q_split(q_len), min(512, k_len)
+    acc = 8 if pb.dtype == "float64" else 4
+    reduced = pb.e if pb.e == 2 else 0
+    if backward:
+        return _threads(pb) * (2 * qs * ks * (acc + reduced) + qs * acc)
+    return _threads(pb) * (qs * (ks + 2 + pb.head_dim) * acc + qs * ks * reduced)
+
+
+# ---------------------------------------------------------------- pieces shared by the modes
+def _largest(phases: list[dict]) -> dict:
+    """The phase with the most bytes live."""
+    return max(phases, key=lambda t: sum(t.values())) if phases else {}
+
+
+def _block_forward(pb: Problem, rows: int, keys: int, heads: int, q_len: int, k_len: int,
+                   copied: bool = False) -> dict:
+    """One kernel call merged into accumulators. Inside the kernel its scratch is live (and
+    copies of q, k, v rows that no view can fold into the kernel's batch); after it, the
+    merge's temporaries (new lse, shift, two weights; for 16-bit dtypes on CPU also the
+    float32 upcast of the block output inside addcmul_; CUDA casts on the fly)."""
+    base = {"block output": pb.x(rows, heads) * pb.e, "block lse": pb.l(rows, heads) * pb.a}
+    upcast = pb.x(rows, heads) * pb.a if pb.e != pb.a and pb.device == "cpu" else 0
+    copies = (pb.x(rows, heads) + 2 * pb.x(keys, heads)) * pb.e if copied else 0
+    scratch = kernel_scratch(pb, q_len, k_len, heads, backward=False, calls=rows // q_len)
+    return _largest([base | {"kernel scratch": scratch, "row copies": copies},
+                     base | {"merge temporaries": 4 * pb.l(rows, heads) * pb.a + upcast}])
+
+
+def _block_backward(pb: Problem, rows: int, keys: int, heads: int, q_len: int, k_len: int,
+                    copied: bool = False) -> dict:
+    """One backward kernel call: the block's dq, dk, dv, the masked lse copy, and the kernel
+    scratch and row copies (inside the kernel) or the float32 upcast of a gradient being
+    accumulated (after it). CUDA kernels also take a contiguous copy of the output gradient."""
+    base = {"block gradients": (pb.x(rows, heads) + 2 * pb.x(keys, heads)) * pb.e,
+            "lse copy": pb.l(rows, heads) * pb.a}
+    upcast = pb.x(max(rows, keys), heads) * pb.a if pb.e != pb.a and pb.device == "cpu" else 0
+    copies = ((3 * pb.x(rows, heads) + 2 * pb.x(keys, heads)) * pb.e + pb.l(rows, heads) * pb.a) if copied else 0
+    if pb.device == "cuda":
+        copies += pb.x(rows, heads) * pb.e
+    scratch = kernel_scratch(pb, q_len, k_len, heads, backward=True, calls=rows // q_len)
+    return _largest([base | {"kernel scratch": scratch, "row copies": copies},
+                     base | {"accumulate upcast": upcast}])
+
+
+def _blocks(pb: Problem, pieces) -> list:
+    return local_blocks(pieces, pb.heads, tuple(pb.segments), tuple(pb.rates), pb.head_offsets, pb.causal)
+
+
+def _dims(pb: Problem, blk, local_len: int):
+    """(rows, keys, heads, kernel q length, kernel k length, copied) of a dilated block.
+    Its (batch, groups, segments) fold into the kernel's batch as a view when batch is 1, or
+    when one group's segments tile the whole local sequence; otherwise the rows are copied."""
+    tiles = blk.groups == 1 and (blk.q.nseg == 1 or blk.q.nseg * blk.q.seg_stride == local_len)
+    copied = pb.batch > 1 and not tiles
+    return (blk.groups * blk.q.num_rows, blk.groups * blk.k.num_rows, len(range(pb.heads)[blk.heads]),
+            blk.q.count, blk.k.count, copied)
+
+
+def _saved(pb: Problem, rows: int) -> dict:
+    """What the forward leaves for the backward: out (the float32 accumulator itself when the
+    dtype is float32) and lse."""
+    return {"saved out": pb.x(rows) * (pb.e if pb.e != pb.a else pb.a), "saved lse": pb.l(rows) * pb.a}
+
+
+def _dense(pb: Problem, backward: bool) -> dict:
+    s = pb.batch * pb.heads * pb.seq_len * pb.seq_len * pb.e
+    n = pb.seq_len
+    if not backward:
+        return {"scores": s, "probabilities": s, "out": pb.x(n) * pb.e}
+    return {"saved probabilities": s, "grad probabilities": s, "grad scores": s,
+            "saved out": pb.x(n) * pb.e, "dq, dk, dv": 3 * pb.x(n) * pb.e}
+
+
+def _flash(pb: Problem, backward: bool, *, ours: bool) -> dict:
+    n = pb.seq_len
+    out = {"out": pb.x(n) * pb.e, "lse": pb.l(n) * 4 if pb.a == 4 else pb.l(n) * 8}
+    if not backward:
+        return out | {"kernel scratch": kernel_scratch(pb, n, n, backward=False)}
+    terms = {"saved out": out["out"], "saved lse": out["lse"], "dq, dk, dv": 3 * pb.x(n) * pb.e,
+             "kernel scratch": kernel_scratch(pb, n, n, backward=True)}
+    if ours:
+        terms["lse copy"] = pb.l(n) * pb.a
+    return terms
+
+
+def _accumulators(pb: Problem, rows: int) -> dict:
+    return {"out accumulator": pb.x(rows) * pb.a, "lse accumulator": pb.l(rows) * pb.a}
+
+
+def _cast(pb: Problem, rows: int, count: int = 1) -> int:
+    """The final cast of float32 accumulators to a narrower dtype (free when dtypes match)."""
+    return count * pb.x(rows) * pb.e if pb.e != pb.a else 0
+
+
+def _dilated(pb: Problem, backward: bool) -> dict:
+    n = pb.seq_len
+    blocks = _blocks(pb, ((0, n),))
+    acc = _accumulators(pb, n)
+    phases = [acc | _largest([_block_forward(pb, *_dims(pb, b, n)) for b in blocks]),
+              acc | {"out": _cast(pb, n)}]
+    if backward:
+        saved = _saved(pb, n) | {"dq, dk, dv accumulators": 3 * pb.x(n) * pb.a}
+        phases += [saved | _largest([_block_backward(pb, *_dims(pb, b, n)) for b in blocks]),
+                   saved | {"dq, dk, dv": _cast(pb, n, 3)}]
+    return _largest(phases)
+
+
+def _ring_rank(pb: Problem, backward: bool) -> dict:
+    n, p = pb.local, pb.world_size
+    kv = 2 * pb.x(n) * pb.e
+    buffers = {"K/V held": kv, "K/V receive buffer": kv if p > 1 else 0}
+    acc = _accumulators(pb, n)
+    phases = [acc | buffers | _block_forward(pb, n, n, pb.heads, n, n), acc | {"out": _cast(pb, n)}]
+    if backward:
+        dkv = 2 * pb.x(n) * pb.a
+        saved = _saved(pb, n) | {"dq accumulator": pb.x(n) * pb.a}
+        phases += [saved | buffers | {"dK/dV accumulator": dkv} | _block_backward(pb, n, n, pb.heads, n, n),
+                   # passing the accumulator on: the one sent and the one arriving
+                   saved | buffers | {"dK/dV accumulator": dkv, "dK/dV receive buffer": dkv if p > 1 else 0},
+                   saved | {"dq, dk, dv": _cast(pb, n, 3)}]
+    return _largest(phases)
+
+
+def _ring_dilated_rank(pb: Problem, backward: bool, rank: int | None) -> dict:
+    """Per branch and ring step: this rank's messages (held, and arriving while its sub-ring
+    still rotates), the dK/dV accumulators in flight (a real P2P send keeps its buffer until
+    waited on), and the largest block of the step: local blocks at step 0, cross blocks after.
+    Ranks differ (zigzag joins the two middle chunks; segment edges fall differently): rank
+    None takes the worst of the first, middle and last ranks."""
+    from .layout import shard_pieces
+    from .ring_dilated import _cross_blocks, rank_plan
+
+    n, row = pb.local, pb.batch * pb.head_dim
+    phases = []
+    for rank in sorted({0, pb.world_size // 2, pb.world_size - 1}) if rank is None else [rank]:
+        plan = rank_plan(pb.seq_len, pb.world_size, rank, pb.layout, pb.heads, tuple(pb.segments),
+                         tuple(pb.rates), pb.head_offsets, pb.causal)
+        blocks = _blocks(pb, shard_pieces(pb.seq_len, rank, pb.world_size, pb.layout))
+        acc = _accumulators(pb, n)
+        saved = _saved(pb, n) | {"dq, dk, dv accumulators": 3 * pb.x(n) * pb.a}
+        for b, subs in enumerate(plan.subrings):
+            me = [s.members.index(rank) for s in subs]
+
+            def size(k, src):  # bytes per element of the message sub-ring k's member src sends
+                return 2 * row * subs[k].sizes[src % len(subs[k].members)]
+
+            def held(k, t):  # the message sub-ring k holds at step t (the last one once it stops)
+                return size(k, me[k] - min(t, subs[k].hops()))
+
+            def msgs(t):
+                return {"messages held + arriving": pb.e * sum(
+                    held(k, t) + (size(k, me[k] - t - 1) if t < s.hops() else 0) for k, s in enumerate(subs))}
+
+            local = [_dims(pb, x, n) for x in blocks if x.branch == b]
+            cross = [[(g * q.rows.count, g * k.rows.count, q.size // q.rows.count, q.rows.count, k.rows.count,
+                       pb.batch > 1 and g > 1)
+                      for member in s.parts for q, k in _cross_blocks(s.parts[i], member, pb.causal)
+                      for g in [q.groups]] for s, i in zip(subs, me)]
+            phases.append(acc | msgs(0) | _largest([_block_forward(pb, *d) for d in local]))
+            phases += [acc | msgs(t) | _largest([_block_forward(pb, *d) for d in cross[j]])
+                       for t in range(1, plan.steps[b] + 1) for j, s in enumerate(subs) if t <= s.hops()]
+            if not backward:
+                continue
+            phases.append(saved | msgs(0) | _largest([_block_backward(pb, *d) for d in local]))
+
+            def in_flight(k, t):  # dK/dV sub-ring k passed on at step t: the one sent and the one arriving
+                return held(k, t) + size(k, me[k] - t - 1) if t >= 1 else 0
+
+            for t in range(1, plan.steps[b] + 1):
+                for j, s in enumerate(subs):
+                    if t > s.hops():
+                        continue
+                    # the other sub-rings' accumulators: passed on this step (k < j), last step
+                    # (k > j), or on their way home; a real send keeps its buffer until waited on
+                    others = sum(in_flight(k, min(t if k < j else t - 1, sk.hops()))
+                                 for k, sk in enumerate(subs) if k != j) * pb.a
+                    phases.append(saved | msgs(t) | {"dK/dV of messages": others + held(j, t) * pb.a}
+                                  | _largest([_block_backward(pb, *d) for d in cross[j]]))
+                    phases.append(saved | msgs(t) | {"dK/dV of messages": others + in_flight(j, t) * pb.a})
+        phases.append(acc | {"out": _cast(pb, n)})
+        if backward:
+            phases.append(saved | {"dq, dk, dv": _cast(pb, n, 3)})
+    return _largest(phases)
+
+
+def estimate(pb: Problem, mode: str, *, backward: bool = False, rank: int | None = None) -> Estimate:
+    """Per-rank memory of ``mode`` on ``pb``: named terms at the peak, and resident inputs.
+    ``rank`` picks one rank for ring_dilated (default: the worst); other modes are symmetric."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode in ("dilated", "ring_dilated") and not pb.segments:
+        raise ValueError(f"mode {mode!r} needs segments and rates")
+    single = mode in ("dense", "sdpa", "attention", "dilated")
+    if single and pb.world_size != 1:
+        pb = replace(pb, world_size=1)
+    terms = {"dense": lambda: _dense(pb, backward),
+             "sdpa": lambda: _flash(pb, backward, ours=False),
+             "attention": lambda: _flash(pb, backward, ours=True),
+             "dilated": lambda: _dilated(pb, backward),
+             "ring": lambda: _ring_rank(pb, backward),
+             "simulated_ring": lambda: _ring_rank(pb, backward),
+             "ring_dilated": lambda: _ring_dilated_rank(pb, backward, rank)}[mode]()
+    rows = pb.seq_len if single else pb.local
+    resident = {"q, k, v": 3 * pb.x(rows) * pb.e}
+    if backward:
+        resident["output gradient"] = pb.x(rows) * pb.e
+    return Estimate(mode, backward, {k: v for k, v in terms.items() if v}, resident)

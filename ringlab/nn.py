@@ -1,0 +1,206 @@
+"""Modules for real models: attention layers, a LongNet-style block and a small language model.
+
+Each layer runs on one device by default; give it a ``group`` (a torch.distributed
+ProcessGroup) and it becomes sequence parallel: inputs are this rank's shard of the sequence in
+``layout`` order (see :func:`ringlab.shard`) and outputs are this rank's shard.
+
+``DilatedAttention`` takes the same call as dilated-attention-pytorch's class, so switching is
+an import change. The semantics differ on purpose: ringlab computes exact softmax attention
+with every head in every branch and the branches merged by their softmax denominators
+(SPEC §3); dilated-attention-pytorch gives each branch a slice of the heads and normalises
+outputs by a sum over the sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .dilated import dilated_attention
+from .layout import shard_positions
+from .ring import ring_attention
+from .ring_dilated import ring_dilated_attention
+
+
+def _no_dropout(p: float, name: str) -> None:
+    if p:
+        raise ValueError(f"{name}={p}: ringlab computes exact attention and has no attention "
+                         "dropout; use dropout outside the attention, or 0.0")
+
+
+class DilatedAttention(nn.Module):
+    """LongNet dilated attention over (B, N, H, D) query, key, value.
+
+    Args:
+        segment_lengths, dilation_rates: one (w_i, r_i) per branch.
+        softmax_scale: default 1/sqrt(D).
+        attention_dropout: must be 0.0 (kept for call compatibility).
+        head_offsets: "interleaved" or "grouped" (see ringlab.dilated_attention).
+        group, layout: sequence parallel over a process group (inputs are shards).
+    """
+
+    def __init__(self, segment_lengths, dilation_rates, softmax_scale: float | None = None,
+                 attention_dropout: float = 0.0, *, head_offsets: str = "interleaved",
+                 group=None, layout: str = "contiguous"):
+        super().__init__()
+        _no_dropout(attention_dropout, "attention_dropout")
+        self.segment_lengths, self.dilation_rates = list(segment_lengths), list(dilation_rates)
+        self.softmax_scale, self.head_offsets = softmax_scale, head_offsets
+        self.group, self.layout = group, layout
+
+    def forward(self, query, key, value, is_causal: bool = False):
+        kw = dict(causal=is_causal, scale=self.softmax_scale, head_offsets=self.head_offsets)
+        if self.group is None:
+            return dilated_attention(query, key, value, self.segment_lengths, self.dilation_rates, **kw)
+        return ring_dilated_attention(query, key, value, self.segment_lengths, self.dilation_rates,
+                                      group=self.group, layout=self.layout, **kw)
+
+    def extra_repr(self) -> str:
+        return (f"segment_lengths={self.segment_lengths}, dilation_rates={self.dilation_rates}, "
+                f"head_offsets={self.head_offsets!r}" + (f", layout={self.layout!r}, sequence parallel"
+                                                         if self.group is not None else ""))
+
+
+class RingAttention(nn.Module):
+    """Exact dense attention over (B, N, H, D), sequence parallel over ``group`` (inputs are
+    shards), or a simulated ring of ``ring_size`` ranks on one device."""
+
+    def __init__(self, *, group=None, ring_size: int | None = None, layout: str = "contiguous",
+                 softmax_scale: float | None = None):
+        super().__init__()
+        self.group, self.ring_size, self.layout, self.softmax_scale = group, ring_size, layout, softmax_scale
+
+    def forward(self, query, key, value, is_causal: bool = False):
+        return ring_attention(query, key, value, group=self.group, ring_size=self.ring_size,
+                              causal=is_causal, layout=self.layout, scale=self.softmax_scale)
+
+
+class MultiheadDilatedAttention(nn.Module):
+    """Projections around :class:`DilatedAttention`, MAGNETO-style (LongNet's architecture):
+    q, k, v projections; dilated attention; an optional LayerNorm; the output projection.
+
+    Input (B, N, E) with ``batch_first=True`` (else (N, B, E)). Returns (out, None), like
+    torch.nn.MultiheadAttention without weights. ``checkpoint=True`` recomputes the attention
+    (and its norm) in the backward instead of keeping its output.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, segment_lengths, dilation_rates, *,
+                 dropout: float = 0.0, bias: bool = True, layer_norm: bool = True,
+                 layer_norm_eps: float = 1e-5, gamma_init: float = 1.0,
+                 head_offsets: str = "interleaved", group=None, layout: str = "contiguous",
+                 checkpoint: bool = False, batch_first: bool = True, device=None, dtype=None):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        _no_dropout(dropout, "dropout")
+        kw = dict(bias=bias, device=device, dtype=dtype)
+        self.num_heads, self.batch_first, self.checkpoint = num_heads, batch_first, checkpoint
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(embed_dim, embed_dim, **kw)
+                                                                for _ in range(4))
+        self.attention = DilatedAttention(segment_lengths, dilation_rates, head_offsets=head_offsets,
+                                          group=group, layout=layout)
+        self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, device=device, dtype=dtype) if layer_norm else None
+        self.gamma_init = gamma_init
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # MAGNETO initialisation: the value and output projections take the depth-dependent gain.
+        for proj, gain in ((self.q_proj, 1.0), (self.k_proj, 1.0), (self.v_proj, self.gamma_init),
+                           (self.out_proj, self.gamma_init)):
+            nn.init.xavier_normal_(proj.weight, gain=gain)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def _attend(self, q, k, v, is_causal: bool):
+        x = self.attention(q, k, v, is_causal=is_causal).flatten(2)
+        return self.norm(x) if self.norm is not None else x
+
+    def forward(self, query, key=None, value=None, is_causal: bool = False):
+        key = query if key is None else key
+        value = key if value is None else value
+        if not self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        split = lambda x: x.unflatten(-1, (self.num_heads, -1))  # noqa: E731
+        q, k, v = split(self.q_proj(query)), split(self.k_proj(key)), split(self.v_proj(value))
+        if self.checkpoint and torch.is_grad_enabled():
+            x = checkpoint(self._attend, q, k, v, is_causal, use_reentrant=False)
+        else:
+            x = self._attend(q, k, v, is_causal)
+        out = self.out_proj(x)
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+class LongNetBlock(nn.Module):
+    """Pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x))."""
+
+    def __init__(self, embed_dim: int, num_heads: int, segment_lengths, dilation_rates, *,
+                 mlp_ratio: int = 4, group=None, layout: str = "contiguous", checkpoint: bool = False,
+                 gamma_init: float = 1.0, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.norm1, self.norm2 = nn.LayerNorm(embed_dim, **kw), nn.LayerNorm(embed_dim, **kw)
+        self.attn = MultiheadDilatedAttention(embed_dim, num_heads, segment_lengths, dilation_rates,
+                                              group=group, layout=layout, checkpoint=checkpoint,
+                                              gamma_init=gamma_init, **kw)
+        self.mlp = nn.Sequential(nn.Linear(embed_dim, mlp_ratio * embed_dim, **kw), nn.GELU(),
+                                 nn.Linear(mlp_ratio * embed_dim, embed_dim, **kw))
+
+    def forward(self, x, is_causal: bool = True):
+        x = x + self.attn(self.norm1(x), is_causal=is_causal)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class LongNetLM(nn.Module):
+    """A small causal language model of LongNet blocks, for the examples and tests.
+
+    ``forward(tokens)`` takes (B, N) token ids (this rank's shard when ``group`` is given) and
+    returns logits (B, N, vocab_size). ``loss(tokens, targets)`` returns the summed
+    cross-entropy of this rank's tokens divided by ``total_tokens``, so the losses of the
+    ranks add up to the mean over the whole sequence.
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int, depth: int, num_heads: int,
+                 segment_lengths, dilation_rates, *, max_seq_len: int = 65536, group=None,
+                 layout: str = "contiguous", checkpoint: bool = False, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.group, self.layout = group, layout
+        self.tok = nn.Embedding(vocab_size, embed_dim, **kw)
+        self.pos = nn.Embedding(max_seq_len, embed_dim, **kw)
+        gain = math.sqrt(math.log(2 * depth))  # MAGNETO's gain for decoder-only models
+        self.blocks = nn.ModuleList(
+            LongNetBlock(embed_dim, num_heads, segment_lengths, dilation_rates, group=group,
+                         layout=layout, checkpoint=checkpoint, gamma_init=gain, **kw)
+            for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, **kw)
+        self.head = nn.Linear(embed_dim, vocab_size, bias=False, **kw)
+
+    def positions(self, n_local: int, device) -> torch.Tensor:
+        """Global positions of this rank's tokens."""
+        if self.group is None:
+            return torch.arange(n_local, device=device)
+        rank, p = dist.get_rank(self.group), dist.get_world_size(self.group)
+        return shard_positions(n_local * p, rank, p, self.layout).to(device)
+
+    def forward(self, tokens):
+        x = self.tok(tokens) + self.pos(self.positions(tokens.shape[1], tokens.device))
+        for blk in self.blocks:
+            x = blk(x, is_causal=True)
+        return self.head(self.norm(x))
+
+    def loss(self, tokens, targets, total_tokens: int | None = None):
+        logits = self(tokens)
+        total = total_tokens or targets.numel()
+        return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / total
+
+
+def all_reduce_grads(module: nn.Module, group) -> None:
+    """Sum parameter gradients over a sequence-parallel group: each rank's gradients hold the
+    part of the whole-sequence gradient that flowed through its own tokens."""
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)

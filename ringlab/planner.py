@@ -1,0 +1,294 @@
+"""What an N-token run of ring (or ring-dilated) attention needs, per GPU.
+
+    plan = ringlab.plan(2**30, heads=32, head_dim=128, dtype="bfloat16", gpu="h100",
+                        segments=[4096, 65536, 2**30], rates=[1, 8, 64])
+    print(plan.table());  plan.to_dict()
+
+It answers: memory per rank by term (from :mod:`ringlab.memory_model`, CUDA kernels), bytes
+each rank sends per ring step and in total, FLOPs per step, whether a step's transfer hides
+behind its compute on the device's links (NVLink inside a node, InfiniBand across nodes), the
+smallest number of GPUs that fits N tokens, the largest N that fits a given number of GPUs,
+and the shard size a ring step needs for its transfer to hide. Device profiles are editable
+data in ``ringlab/devices.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from dataclasses import asdict, dataclass, field
+
+from .checks import check_branches, check_choice, HEAD_OFFSETS, LAYOUTS
+from .dilation import score_pairs
+from .memory_model import DTYPE_BYTES, Problem, estimate
+
+DEVICES_FILE = pathlib.Path(__file__).with_name("devices.json")
+MAX_GPUS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Device:
+    key: str
+    name: str
+    hbm_gib: float
+    bf16_tflops: float
+    fp32_tflops: float
+    nvlink_gb_s: float
+    ib_gb_s: float
+    gpus_per_node: int
+    usable: float
+    efficiency: float
+
+    @property
+    def capacity(self) -> int:
+        """Bytes a run may use on one GPU."""
+        return int(self.hbm_gib * 2**30 * self.usable)
+
+    def flops(self, dtype: str) -> float:
+        """Attainable FLOP/s for attention in ``dtype``: peak x efficiency."""
+        peak = self.bf16_tflops if DTYPE_BYTES[dtype] == 2 else self.fp32_tflops
+        return peak * 1e12 * self.efficiency
+
+
+def devices(path=DEVICES_FILE) -> dict[str, Device]:
+    """The device profiles, by key (h100, h200, a100, ...)."""
+    data = json.loads(pathlib.Path(path).read_text())
+    return {k: Device(key=k, **v) for k, v in data.items() if not k.startswith("_")}
+
+
+@dataclass
+class Plan:
+    problem: dict
+    device: dict
+    gpus: int
+    tokens_per_gpu: int
+    fits: bool
+    memory: dict            # per rank: {"terms": {...}, "resident": {...}, "total": bytes, "capacity": bytes}
+    communication: dict     # per rank: bytes per step, steps, totals
+    compute: dict           # per rank: FLOPs per step and in total, seconds at the device's rate
+    overlap: dict           # per link: step compute vs transfer seconds, hides, shard needed
+    min_gpus: int | None = None
+    max_tokens: int | None = None
+    notes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        """A readable report."""
+        gib = lambda b: f"{b / 2**30:,.2f} GiB"  # noqa: E731
+        p = self.problem
+        kind = (f"ring-dilated, segments {list(p['segments'])}, rates {list(p['rates'])}"
+                if p["segments"] else "ring (dense)")
+        lines = [f"{p['seq_len']:,} tokens, {kind}, H={p['heads']}, D={p['head_dim']}, {p['dtype']}, "
+                 f"{'causal ' if p['causal'] else ''}{p['layout']}, "
+                 f"{'forward+backward' if self.communication['backward'] else 'forward'}",
+                 f"device: {self.device['name']} x {self.gpus} ({self.tokens_per_gpu:,} tokens per GPU)", "",
+                 "memory per GPU"]
+        for name, b in {**self.memory["resident"], **self.memory["terms"]}.items():
+            lines.append(f"  {name:<38} {gib(b):>14}")
+        lines += [f"  {'total':<38} {gib(self.memory['total']):>14}",
+                  f"  {'usable HBM':<38} {gib(self.memory['capacity']):>14}   "
+                  + ("fits" if self.fits else "DOES NOT FIT"), "",
+                  "communication per GPU"]
+        c = self.communication
+        for label, b in c["per_step"].items():
+            lines.append(f"  {label:<38} {b / 2**20:>11,.1f} MiB")
+        lines += [f"  {'total, forward':<38} {gib(c['total_forward']):>14}"]
+        if c["backward"]:
+            lines.append(f"  {'total, forward+backward':<38} {gib(c['total']):>14}")
+        k = self.compute
+        lines += ["", "compute per GPU",
+                  f"  {'FLOPs per ring step (forward)':<38} {k['flops_per_step']:>14.3e}",
+                  f"  {'FLOPs, whole call':<38} {k['flops_total']:>14.3e}",
+                  f"  {'time at the device rate':<38} {k['seconds_total']:>12.2f} s", "",
+                  "overlap: does a step's transfer hide behind its compute?"]
+        for link, o in self.overlap.items():
+            lines.append(f"  {link:<18} compute {o['compute_s'] * 1e3:9.3f} ms  transfer {o['transfer_s'] * 1e3:9.3f} ms  "
+                         f"{'hides' if o['hides'] else 'EXPOSED'}   (needs >= {o['tokens_per_gpu_needed']:,} tokens per GPU)")
+        if self.min_gpus is not None:
+            lines.append(f"\nminimum GPUs for {p['seq_len']:,} tokens: {self.min_gpus}")
+        if self.max_tokens is not None:
+            lines.append(f"largest sequence on {self.gpus} GPUs: {self.max_tokens:,} tokens")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _problem(tokens, heads, head_dim, dtype, segments, rates, gpus, batch, causal, layout, head_offsets):
+    return Problem(seq_len=tokens, heads=heads, head_dim=head_dim, batch=batch, dtype=dtype, world_size=gpus,
+                   causal=causal, segments=tuple(segments), rates=tuple(rates), head_offsets=head_offsets,
+                   layout=layout, device="cuda")
+
+
+def _splittable(pb: Problem) -> bool:
+    return pb.seq_len % ((2 if pb.layout == "zigzag" else 1) * pb.world_size) == 0
+
+
+def _memory(pb: Problem, backward: bool):
+    mode = "ring_dilated" if pb.segments else "ring"
+    return estimate(pb, mode, backward=backward)
+
+
+def _fits(pb: Problem, dev: Device, backward: bool) -> bool:
+    return _splittable(pb) and _memory(pb, backward).total <= dev.capacity
+
+
+def _pairs_per_rank(pb: Problem) -> float:
+    """Score pairs one rank computes in the forward (layouts balance causal work)."""
+    if pb.segments:
+        total = score_pairs(pb.seq_len, pb.heads, pb.segments, pb.rates, head_offsets=pb.head_offsets,
+                            causal=pb.causal) / pb.heads
+    else:
+        n = pb.seq_len
+        total = n * (n + 1) / 2 if pb.causal else n * n
+    return total / pb.world_size
+
+
+def _communication(pb: Problem, backward: bool) -> dict:
+    """Bytes one rank sends: per ring step (hop) and in total."""
+    n, p, e = pb.local, pb.world_size, pb.e
+    row = pb.batch * pb.head_dim
+    per_step, fwd = {}, 0
+    if not pb.segments:
+        per_step[f"K/V block, each of {p - 1} steps"] = 2 * n * pb.heads * row * e
+        fwd = (p - 1) * 2 * n * pb.heads * row * e
+    else:
+        from .ring_dilated import rank_plan
+        plan = rank_plan(pb.seq_len, p, 0, pb.layout, pb.heads, tuple(pb.segments), tuple(pb.rates),
+                         pb.head_offsets, pb.causal)
+        for b, ((w, r), subs) in enumerate(zip(zip(pb.segments, pb.rates), plan.subrings)):
+            hop = sum(2 * s.sizes[s.members.index(0)] * row * e for s in subs)
+            hops = max((s.hops() for s in subs), default=0)
+            per_step[f"branch {b} (w={w}, r={r}), each of {hops} hops"] = hop
+            fwd += hops * hop
+    bwd = 0
+    if backward:  # K/V again, and the float32 dK/dV accumulators riding along (and home)
+        bwd = fwd + fwd * 4 // e + (2 * n * pb.heads * row * 4 if not pb.segments and p > 1 else 0)
+    return dict(per_step=per_step, total_forward=fwd, total=fwd + bwd, backward=backward)
+
+
+def _overlap(pb: Problem, dev: Device) -> dict:
+    """Per link: one ring step's compute vs its transfer (for ring-dilated, the branch whose
+    transfer is hardest to hide). A step attends n/r selected rows to n/r rows, so compute
+    falls as r^2 while the transfer falls as r: dilation needs larger shards to overlap."""
+    n, e, rate = pb.local, pb.e, dev.flops(pb.dtype)
+    row = pb.batch * pb.heads * pb.head_dim
+    tile = 0.5 if pb.causal else 1.0  # balanced causal layouts compute half a tile per step
+    rates = [1] if not pb.segments else [r for w, r in zip(pb.segments, pb.rates) if w > n or n % w]
+    links = {"NVLink (in node)": dev.nvlink_gb_s * 1e9}
+    if pb.world_size > dev.gpus_per_node:
+        links["InfiniBand (nodes)"] = dev.ib_gb_s * 1e9
+    out = {}
+    for link, bw in links.items():
+        for r in sorted(rates, reverse=True)[:1]:
+            rows = math.ceil(n / r)
+            compute = tile * 4 * row * rows * rows / rate
+            transfer = 2 * rows * row * e / bw
+            out[link] = dict(compute_s=compute, transfer_s=transfer, hides=compute >= transfer, rate=r,
+                             tokens_per_gpu_needed=math.ceil(r * e * rate / (2 * bw * tile)))
+    return out
+
+
+def _total(pb: Problem, backward: bool) -> int:
+    return _memory(pb, backward).total
+
+
+def _min_gpus(pb: Problem, dev: Device, backward: bool) -> int | None:
+    """The smallest power of two of GPUs that fits. Per-rank memory falls about as 1/P, so one
+    cheap estimate on a single GPU gives the starting guess; a few exact checks settle it."""
+    at = lambda p: Problem(**{**asdict(pb), "world_size": p})  # noqa: E731
+    guess = 1 << max(0, math.ceil(math.log2(max(1.0, _total(at(1), backward) / dev.capacity))))
+    p = min(guess, MAX_GPUS)
+    while p <= MAX_GPUS and not _fits(at(p), dev, backward):
+        p *= 2
+    if p > MAX_GPUS:
+        return None
+    while p > 1 and _fits(at(p // 2), dev, backward):
+        p //= 2
+    return p
+
+
+def _max_tokens(pb: Problem, dev: Device, backward: bool) -> int | None:
+    """The longest sequence (a multiple of what the layout needs) that fits on pb.world_size
+    GPUs. Memory grows about linearly in N at fixed P: scale from the current N, then step."""
+    unit = (2 if pb.layout == "zigzag" else 1) * pb.world_size
+    at = lambda m: Problem(**{**asdict(pb), "seq_len": m * unit})  # noqa: E731
+    m = max(1, pb.seq_len // unit)
+    m = max(1, int(m * dev.capacity / _total(at(m), backward)))
+    while m > 1 and not _fits(at(m), dev, backward):
+        m = max(1, int(m * 0.98))
+    if not _fits(at(m), dev, backward):
+        return None
+    while _fits(at(int(m * 1.01) + 1), dev, backward):
+        m = int(m * 1.01) + 1
+    return m * unit
+
+
+def parse_tokens(text) -> int:
+    """'1G' = 2**30, '512K' = 2**19, '1M', '65536', '1e9'."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(s[-1:], 1)
+    body = s[:-1] if mult > 1 else s
+    try:
+        value = float(body) * mult
+    except ValueError:
+        raise ValueError(f"tokens must be a number like 65536, 1e9, 512K or 1G; got {text!r}") from None
+    if value != int(value) or value < 1:
+        raise ValueError(f"tokens must be a positive whole number, got {text!r}")
+    return int(value)
+
+
+def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments=(), rates=(),
+         gpu: str = "h100", gpus: int | None = None, batch: int = 1, causal: bool = True,
+         layout: str = "zigzag", head_offsets: str = "interleaved", backward: bool = True,
+         device_profiles=None) -> Plan:
+    """Plan ring (or, with segments and rates, ring-dilated) attention over ``tokens`` tokens.
+
+    Without ``gpus``, picks the smallest power-of-two number of GPUs that fits. With it,
+    also reports the largest sequence that fits on that many GPUs.
+    """
+    tokens = parse_tokens(tokens)
+    profiles = device_profiles or devices()
+    if gpu not in profiles:
+        raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(sorted(profiles))} (edit {DEVICES_FILE.name} to add one)")
+    for name, val in (("heads", heads), ("head_dim", head_dim), ("batch", batch)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1):
+        raise ValueError(f"gpus must be a positive int, got {gpus!r}")
+    check_choice("dtype", dtype, tuple(DTYPE_BYTES))
+    check_choice("layout", layout, LAYOUTS)
+    check_choice("head_offsets", head_offsets, HEAD_OFFSETS)
+    if segments or rates:
+        segments, rates = check_branches(segments, rates)
+        if layout == "striped":
+            raise ValueError("ring-dilated attention supports layouts 'contiguous' and 'zigzag'")
+    dev = profiles[gpu]
+    pb = _problem(tokens, heads, head_dim, dtype, segments, rates, gpus or 1, batch, causal, layout, head_offsets)
+    min_gpus = _min_gpus(pb, dev, backward)
+    if gpus is None:
+        if min_gpus is None:
+            raise ValueError(f"{tokens:,} tokens do not fit on up to {MAX_GPUS:,} {dev.name}s")
+        pb = Problem(**{**asdict(pb), "world_size": min_gpus})
+    elif not _splittable(pb):
+        unit = (2 if layout == "zigzag" else 1) * gpus
+        raise ValueError(f"layout {layout!r} cannot split {tokens:,} tokens over {gpus} GPUs: use a multiple of {unit}")
+    est = _memory(pb, backward)
+    flops_fwd = 4 * pb.batch * pb.heads * pb.head_dim * _pairs_per_rank(pb)
+    flops = flops_fwd * (3.5 if backward else 1.0)  # backward: 5 matmuls to the forward's 2
+    steps = pb.world_size
+    return Plan(
+        problem=asdict(pb), device=asdict(dev), gpus=pb.world_size, tokens_per_gpu=pb.local,
+        fits=est.total <= dev.capacity,
+        memory=dict(terms=est.terms, resident=est.resident, total=est.total, capacity=dev.capacity),
+        communication=_communication(pb, backward),
+        compute=dict(flops_per_step=flops_fwd / steps, flops_total=flops,
+                     seconds_total=flops / dev.flops(dtype)),
+        overlap=_overlap(pb, dev), min_gpus=min_gpus,
+        max_tokens=_max_tokens(pb, dev, backward) if gpus is not None else None,
+        notes=["memory: per GPU for one attention layer (q, k, v and the output gradient resident, plus the "
+               "call's peak); activations of other layers, weights and optimizer state come on top",
+               "1G = 2**30 tokens; FLOPs: 4 per score pair per head dim forward, 3.5x that with backward"])

@@ -1,0 +1,84 @@
+"""The multi-rank test cases: one launch per world size runs every case on real gloo ranks;
+the tests then compare the gathered shards with the float64 reference and the simulated ring."""
+
+import functools
+import itertools
+
+import torch
+
+import ringlab
+from ringlab.launch import launch
+from ringlab.reference import dense_attention, dense_dilated_attention
+
+import workers
+from conftest import assert_close, max_err
+
+LAYOUTS = ["contiguous", "zigzag", "striped"]
+WORLD_SIZES = [1, 2, 3, 4, 8]
+
+
+def ring_cases(p):
+    return [dict(fn="ring", n=2 * p * 5, batch=2, heads=3, head_dim=16, layout=layout,
+                 causal=causal, dtype=dtype, seed=100 * p + i)
+            for i, (layout, causal, dtype) in enumerate(
+                itertools.product(LAYOUTS, [False, True], ["float64", "float32"]))]
+
+
+def dilated_cases(p):
+    """Shard length 12. Segments smaller than a shard (4: local), equal to it (12), larger and
+    unaligned (18, 30: segment edges inside shards, spans of 2-3 ranks), the whole sequence."""
+    n = 2 * p * 6
+    configs = [([4, 12, 30], [1, 2, 3], "interleaved"), ([18, n], [2, 4], "grouped")]
+    return [dict(fn="ring_dilated", n=n, batch=2, heads=4, head_dim=8, layout=layout, causal=causal,
+                 dtype=dtype, segments=segs, rates=rates, head_offsets=mode, seed=200 * p + i)
+            for i, ((segs, rates, mode), layout, causal, dtype) in enumerate(
+                itertools.product(configs, ["contiguous", "zigzag"], [False, True],
+                                  ["float64", "float32"]))]
+
+
+def all_cases(p):
+    return ring_cases(p) + dilated_cases(p)
+
+
+@functools.cache
+def distributed_results(p):
+    """Every case's per-rank results, from one launch of p gloo ranks."""
+    cases = all_cases(p)
+    results = launch(workers.run_cases, p, args=(cases,), timeout=600)
+    return {i: [rank_results[i] for rank_results in results] for i in range(len(cases))}
+
+
+def gathered(p, case):
+    """The case's outputs and gradients unsharded from every rank, and the per-rank results."""
+    per_rank = distributed_results(p)[all_cases(p).index(case)]
+    return {key: ringlab.unshard([r[key] for r in per_rank], case["layout"], 2 if key == "lse" else 1)
+            for key in ("out", "lse", "dq", "dk", "dv")}, per_rank
+
+
+def reference(case, rounded):
+    if case["fn"] == "ring":
+        return dense_attention(*rounded, causal=case["causal"])
+    return dense_dilated_attention(*rounded, case["segments"], case["rates"], causal=case["causal"],
+                                   head_offsets=case["head_offsets"])
+
+
+def check_case(case, got, per_rank):
+    """Gathered results vs the float64 reference (SPEC §5) and vs the simulated ring."""
+    dtype = getattr(torch, case["dtype"])
+    q, k, v, go = workers.case_inputs(case)
+    rounded = [x.to(dtype).double().requires_grad_() for x in (q, k, v)]
+    rout, rlse = reference(case, rounded)
+    rgrads = torch.autograd.grad((rout * go).sum(), rounded)
+    assert_close(got["out"], rout, dtype, name="out")
+    assert_close(got["lse"], rlse, dtype, name="lse")
+    for name, e in zip(("dq", "dk", "dv"), rgrads):
+        assert_close(got[name], e, dtype, grad=True, name=name)
+    # The simulated ring runs the same per-rank code: equal up to float rounding.
+    sq, sk, sv = (x.to(dtype).clone().requires_grad_() for x in (q, k, v))
+    sout, slse = workers.call(case, sq, sk, sv, ring_size=len(per_rank))
+    sgrads = torch.autograd.grad((sout.double() * go).sum(), (sq, sk, sv))
+    eps = torch.finfo(dtype).eps
+    for name, s in zip(("out", "lse", "dq", "dk", "dv"), (sout, slse, *sgrads)):
+        finite = s[torch.isfinite(s)]
+        scale = max(1.0, finite.abs().max().item() if finite.numel() else 0.0)
+        assert max_err(got[name], s) <= 8 * eps * scale, name

@@ -1,0 +1,147 @@
+"""Memory: the exact tracker, the analytic model against measurements, the planner, the dry run."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ringlab import memory
+from ringlab.dryrun import dry_run
+from ringlab.experiments import measure_peak, ring_rank_peak, seed_memory_table
+from ringlab.launch import launch
+from ringlab.memory_model import MODES, Problem, estimate
+from ringlab.planner import plan
+
+import workers
+
+MiB = 2**20
+
+
+def test_tracker_is_exact_for_known_allocations():
+    with memory.track() as m:
+        a = torch.empty(1000, 1000)            # 4,000,000 bytes
+        b = torch.empty(500, 1000)             # +2,000,000 -> 6,000,000 peak
+        del a
+        c = torch.empty(250, 1000, dtype=torch.float64)  # +2,000,000 -> 4,000,000
+        d = torch.empty(10, dtype=torch.int8)  # +10
+        del b
+    assert m.peak == 6_000_000
+    assert m.end == 2_000_010
+    del c, d
+
+
+def test_tracker_counts_kernel_scratch_and_starts_at_zero():
+    x = torch.randn(1, 1024, 4, 32)  # before the region: not counted
+    with memory.track() as m:
+        pass
+    assert m.peak == 0
+    with memory.track() as m:
+        torch.nn.functional.scaled_dot_product_attention(x, x, x)
+    out = x.numel() * 4
+    assert m.peak > out  # the flash kernel's per-thread work buffers are seen too
+
+
+def _grid():
+    segs = dict(segments=(32, 128, 512), rates=(1, 2, 4))
+    for mode in MODES:
+        for n, p, b, causal, layout, dtype in [(512, 2, 1, False, "contiguous", "float32"),
+                                              (768, 3, 2, True, "zigzag", "bfloat16"),
+                                              (1024, 4, 1, True, "zigzag", "float64")]:
+            extra = segs if mode in ("dilated", "ring_dilated") else {}
+            if mode == "dense" and n > 768:
+                continue
+            yield mode, Problem(n, 4, 32, batch=b, dtype=dtype, world_size=p, causal=causal, layout=layout,
+                                threads=1 if mode in ("ring", "ring_dilated") else 0, **extra)
+
+
+SINGLE = [(m, pb) for m, pb in _grid() if m not in ("ring", "ring_dilated")]
+RANKS = [(m, pb) for m, pb in _grid() if m in ("ring", "ring_dilated")]
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("mode,pb", SINGLE, ids=[f"{m}-{pb.dtype}-P{pb.world_size}" for m, pb in SINGLE])
+def test_model_matches_measurement(mode, pb, backward):
+    measured = ring_rank_peak(pb, backward=backward) if mode == "simulated_ring" else \
+        measure_peak(pb, mode, backward=backward)
+    model = estimate(pb, mode, backward=backward).peak
+    assert abs(model - measured) <= 0.1 * measured, (mode, model, measured)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("p", [2, 4])
+def test_model_matches_per_rank_measurement_on_gloo_ranks(p):
+    cases = [(pb, mode, bwd) for mode, pb in RANKS for bwd in (False, True)]
+    cases = [(Problem(**{**pb.__dict__, "world_size": p}), m, b) for pb, m, b in cases if pb.seq_len % (2 * p) == 0]
+    per_rank = launch(workers.memory_peaks, p, args=(cases,), timeout=600)
+    for i, (pb, mode, bwd) in enumerate(cases):
+        measured = max(r[i] for r in per_rank)
+        model = estimate(pb, mode, backward=bwd).peak
+        assert abs(model - measured) <= 0.1 * measured, (mode, pb, bwd, model, measured)
+
+
+def test_ring_memory_per_rank_falls_as_one_over_p():
+    at = lambda p: estimate(Problem(1 << 20, 8, 64, dtype="bfloat16", world_size=p, device="cuda"), "ring",  # noqa: E731
+                            backward=True).total
+    for p in (4, 8, 16, 64):  # from 2 ranks on, every term is a multiple of the shard
+        assert at(p) == pytest.approx(at(2) * 2 / p, rel=0.01)
+
+
+def test_planner_memory_is_monotone_in_tokens_and_gpus():
+    totals = [plan(n, heads=8, head_dim=64, gpus=8).memory["total"] for n in (1 << 16, 1 << 18, 1 << 20)]
+    assert totals == sorted(totals)
+    per_gpu = [plan(1 << 20, heads=8, head_dim=64, gpus=p).memory["total"] for p in (2, 4, 8)]
+    assert per_gpu == sorted(per_gpu, reverse=True)
+
+
+def test_dilated_communication_falls_with_rate():
+    sent = [plan(1 << 20, heads=8, head_dim=64, gpus=8, segments=[1 << 20], rates=[r]).communication["total_forward"]
+            for r in (1, 2, 4, 8)]
+    for r, s in zip((1, 2, 4, 8), sent):
+        assert s == pytest.approx(sent[0] / r, rel=0.01)
+
+
+def test_planner_answers_min_gpus_max_tokens_and_overlap():
+    p = plan("1M", heads=8, head_dim=64, gpu="h100")
+    assert p.fits and p.gpus == p.min_gpus
+    q = plan("1M", heads=8, head_dim=64, gpu="h100", gpus=p.gpus)
+    assert q.max_tokens >= 1 << 20 and plan(q.max_tokens, heads=8, head_dim=64, gpu="h100", gpus=p.gpus).fits
+    need = q.overlap["NVLink (in node)"]["tokens_per_gpu_needed"]
+    assert q.overlap["NVLink (in node)"]["hides"] == (q.tokens_per_gpu >= need)
+    assert "minimum GPUs" in p.table() and p.to_dict()["memory"]["total"] == p.memory["total"]
+
+
+@pytest.mark.parametrize("segments,rates,gpus", [((), (), 512), ((4096, 65536, 1 << 30), (1, 8, 64), 256)])
+def test_dry_run_at_a_billion_tokens_agrees_with_the_planner(segments, rates, gpus):
+    pb = Problem(1 << 30, 16, 128, dtype="bfloat16", world_size=gpus, causal=True, layout="zigzag",
+                 segments=segments, rates=rates)
+    result = dry_run(pb)
+    assert result["measured"] > 2**30  # real allocations were recorded
+    assert result["ratio"] == pytest.approx(1.0, abs=0.1)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--tokens", "-5"], "positive whole number"),
+    (["--tokens", "1M", "--segments", "1024,2048", "--rates", "1"], "same length"),
+    (["--tokens", "1M", "--gpu", "tpu9"], "unknown gpu 'tpu9'"),
+    (["--tokens", "1M", "--gpus", "3"], "cannot split"),
+])
+def test_plan_cli_rejects_bad_values(args, message):
+    res = subprocess.run([sys.executable, "-m", "ringlab.cli", "plan", "--heads", "8", "--head-dim", "64", *args],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and message in res.stderr
+
+
+def test_plan_cli_prints_a_table_and_json():
+    res = subprocess.run([sys.executable, "-m", "ringlab.cli", "plan", "--tokens", "256K", "--heads", "8",
+                          "--head-dim", "64", "--gpus", "4", "--json"], capture_output=True, text=True, check=True)
+    assert '"gpus": 4' in res.stdout
+
+
+def test_seed_memory_table_measures_and_compares():
+    rows = seed_memory_table(sizes=(1024,), ring_sizes=(1, 4), heads=2, head_dim=16, progress=False)
+    assert {r["mode"] for r in rows} == {"dense", "attention", "ring"}
+    for r in rows:
+        assert r["measured_MB"] == pytest.approx(r["model_MB"], rel=0.1)
+    ring = {r["ring_size"]: r["measured_MB"] for r in rows if r["mode"] == "ring"}
+    assert ring[4] < ring[1] / 2

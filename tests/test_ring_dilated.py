@@ -1,0 +1,96 @@
+"""Ring-dilated attention: simulated and real gloo ranks against the dense dilated reference."""
+
+import pytest
+import torch
+
+import ringlab
+from ringlab.reference import dense_dilated_attention
+from ringlab.ring_dilated import rank_plan
+from ringlab.trace import record_events
+
+from conftest import check_against, rand_qkv
+from ringcases import WORLD_SIZES, check_case, dilated_cases, gathered
+
+CONFIGS = [
+    ([8, 24], [1, 2]),           # shard 12: one local, one spanning two ranks (unaligned)
+    ([5, 16, 96], [1, 3, 4]),     # ragged segments, rates that do not divide them
+    ([7, 40], [2, 3]),            # no rate-1 branch: some rows see nothing
+    ([12, 30, 1000], [1, 2, 5]),  # equal to a shard, spanning 3 ranks, longer than N
+]
+
+
+def _fn(p, segs, rates, causal, layout, mode):
+    return lambda q, k, v: ringlab.ring_dilated_attention(
+        q, k, v, segs, rates, ring_size=p, causal=causal, layout=layout, head_offsets=mode,
+        return_lse=True)
+
+
+def _ref(segs, rates, causal, mode):
+    return lambda q, k, v: dense_dilated_attention(q, k, v, segs, rates, causal=causal,
+                                                   head_offsets=mode)
+
+
+@pytest.mark.parametrize("p", range(1, 9))
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("segs,rates", CONFIGS)
+def test_simulated_f64(p, layout, causal, segs, rates):
+    mode = "grouped" if p % 2 else "interleaved"
+    inputs = rand_qkv(2, 2 * p * 6, 5, 8, seed=p)
+    check_against(_fn(p, segs, rates, causal, layout, mode), _ref(segs, rates, causal, mode),
+                  inputs, torch.float64, use_lse=True)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_simulated_f32_longnet(layout):
+    segs, rates = [64, 128, 256, 512], [1, 2, 4, 8]
+    inputs = rand_qkv(1, 512, 8, 32, seed=3)
+    check_against(_fn(4, segs, rates, True, layout, "interleaved"),
+                  _ref(segs, rates, True, "interleaved"), inputs, torch.float32)
+
+
+@pytest.mark.parametrize("rate", [1, 2, 4, 8])
+def test_bytes_per_hop_match_the_analytic_count(rate):
+    """A branch whose segments span ranks sends 2 * N/P * H * D * bytes / r per hop (K and V)."""
+    n, p, h, d = 1024, 4, 8, 16
+    q, k, v = (x.float() for x in rand_qkv(1, n, h, d))
+    with record_events() as tr:
+        ringlab.ring_dilated_attention(q, k, v, [n // 2, n], [rate, rate], ring_size=p)
+    analytic = 2 * (n // p) * h * d * 4 / rate
+    for branch, hops in ((0, 1), (1, p - 1)):  # segment of 2 ranks; the whole ring
+        for rank in range(p):
+            sent = [e["bytes"] for e in tr.of(kind="post", rank=rank, pass_="forward")
+                    if e["label"].startswith(f"kv/b{branch}/")]
+            assert len(sent) == hops
+            assert all(abs(b - analytic) <= 0.1 * analytic for b in sent), (sent, analytic)
+    plain = 2 * (n // p) * h * d * 4
+    assert tr.bytes_sent(rank=0, pass_="forward") <= plain * (p - 1) * 2 / rate
+
+
+def test_segments_inside_shards_communicate_nothing():
+    q, k, v = rand_qkv(1, 64, 4, 8)
+    with record_events() as tr:
+        out = ringlab.ring_dilated_attention(q, k, v, [4, 16], [1, 2], ring_size=4, causal=True)
+    assert not tr.of(kind="post")
+    assert torch.allclose(out, ringlab.dilated_attention(q, k, v, [4, 16], [1, 2], causal=True), atol=1e-13)
+
+
+def test_plan_subrings_for_unaligned_segments():
+    # N=72 over 3 ranks (shard 24); w=30: segments [0,30) on ranks {0,1}, [30,60) on {1,2}, [60,72) on {2}
+    plan = rank_plan(72, 3, 1, "contiguous", 2, (30,), (1,), "interleaved", False)
+    assert [s.members for s in plan.subrings[0]] == [(0, 1), (1, 2)]
+    assert plan.steps == (1,)
+
+
+def test_striped_is_refused():
+    with pytest.raises(ValueError, match="layout must be one of \\('contiguous', 'zigzag'\\)"):
+        ringlab.ring_dilated_attention(*rand_qkv(1, 16, 2, 4), [8], [1], ring_size=2, layout="striped")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("p", WORLD_SIZES)
+@pytest.mark.parametrize("i", range(len(dilated_cases(1))))
+def test_distributed_ring_dilated(p, i):
+    case = dilated_cases(p)[i]
+    got, per_rank = gathered(p, case)
+    check_case(case, got, per_rank)
