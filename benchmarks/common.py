@@ -65,21 +65,6 @@ def side_by_side(contestants: dict, *, repeats: int = 3, warmup: int = 1, device
     return times
 
 
-def rank_times(fn, repeats: int) -> list[float]:
-    """On one rank of a process group: warm up, then time ``fn`` ``repeats`` times, every
-    rank starting together (a barrier before each round)."""
-    import torch.distributed as dist
-
-    fn()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def ratio(times: dict, a: str, b: str) -> float:
     """Median over rounds of time(a) / time(b)."""
     return statistics.median(x / y for x, y in zip(times[a], times[b]))

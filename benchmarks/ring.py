@@ -22,19 +22,12 @@ import torch.distributed as dist
 import ringlab
 from ringlab import memory
 from ringlab.baselines import sdpa
+from ringlab.experiments import overlap_fraction, rank_times
 from ringlab.launch import launch
 from ringlab.trace import record_events
 
-from .common import rank_times, ratio, record, side_by_side
+from .common import ratio, record, side_by_side
 from .peers import peer_ring_attention
-
-
-def overlap(events) -> float | None:
-    """Fraction of in-flight communication time during which the rank was not blocked."""
-    waits = [e for e in events if e["kind"] == "wait"]
-    flight = sum(e["t1"] - e["posted"] for e in waits)
-    blocked = sum(e["t1"] - e["t0"] for e in waits)
-    return None if flight <= 0 else 1.0 - blocked / flight
 
 
 def rank_bench(n, heads, dim, layout, causal, backward, repeats, peer):
@@ -78,7 +71,7 @@ def distributed_rows(p, n, *, repeats, backward, causal=False, layout="contiguou
     row = dict(P=p, N=n, mode="forward+backward" if backward else "forward", layout=layout, causal=causal,
                ring_s=statistics.median(slowest), single_s=statistics.median(ref),
                ring_over_single=statistics.median(a / b for a, b in zip(slowest, ref)),
-               hidden_comm=statistics.mean(x for x in (overlap(r["events"]) for r in per_rank) if x is not None),
+               hidden_comm=statistics.mean(x for x in (overlap_fraction(r["events"]) for r in per_rank) if x is not None),
                peak_MiB_per_rank=max(r["peak"] for r in per_rank) / 2**20)
     if peer:
         theirs = [max(r["peer"][i] for r in per_rank) for i in range(repeats)]

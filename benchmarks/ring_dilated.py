@@ -19,10 +19,11 @@ import torch.distributed as dist
 
 import ringlab
 from ringlab import memory
+from ringlab.experiments import rank_times
 from ringlab.launch import launch
 from ringlab.trace import record_events
 
-from .common import rank_times, record, side_by_side
+from .common import record, side_by_side
 
 SEGMENTS, RATES = [2048, 4096, 8192, 16384], [1, 2, 4, 8]
 

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from .autograd import exact_attention
-from .checks import check_branches, check_causal, check_choice, check_qkv, resolve_scale, HEAD_OFFSETS
+from .checks import (
+    HEAD_OFFSETS,
+    check_branches,
+    check_causal,
+    check_choice,
+    check_qkv,
+    resolve_scale,
+)
 from .dilation import Rows, local_blocks
 from .kernels import accum_dtype, block_attention, block_attention_backward
 from .merge import merge

@@ -229,15 +229,17 @@ def score_pairs(seq_len: int, num_heads: int, segment_lengths, dilation_rates, *
 
 def receptive_field(seq_len: int, num_heads: int, segment_lengths, dilation_rates, layers: int, *,
                     head_offsets: str = "interleaved", causal: bool = True) -> torch.Tensor:
-    """Fraction of positions each query can draw on after 1..``layers`` stacked layers.
+    """Fraction of the positions each query could draw on (its prefix when causal, else the
+    whole sequence) that it reaches after 1..``layers`` stacked layers.
 
     A layer lets q read k if any head has m_h(q, k) > 0; stacking composes that relation.
     Returns a (layers, N) float tensor.
     """
     reach = (multiplicity(seq_len, num_heads, segment_lengths, dilation_rates,
                           head_offsets=head_offsets, causal=causal) > 0).any(0).float()
+    possible = torch.arange(1, seq_len + 1).float() if causal else torch.full((seq_len,), float(seq_len))
     step, frac = reach.clone(), []
     for _ in range(layers):
-        frac.append(step.mean(1))
+        frac.append(step.sum(1) / possible)
         step = ((step @ reach) > 0).float()
     return torch.stack(frac)

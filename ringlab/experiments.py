@@ -3,6 +3,9 @@ plain data (dicts and lists) that ringlab.viz turns into figures."""
 
 from __future__ import annotations
 
+import itertools
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -122,4 +125,249 @@ def seed_memory_table(sizes=(8192, 16384, 32768, 131072), ring_sizes=(1, 2, 4, 8
             peak = ring_rank_peak(pb) if mode == "ring" else measure_peak(pb, mode)
             row["measured_MB"] = (peak + resident) / 1e6
         rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- devices
+def resolve_device(device: str = "auto") -> str:
+    """"auto" means CUDA when available, else CPU."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def default_world_size(device: str = "auto") -> int:
+    """Ranks for multi-rank experiments: one per GPU, or 4 gloo ranks on CPU."""
+    return max(1, torch.cuda.device_count()) if resolve_device(device) == "cuda" else 4
+
+
+# ---------------------------------------------------------------- K/V rotation traces
+def _random_qkv(cfg: dict, rows: int, device, generator_seed: int = 0):
+    g = torch.Generator().manual_seed(generator_seed)
+    dtype = getattr(torch, cfg.get("dtype", "float32"))
+    return [torch.randn(1, rows, cfg["heads"], cfg["head_dim"], generator=g).to(device, dtype) for _ in range(3)]
+
+
+def _traced_call(cfg: dict, q, k, v, **ring):
+    import ringlab
+
+    from .trace import record_events
+    for x in (q, k, v):
+        x.requires_grad_(cfg.get("backward", True))
+    with record_events() as tr:
+        kw = dict(causal=cfg["causal"], layout=cfg["layout"], **ring)
+        if cfg.get("segments"):
+            out = ringlab.ring_dilated_attention(q, k, v, cfg["segments"], cfg["rates"], **kw)
+        else:
+            out = ringlab.ring_attention(q, k, v, **kw)
+        if cfg.get("backward", True):
+            out.sum().backward()
+    return tr.events
+
+
+def _trace_rank(cfg: dict) -> list[dict]:
+    """Run on every rank of a launched group: this rank's trace events."""
+    import ringlab
+    rank, p = dist.get_rank(), dist.get_world_size()
+    device = resolve_device(cfg.get("device", "auto"))
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    full = _random_qkv(cfg, cfg["seq_len"], "cpu")
+    q, k, v = (ringlab.shard(x, rank, p, cfg["layout"]).contiguous().to(device) for x in full)
+    return _traced_call(cfg, q, k, v, group=dist.group.WORLD)
+
+
+def ring_trace(world_size: int = 4, seq_len: int = 2048, *, heads: int = 4, head_dim: int = 32,
+               layout: str = "zigzag", causal: bool = True, segments=(), rates=(), backward: bool = True,
+               simulated: bool = False, device: str = "auto", timeout: float = 300) -> list[dict]:
+    """Trace events of one ring (or ring-dilated) call, forward and backward. ``simulated``
+    runs the simulated ring in this process (same per-rank code, same records); otherwise
+    ``world_size`` real ranks are launched (gloo on CPU, NCCL on GPUs) and their events merged."""
+    cfg = dict(seq_len=seq_len, heads=heads, head_dim=head_dim, layout=layout, causal=causal,
+               segments=list(segments), rates=list(rates), backward=backward, device=device)
+    if simulated:
+        return _traced_call(cfg, *_random_qkv(cfg, seq_len, resolve_device(device)), ring_size=world_size)
+    from .launch import launch
+    return [e for events in launch(_trace_rank, world_size, args=(cfg,), timeout=timeout) for e in events]
+
+
+def layout_work(world_size: int = 4, seq_len: int = 1024) -> dict:
+    """Causal score pairs per rank for each layout, from simulated traces: {layout: {rank: pairs}}."""
+    from .trace import Trace
+    return {layout: Trace(ring_trace(world_size, seq_len, layout=layout, simulated=True, backward=False,
+                                     heads=1, head_dim=8, device="cpu")).work_per_rank()
+            for layout in ("contiguous", "zigzag", "striped")}
+
+
+def overlap_fraction(events) -> float | None:
+    """Share of in-flight communication time the ranks spent computing instead of waiting."""
+    waits = [e for e in events if e["kind"] == "wait"]
+    flight = sum(e["t1"] - e["posted"] for e in waits)
+    return None if flight <= 0 else 1.0 - sum(e["t1"] - e["t0"] for e in waits) / flight
+
+
+# ---------------------------------------------------------------- dilation geometry
+def dilation_geometry(seq_len: int = 64, heads: int = 4, segments=(8, 16, 64), rates=(1, 2, 4), *,
+                      head_offsets: str = "interleaved", causal: bool = True, layers: int = 6) -> dict:
+    """The multiplicity mask, per-head coverage, the engine's work vs dense, and the receptive
+    field after stacked layers, for one dilated configuration."""
+    from .dilation import multiplicity, receptive_field, score_pairs
+    m = multiplicity(seq_len, heads, segments, rates, head_offsets=head_offsets, causal=causal)
+    dense = seq_len * (seq_len + 1) // 2 if causal else seq_len * seq_len
+    return dict(m=m, coverage=[(m[h] > 0).sum().item() / dense for h in range(heads)],
+                pairs_ratio=score_pairs(seq_len, heads, segments, rates, head_offsets=head_offsets,
+                                        causal=causal) / (heads * dense),
+                receptive=receptive_field(seq_len, heads, segments, rates, layers, head_offsets=head_offsets,
+                                          causal=causal))
+
+
+# ---------------------------------------------------------------- memory curves
+def memory_curves(sizes=(1024, 2048, 4096), ring_sizes=(2, 4), *, heads: int = 8, head_dim: int = 64,
+                  dtype: str = "float32", device: str = "auto", segments_fraction=(1 / 8, 1 / 4, 1 / 2, 1),
+                  rates=(1, 2, 4, 8), modes=("dense", "attention", "dilated", "ring", "ring_dilated"),
+                  dense_limit: int = 4096, progress: bool = True) -> list[dict]:
+    """Measured peak bytes per rank (one ring rank's code for ring modes) and the model, forward
+    and forward+backward, over sequence lengths and ring sizes. Dilated modes use segments
+    N * segments_fraction with ``rates``."""
+    from tqdm.auto import tqdm
+    device = resolve_device(device)
+    cells = []
+    for n, mode, backward in itertools.product(sizes, modes, (False, True)):
+        ps = ring_sizes if mode in ("ring", "ring_dilated") else (1,)
+        cells += [(n, mode, backward, p) for p in ps if n % (2 * p) == 0 and not (mode == "dense" and n > dense_limit)]
+    rows = []
+    for n, mode, backward, p in tqdm(cells, desc="memory curves", disable=not progress):
+        dilated = mode in ("dilated", "ring_dilated")
+        pb = Problem(n, heads, head_dim, dtype=dtype, world_size=p, device=device,
+                     segments=tuple(max(1, int(n * f)) for f in segments_fraction) if dilated else (),
+                     rates=tuple(rates) if dilated else ())
+        measured = ring_rank_peak(pb, backward=backward) if p > 1 else measure_peak(pb, mode, backward=backward)
+        rows.append(dict(mode=mode, tokens=n, ring_size=p, backward=backward, measured=measured,
+                         model=estimate(pb, mode, backward=backward).peak))
+    return rows
+
+
+# ---------------------------------------------------------------- correctness
+def correctness_grid(seq_len: int = 96, *, world_sizes=(1, 2, 4, 8), layouts=("contiguous", "zigzag", "striped"),
+                     dtypes=("float64", "float32", "bfloat16"), backends=("auto", "math"), heads: int = 4,
+                     head_dim: int = 32, dilated=((12, 48, 96), (1, 2, 4)), progress: bool = True) -> list[dict]:
+    """Max abs error of outputs and gradients vs the float64 dense reference, over kernels
+    (backend), dtypes, world sizes and layouts of the simulated ring (the per-rank code real
+    ranks run), plus dilated and ring-dilated attention."""
+    from tqdm.auto import tqdm
+
+    import ringlab
+
+    from .kernels import use_backend
+    from .reference import dense_attention, dense_dilated_attention
+    tol = {"float64": (1e-10, 1e-10), "float32": (2e-5, 5e-5), "bfloat16": (3.1e-2, 6.2e-2), "float16": (4e-3, 8e-3)}
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(2, seq_len, heads, head_dim, generator=g, dtype=torch.float64) for _ in range(4)]
+    segs, rates = dilated
+    cases = [("ring", p, lay) for p in world_sizes for lay in layouts if seq_len % (2 * p) == 0]
+    cases += [("ring_dilated", p, lay) for p in world_sizes for lay in ("contiguous", "zigzag") if seq_len % (2 * p) == 0]
+    rows = []
+    for (kind, p, lay), dtype, backend in tqdm(list(itertools.product(cases, dtypes, backends)),
+                                               desc="correctness", disable=not progress):
+        dt = getattr(torch, dtype)
+        xs = [x.to(dt).clone().requires_grad_() for x in full[:3]]
+        ref_in = [x.to(dt).double().requires_grad_() for x in full[:3]]
+        with use_backend(backend):
+            if kind == "ring":
+                out = ringlab.ring_attention(*xs, ring_size=p, layout=lay, causal=True)
+                ref = dense_attention(*ref_in, causal=True)[0]
+            else:
+                out = ringlab.ring_dilated_attention(*xs, segs, rates, ring_size=p, layout=lay, causal=True)
+                ref = dense_dilated_attention(*ref_in, segs, rates, causal=True)[0]
+            grads = torch.autograd.grad((out.double() * full[3]).sum(), xs)
+        rgrads = torch.autograd.grad((ref * full[3]).sum(), ref_in)
+        label = f"{kind} P={p} {lay} [{backend}]"
+        rows.append(dict(label=label, kind=kind, world_size=p, layout=lay, backend=backend, dtype=dtype,
+                         quantity="out", error=(out.double() - ref).abs().max().item(), tolerance=tol[dtype][0]))
+        rows.append(dict(label=label, kind=kind, world_size=p, layout=lay, backend=backend, dtype=dtype,
+                         quantity="grads", tolerance=tol[dtype][1],
+                         error=max((a.double() - b).abs().max().item() for a, b in zip(grads, rgrads))))
+    return rows
+
+
+# ---------------------------------------------------------------- scaling
+def rank_times(fn, repeats: int) -> list[float]:
+    """On one rank of a process group: warm up, then time ``fn`` ``repeats`` times, every
+    rank starting together (a barrier before each round)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _time_ring_rank(n: int, heads: int, head_dim: int, causal: bool, repeats: int) -> list[float]:
+    import ringlab
+    q, k, v = (torch.randn(1, n // dist.get_world_size(), heads, head_dim) for _ in range(3))
+    return rank_times(lambda: ringlab.ring_attention(q, k, v, group=dist.group.WORLD, causal=causal,
+                                                     layout="zigzag"), repeats)
+
+
+def scaling(sizes=(1024, 2048, 4096), *, heads: int = 8, head_dim: int = 64, causal: bool = True,
+            world_size: int = 4, segments_fraction=(1 / 8, 1 / 4, 1 / 2, 1), rates=(1, 2, 4, 8),
+            device: str = "auto", repeats: int = 2, real_ring: bool = True, progress: bool = True) -> list[dict]:
+    """Seconds per forward call vs N for SDPA, ringlab.attention, the simulated ring, the ring
+    on ``world_size`` real ranks (slowest rank), and dilated attention; the best of ``repeats``."""
+    from tqdm.auto import tqdm
+
+    import ringlab
+
+    from .baselines import sdpa
+    from .launch import launch
+    device = resolve_device(device)
+    rows = []
+    for n in tqdm(sizes, desc="scaling", disable=not progress):
+        q, k, v = (torch.randn(1, n, heads, head_dim, device=device) for _ in range(3))
+        segs = [max(1, int(n * f)) for f in segments_fraction]
+        methods = {"sdpa": lambda: sdpa(q, k, v, causal=causal),
+                   "attention": lambda: ringlab.attention(q, k, v, causal=causal),
+                   f"simulated ring P={world_size}": lambda: ringlab.ring_attention(
+                       q, k, v, ring_size=world_size, causal=causal, layout="zigzag"),
+                   "dilated": lambda: ringlab.dilated_attention(q, k, v, segs, rates, causal=causal)}
+        for method, fn in methods.items():
+            fn()
+            times = []
+            for _ in range(repeats):
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            rows.append(dict(method=method, tokens=n, seconds=min(times)))
+        if real_ring and n % (2 * world_size) == 0:
+            per_rank = launch(_time_ring_rank, world_size, args=(n, heads, head_dim, causal, repeats), timeout=1800)
+            rows.append(dict(method=f"ring, {world_size} ranks", tokens=n,
+                             seconds=min(max(r[i] for r in per_rank) for i in range(repeats))))
+    return rows
+
+
+# ---------------------------------------------------------------- billion tokens
+def planner_sweep(tokens=(2**20, 2**24, 2**27, 2**30), *, gpus=("h100", "h200", "a100"), heads: int = 32,
+                  head_dim: int = 128, dtype: str = "bfloat16", segments=(), rates=(), causal: bool = True,
+                  layout: str = "zigzag") -> list[dict]:
+    """ringlab.plan over sequence lengths and device profiles (the fewest GPUs that fit).
+    Segments longer than N are clipped to N."""
+    from .planner import plan
+    rows = []
+    for gpu in gpus:
+        for n in tokens:
+            segs = tuple(min(s, n) for s in segments)
+            p = plan(n, heads=heads, head_dim=head_dim, dtype=dtype, segments=segs, rates=rates, gpu=gpu,
+                     causal=causal, layout=layout)
+            # the slowest link a step crosses; no entry when every segment stays on its rank
+            link = next((k for k in ("InfiniBand (nodes)", "NVLink (in node)") if k in p.overlap), None)
+            ratio = p.overlap[link]["compute_s"] / p.overlap[link]["transfer_s"] if link else None
+            rows.append(dict(tokens=n, gpu=gpu, gpus=p.gpus, terms={**p.memory["resident"], **p.memory["terms"]},
+                             total=p.memory["total"], capacity=p.memory["capacity"], overlap_ratio=ratio,
+                             link=link, seconds=p.compute["seconds_total"]))
     return rows

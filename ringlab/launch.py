@@ -69,7 +69,13 @@ def _check_importable(fn) -> None:
 
 
 def _worker(rank, world_size, port, backend, fn, args, kwargs, outdir, timeout):
-    err_path = os.path.join(outdir, f"rank{rank}.err")
+    def fail():
+        # Written before this process closes its connections, so the root cause is the
+        # oldest error file: the peers only report the connection it closed.
+        with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        os._exit(1)
+
     try:
         if backend == "gloo":
             torch.set_num_threads(1)  # P ranks share the cores (SPEC §6)
@@ -79,15 +85,11 @@ def _worker(rank, world_size, port, backend, fn, args, kwargs, outdir, timeout):
                                 world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
         open(os.path.join(outdir, f"rank{rank}.joined"), "w").close()
-        try:
-            result = fn(*args, **kwargs)
-        finally:
-            dist.destroy_process_group()
+        result = fn(*args, **kwargs)
+        dist.destroy_process_group()
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
-        with open(err_path, "w") as f:
-            f.write(traceback.format_exc())
-        os._exit(1)
+        fail()
 
 
 def launch(fn, world_size: int, *, args=(), kwargs=None, backend: str | None = None,
@@ -131,15 +133,16 @@ def _wait(procs, outdir, timeout) -> None:
     deadline = time.monotonic() + timeout
     while True:
         codes = [p.exitcode for p in procs]
-        failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
-        if failed:
-            # Give the other ranks a moment to fail too: the first error is usually the cause.
-            time.sleep(0.2)
-            errors = []
-            for r in failed:
-                path = os.path.join(outdir, f"rank{r}.err")
-                detail = open(path).read() if os.path.exists(path) else f"exit code {codes[r]} (killed or crashed)"
-                errors.append(f"--- rank {r} ---\n{detail}")
+        if any(c not in (None, 0) for c in codes):
+            # Let the other ranks fail too, then name first the rank whose error came first:
+            # its peers only report the connection it closed.
+            time.sleep(0.5)
+            codes = [p.exitcode for p in procs]
+            failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
+            err = lambda r: os.path.join(outdir, f"rank{r}.err")  # noqa: E731
+            failed.sort(key=lambda r: os.stat(err(r)).st_mtime_ns if os.path.exists(err(r)) else 0)
+            errors = [f"--- rank {r} ---\n" + (open(err(r)).read() if os.path.exists(err(r))
+                                                else f"exit code {codes[r]} (killed or crashed)") for r in failed]
             raise RankError(f"rank {failed[0]} failed" + (f" (and ranks {failed[1:]})" if failed[1:] else "")
                             + "\n" + "\n".join(errors), failed)
         if all(c == 0 for c in codes):

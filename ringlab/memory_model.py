@@ -267,12 +267,15 @@ def _ring_dilated_rank(pb: Problem, backward: bool, rank: int | None) -> dict:
                     held(k, t) + (size(k, me[k] - t - 1) if t < s.hops() else 0) for k, s in enumerate(subs))}
 
             local = [_dims(pb, x, n) for x in blocks if x.branch == b]
-            cross = [[(g * q.rows.count, g * k.rows.count, q.size // q.rows.count, q.rows.count, k.rows.count,
+            # the distinct shapes of the blocks against each member's message, per sub-ring
+            cross = [{(g * q.rows.count, g * k.rows.count, q.size // q.rows.count, q.rows.count, k.rows.count,
                        pb.batch > 1 and g > 1)
                       for member in s.parts for q, k in _cross_blocks(s.parts[i], member, pb.causal)
-                      for g in [q.groups]] for s, i in zip(subs, me)]
+                      for g in [q.groups]} for s, i in zip(subs, me)]
+            cross_fwd = [_largest([_block_forward(pb, *d) for d in c]) for c in cross]
+            cross_bwd = [_largest([_block_backward(pb, *d) for d in c]) for c in cross]
             phases.append(acc | msgs(0) | _largest([_block_forward(pb, *d) for d in local]))
-            phases += [acc | msgs(t) | _largest([_block_forward(pb, *d) for d in cross[j]])
+            phases += [acc | msgs(t) | cross_fwd[j]
                        for t in range(1, plan.steps[b] + 1) for j, s in enumerate(subs) if t <= s.hops()]
             if not backward:
                 continue
@@ -289,8 +292,7 @@ def _ring_dilated_rank(pb: Problem, backward: bool, rank: int | None) -> dict:
                     # (k > j), or on their way home; a real send keeps its buffer until waited on
                     others = sum(in_flight(k, min(t if k < j else t - 1, sk.hops()))
                                  for k, sk in enumerate(subs) if k != j) * pb.a
-                    phases.append(saved | msgs(t) | {"dK/dV of messages": others + held(j, t) * pb.a}
-                                  | _largest([_block_backward(pb, *d) for d in cross[j]]))
+                    phases.append(saved | msgs(t) | {"dK/dV of messages": others + held(j, t) * pb.a} | cross_bwd[j])
                     phases.append(saved | msgs(t) | {"dK/dV of messages": others + in_flight(j, t) * pb.a})
         phases.append(acc | {"out": _cast(pb, n)})
         if backward:

@@ -19,7 +19,7 @@ import math
 import pathlib
 from dataclasses import asdict, dataclass, field
 
-from .checks import check_branches, check_choice, HEAD_OFFSETS, LAYOUTS
+from .checks import HEAD_OFFSETS, LAYOUTS, check_branches, check_choice
 from .dilation import score_pairs
 from .memory_model import DTYPE_BYTES, Problem, estimate
 
@@ -104,6 +104,8 @@ class Plan:
                   f"  {'FLOPs, whole call':<38} {k['flops_total']:>14.3e}",
                   f"  {'time at the device rate':<38} {k['seconds_total']:>12.2f} s", "",
                   "overlap: does a step's transfer hide behind its compute?"]
+        if not self.overlap:
+            lines.append("  every segment stays on its rank: nothing is sent")
         for link, o in self.overlap.items():
             lines.append(f"  {link:<18} compute {o['compute_s'] * 1e3:9.3f} ms  transfer {o['transfer_s'] * 1e3:9.3f} ms  "
                          f"{'hides' if o['hides'] else 'EXPOSED'}   (needs >= {o['tokens_per_gpu_needed']:,} tokens per GPU)")

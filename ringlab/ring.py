@@ -19,9 +19,16 @@ import torch
 import torch.distributed as dist
 
 from . import trace
-from .checks import (LAYOUTS, check_causal, check_choice, check_layout_split, check_qkv,
-                     check_ring, resolve_scale)
 from .autograd import exact_attention
+from .checks import (
+    LAYOUTS,
+    check_causal,
+    check_choice,
+    check_layout_split,
+    check_qkv,
+    check_ring,
+    resolve_scale,
+)
 from .comm import RingAlgorithm, check_group_agrees
 from .dilated import new_accumulators
 from .kernels import accum_dtype, block_attention, block_attention_backward

@@ -22,12 +22,29 @@ from dataclasses import dataclass
 import torch
 
 from . import trace
-from .checks import check_choice
 from .autograd import exact_attention
+from .checks import check_choice
 from .comm import RingAlgorithm, check_group_agrees
-from .dilated import (attend, attend_backward, blocks_backward, blocks_forward, check_dilated_args,
-                      lse_view, new_accumulators, rows_view)
-from .dilation import Block, Rows, head_count, fusable, local_blocks, offset_groups, runs, shifted
+from .dilated import (
+    attend,
+    attend_backward,
+    blocks_backward,
+    blocks_forward,
+    check_dilated_args,
+    lse_view,
+    new_accumulators,
+    rows_view,
+)
+from .dilation import (
+    Block,
+    Rows,
+    fusable,
+    head_count,
+    local_blocks,
+    offset_groups,
+    runs,
+    shifted,
+)
 from .kernels import accum_dtype
 from .layout import shard_pieces
 from .ring import _group_meta, check_ring_args

@@ -5,13 +5,12 @@ import functools
 import itertools
 
 import torch
+import workers
+from conftest import assert_close, max_err
 
 import ringlab
 from ringlab.launch import launch
 from ringlab.reference import dense_attention, dense_dilated_attention
-
-import workers
-from conftest import assert_close, max_err
 
 LAYOUTS = ["contiguous", "zigzag", "striped"]
 WORLD_SIZES = [1, 2, 3, 4, 8]

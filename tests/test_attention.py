@@ -4,12 +4,11 @@ import math
 
 import pytest
 import torch
+from conftest import check_against, rand_qkv
 
 import ringlab
 from ringlab.kernels import use_backend
 from ringlab.reference import dense_attention
-
-from conftest import check_against, rand_qkv
 
 
 def _fn(causal, **kw):

@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
+from conftest import check_against, rand_qkv
 
 import ringlab
 from ringlab.dilation import multiplicity, offset_groups, runs, score_pairs
 from ringlab.kernels import use_backend
 from ringlab.reference import dense_dilated_attention
-
-from conftest import check_against, rand_qkv
 
 CONFIGS = [
     ([16, 32], [1, 2]),               # LongNet-style, rates divide segments

@@ -4,10 +4,9 @@ import multiprocessing
 import time
 
 import pytest
+import workers
 
 from ringlab.launch import RankError, launch
-
-import workers
 
 pytestmark = pytest.mark.distributed
 

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import workers
 
 from ringlab import memory
 from ringlab.dryrun import dry_run
@@ -12,8 +13,6 @@ from ringlab.experiments import measure_peak, ring_rank_peak, seed_memory_table
 from ringlab.launch import launch
 from ringlab.memory_model import MODES, Problem, estimate
 from ringlab.planner import plan
-
-import workers
 
 MiB = 2**20
 

@@ -2,13 +2,17 @@
 
 import pytest
 import torch
+import workers
+from conftest import rand_qkv
 
 import ringlab
 from ringlab.launch import launch
-from ringlab.nn import DilatedAttention, LongNetLM, MultiheadDilatedAttention, RingAttention
-
-import workers
-from conftest import rand_qkv
+from ringlab.nn import (
+    DilatedAttention,
+    LongNetLM,
+    MultiheadDilatedAttention,
+    RingAttention,
+)
 
 
 def test_dilated_attention_module_matches_function():

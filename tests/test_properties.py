@@ -1,12 +1,12 @@
 """Property tests: random dilated configs against the dense float64 reference."""
 
 import torch
-from hypothesis import given, settings, strategies as st
+from conftest import check_against, rand_qkv
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ringlab
 from ringlab.reference import dense_dilated_attention
-
-from conftest import check_against, rand_qkv
 
 
 @st.composite

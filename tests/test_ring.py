@@ -4,15 +4,14 @@ import itertools
 
 import pytest
 import torch
+import workers
+from conftest import check_against, max_err, rand_qkv
+from ringcases import LAYOUTS, WORLD_SIZES, check_case, gathered, ring_cases
 
 import ringlab
 from ringlab.launch import launch
 from ringlab.reference import dense_attention
 from ringlab.trace import record_events
-
-import workers
-from conftest import check_against, max_err, rand_qkv
-from ringcases import LAYOUTS, WORLD_SIZES, check_case, gathered, ring_cases
 
 
 def _fn(p, causal, layout):

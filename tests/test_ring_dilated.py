@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from conftest import check_against, rand_qkv
+from ringcases import WORLD_SIZES, check_case, dilated_cases, gathered
 
 import ringlab
 from ringlab.reference import dense_dilated_attention
 from ringlab.ring_dilated import rank_plan
 from ringlab.trace import record_events
-
-from conftest import check_against, rand_qkv
-from ringcases import WORLD_SIZES, check_case, dilated_cases, gathered
 
 CONFIGS = [
     ([8, 24], [1, 2]),           # shard 12: one local, one spanning two ranks (unaligned)

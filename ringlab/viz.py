@@ -1,0 +1,371 @@
+"""Plotly figures of ringlab's data: traces of real runs, dilation geometry, memory, errors,
+scaling and plans. Each builder takes plain data (from ringlab.trace or ringlab.experiments)
+and returns a ``plotly.graph_objects.Figure``; :func:`save` writes them to figures/."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import pathlib
+import platform
+import shutil
+import warnings
+from collections import defaultdict
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+STATE_NAMES = ["not yet", "computed earlier", "computing now", "skipped (future)"]
+STATE_COLORS = ["#f2f2f2", "#9ecae1", "#08519c", "#fdd0a2"]
+
+
+def _discrete_scale(colors):
+    n = len(colors)
+    scale = []
+    for i, c in enumerate(colors):
+        scale += [[i / n, c], [(i + 1) / n, c]]
+    return scale
+
+
+def _tile_events(events, pass_):
+    """{(branch, step): [tile events]} of compute/skip events of one pass."""
+    frames = defaultdict(list)
+    for e in events:
+        if e["kind"] in ("compute", "skip") and e.get("pass", "forward") == pass_ and not e.get("local"):
+            frames[(e.get("branch", 0), e["step"])].append(e)
+    return dict(sorted(frames.items()))
+
+
+def ring_states(events, world_size: int, pass_: str = "forward"):
+    """[(label, state grid, text grid)] per ring step: each (query rank, K/V source rank)
+    tile as 0 not yet, 1 computed earlier, 2 computing now, 3 skipped."""
+    p = world_size
+    frames_data = _tile_events(events, pass_)
+    if not frames_data:
+        raise ValueError("no compute/skip events for this pass in the trace")
+    state = [[0] * p for _ in range(p)]
+    out = []
+    for (branch, step), evs in frames_data.items():
+        state = [[1 if x == 2 else x for x in row] for row in state]
+        held = {}
+        for e in evs:
+            state[e["rank"]][e["src"]] = 2 if e["kind"] == "compute" else 3
+            held[e["rank"]] = e["src"]
+        text = [[f"K/V of rank {s}" if held.get(r) == s else "" for s in range(p)] for r in range(p)]
+        label = f"step {step}" if len({b for b, _ in frames_data}) == 1 else f"branch {branch}, hop {step}"
+        out.append((label, state, text))
+    return out
+
+
+def ring_steps_figure(events, world_size: int, *, pass_: str = "forward", title: str | None = None):
+    """The ring's steps side by side (the static view of :func:`ring_rotation_figure`)."""
+    states = ring_states(events, world_size, pass_)
+    cols = min(4, len(states))
+    rows = -(-len(states) // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[s[0] for s in states],
+                        horizontal_spacing=0.04, vertical_spacing=0.12)
+    for i, (label, state, text) in enumerate(states):
+        fig.add_heatmap(z=state, text=text, texttemplate="%{text}", zmin=-0.5, zmax=3.5, showscale=i == 0,
+                        colorscale=_discrete_scale(STATE_COLORS), row=i // cols + 1, col=i % cols + 1,
+                        colorbar=dict(tickvals=[0, 1, 2, 3], ticktext=STATE_NAMES),
+                        hovertemplate="queries of rank %{y}<br>K/V of rank %{x}<extra></extra>")
+    fig.update_yaxes(autorange="reversed", dtick=1)
+    fig.update_xaxes(dtick=1)
+    fig.update_layout(title=title or f"Ring attention, {world_size} ranks: rows = query blocks, columns = K/V blocks "
+                                     f"({pass_})", height=300 * rows + 80)
+    return fig
+
+
+def ring_rotation_figure(events, world_size: int, *, pass_: str = "forward", title: str | None = None):
+    """An animated (query rank x K/V source rank) grid, one frame per ring step: which tile of
+    the attention matrix each rank computes (or skips) while holding which K/V block."""
+    p = world_size
+    frames = [go.Frame(name=label, data=[go.Heatmap(z=state, text=text, texttemplate="%{text}")])
+              for label, state, text in ring_states(events, world_size, pass_)]
+    fig = go.Figure(data=frames[0].data, frames=frames)
+    fig.update_traces(zmin=-0.5, zmax=3.5, colorscale=_discrete_scale(STATE_COLORS), x=list(range(p)), y=list(range(p)),
+                      colorbar=dict(tickvals=[0, 1, 2, 3], ticktext=STATE_NAMES, title="tile"),
+                      hovertemplate="queries of rank %{y}<br>keys/values of rank %{x}<br>%{text}<extra></extra>")
+    steps = [dict(method="animate", label=f.name, args=[[f.name], dict(mode="immediate", frame=dict(duration=0, redraw=True))])
+             for f in frames]
+    fig.update_layout(
+        title=title or f"Ring attention, {p} ranks: the tile each rank computes at each step ({pass_})",
+        xaxis=dict(title="K/V block (source rank)", dtick=1), yaxis=dict(title="query block (rank)", dtick=1, autorange="reversed"),
+        sliders=[dict(steps=steps, currentvalue=dict(prefix=""), pad=dict(t=50), x=0.15, len=0.85)],
+        updatemenus=[dict(type="buttons", showactive=False, direction="left", x=0, y=-0.1, xanchor="left",
+                          yanchor="top", pad=dict(t=50), buttons=[
+            dict(label="play", method="animate", args=[None, dict(frame=dict(duration=700, redraw=True), fromcurrent=True)]),
+            dict(label="pause", method="animate", args=[[None], dict(mode="immediate", frame=dict(duration=0))])])],
+        height=520)
+    return fig
+
+
+def timeline_figure(events, *, title: str | None = None):
+    """Per rank: compute spans, and communication in flight (posted until its wait returned),
+    with the time a rank sat blocked in a wait marked. Overlap = compute under a flight bar."""
+    t_start = min(e.get("t0", e.get("t", math.inf)) for e in events if "t0" in e or "t" in e)
+    ranks = sorted({e["rank"] for e in events})
+    fig = go.Figure()
+    series = {"compute": ("#08519c", 0.6), "in flight": ("#74c476", 0.25), "blocked in wait": ("#de2d26", 0.25)}
+    rows = defaultdict(lambda: ([], [], [], []))
+    for e in events:
+        y = f"rank {e['rank']} {e.get('pass', 'forward')[:3]}"
+        if e["kind"] == "compute":
+            rows["compute"][0].append(e["t1"] - e["t0"])
+            rows["compute"][1].append(e["t0"] - t_start)
+            rows["compute"][2].append(y)
+            rows["compute"][3].append(f"step {e['step']}, K/V of rank {e['src']}")
+        elif e["kind"] == "wait":
+            rows["in flight"][0].append(e["t1"] - e["posted"])
+            rows["in flight"][1].append(e["posted"] - t_start)
+            rows["in flight"][2].append(y)
+            rows["in flight"][3].append(f"{e['label']}, {e['bytes'] / 2**20:.2f} MiB")
+            rows["blocked in wait"][0].append(e["t1"] - e["t0"])
+            rows["blocked in wait"][1].append(e["t0"] - t_start)
+            rows["blocked in wait"][2].append(y)
+            rows["blocked in wait"][3].append(e["label"])
+    for name, (color, width) in series.items():
+        dur, base, ys, text = rows[name]
+        fig.add_bar(x=[d * 1e3 for d in dur], base=[b * 1e3 for b in base], y=ys, orientation="h", name=name,
+                    marker_color=color, width=width, hovertext=text, textposition="none",
+                    hovertemplate="%{hovertext}<br>%{x:.2f} ms<extra>" + name + "</extra>")
+    fig.update_layout(barmode="overlay", title=title or "Compute and communication per rank (overlap: compute under a flight bar)",
+                      xaxis_title="time (ms)", yaxis=dict(categoryorder="category descending"),
+                      height=160 + 40 * len(ranks) * 2)
+    return fig
+
+
+def work_balance_figure(work: dict, *, title: str | None = None):
+    """Causal work (score pairs) per rank for each layout: {layout: {rank: pairs}}."""
+    fig = go.Figure()
+    for layout, per_rank in work.items():
+        ranks = sorted(per_rank)
+        mean = sum(per_rank.values()) / len(per_rank)
+        fig.add_bar(x=[f"rank {r}" for r in ranks], y=[per_rank[r] for r in ranks],
+                    name=f"{layout} (max/mean {max(per_rank.values()) / mean:.2f})")
+    fig.update_layout(barmode="group", title=title or "Causal work per rank: score pairs computed",
+                      yaxis_title="score pairs", height=420)
+    return fig
+
+
+def multiplicity_figure(m, *, head: int = 0, title: str | None = None):
+    """Heatmap of m_h(q, k) for one head: in how many branches query q and key k interact."""
+    z = m[head].tolist()
+    fig = go.Figure(go.Heatmap(z=z, colorscale="Blues", colorbar=dict(title="branches"),
+                               hovertemplate="query %{y}<br>key %{x}<br>m = %{z}<extra></extra>"))
+    fig.update_layout(title=title or f"Dilation pattern of head {head}: m(q, k)", xaxis_title="key position",
+                      yaxis=dict(title="query position", autorange="reversed"), height=520)
+    return fig
+
+
+def coverage_figure(coverage: list[float], pairs_ratio: float, *, title: str | None = None):
+    """Fraction of (query, key) pairs each head can attend to, and the engine's work vs dense."""
+    fig = go.Figure(go.Bar(x=[f"head {h}" for h in range(len(coverage))], y=coverage, name="pairs with m > 0"))
+    fig.add_hline(y=pairs_ratio, line_dash="dash", annotation_text=f"score pairs computed / dense = {pairs_ratio:.3f}")
+    fig.update_layout(title=title or "Coverage per head", yaxis=dict(title="fraction of pairs", range=[0, 1.05]), height=380)
+    return fig
+
+
+def receptive_field_figure(frac, *, title: str | None = None):
+    """Fraction of the sequence the last query can draw on after L layers: (layers, N) data."""
+    last = [row[-1] for row in frac.tolist()]
+    mean = [sum(row) / len(row) for row in frac.tolist()]
+    layers = list(range(1, len(last) + 1))
+    fig = go.Figure([go.Scatter(x=layers, y=last, mode="lines+markers", name="last query"),
+                     go.Scatter(x=layers, y=mean, mode="lines+markers", name="mean over queries")])
+    fig.update_layout(title=title or "Receptive field after L stacked layers", xaxis=dict(title="layers", dtick=1),
+                      yaxis=dict(title="fraction of positions reachable", range=[0, 1.05]), height=380)
+    return fig
+
+
+def memory_curves_figure(rows: list[dict], *, title: str | None = None):
+    """Measured (markers) and modelled (lines) per-rank peak vs tokens, forward and
+    forward+backward; rows have mode, tokens, ring_size, backward, measured, model."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("forward", "forward+backward"), shared_yaxes=True)
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["mode"], r["ring_size"], r["backward"])].append(r)
+    colors = {}
+    for (mode, p, backward), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["tokens"])
+        label = mode if p == 1 else f"{mode}, P={p}"
+        color = colors.setdefault(label, PALETTE[len(colors) % len(PALETTE)])
+        col = 2 if backward else 1
+        fig.add_scatter(x=[r["tokens"] for r in rs], y=[r["model"] / 2**20 for r in rs], mode="lines", name=label,
+                        line=dict(color=color, dash="dash"), legendgroup=label, showlegend=col == 1, row=1, col=col)
+        meas = [r for r in rs if r.get("measured") is not None]
+        fig.add_scatter(x=[r["tokens"] for r in meas], y=[r["measured"] / 2**20 for r in meas], mode="markers",
+                        name=f"{label} measured", marker=dict(color=color, size=9), legendgroup=label,
+                        showlegend=False, row=1, col=col)
+    fig.update_xaxes(type="log", title="tokens")
+    fig.update_yaxes(type="log")
+    fig.update_yaxes(title="peak MiB per rank", col=1)
+    fig.update_layout(title=title or "Memory per rank: measured (dots) and the analytic model (dashed)", height=480)
+    return fig
+
+
+def seed_table_figure(rows: list[dict], *, title: str | None = None):
+    """The seed document's claims beside measured and modelled memory (MB, log scale)."""
+    labels = [f"{r['mode']} N={r['tokens']:,}" + (f" P={r['ring_size']}" if r["mode"] == "ring" else "") for r in rows]
+    fig = go.Figure([
+        go.Bar(x=labels, y=[r["seed_claim_MB"] for r in rows], name="seed claim"),
+        go.Bar(x=labels, y=[r["measured_MB"] for r in rows], name="measured"),
+        go.Bar(x=labels, y=[r["model_MB"] for r in rows], name="model")])
+    fig.update_layout(barmode="group", yaxis=dict(type="log", title="MB (inputs + peak of the call)"),
+                      title=title or "The seed's memory table, measured", height=480)
+    return fig
+
+
+def error_figure(rows: list[dict], *, title: str | None = None):
+    """Max abs error vs the float64 reference per configuration, divided by the tolerance the
+    tests enforce (below 1 passes); rows have label, dtype, quantity (out / grads), error,
+    tolerance."""
+    fig = go.Figure()
+    for dtype in sorted({r["dtype"] for r in rows}):
+        for quantity, symbol in (("out", "circle"), ("grads", "diamond")):
+            rs = [r for r in rows if r["dtype"] == dtype and r["quantity"] == quantity]
+            if rs:
+                fig.add_scatter(x=[r["label"] for r in rs], y=[max(r["error"], 1e-18) / r["tolerance"] for r in rs],
+                                mode="markers", marker=dict(symbol=symbol, size=9), name=f"{dtype} {quantity}",
+                                customdata=[[r["error"], r["tolerance"]] for r in rs],
+                                hovertemplate="%{x}<br>error %{customdata[0]:.3g}, tolerance %{customdata[1]:.1g}<extra></extra>")
+    fig.add_hline(y=1, line_dash="dash", annotation_text="tolerance: the tests fail above this line",
+                  annotation_position="top right")
+    fig.update_layout(yaxis=dict(type="log", title="max abs error / tolerance", exponentformat="power"), height=560,
+                      title=title or "Error against the float64 dense reference, relative to the tested tolerance")
+    return fig
+
+
+def scaling_figure(rows: list[dict], *, title: str | None = None):
+    """Time and tokens/s vs N per method; rows have method, tokens, seconds."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("time per call", "throughput"))
+    for i, method in enumerate(sorted({r["method"] for r in rows})):
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["tokens"])
+        line = dict(color=PALETTE[i % len(PALETTE)])
+        fig.add_scatter(x=[r["tokens"] for r in rs], y=[r["seconds"] for r in rs], name=method, legendgroup=method,
+                        mode="lines+markers", line=line, row=1, col=1)
+        fig.add_scatter(x=[r["tokens"] for r in rs], y=[r["tokens"] / r["seconds"] for r in rs], name=method,
+                        legendgroup=method, showlegend=False, mode="lines+markers", line=line, row=1, col=2)
+    fig.update_xaxes(type="log", title="tokens")
+    fig.update_yaxes(type="log", title="seconds", col=1)
+    fig.update_yaxes(type="log", title="tokens / s", col=2)
+    fig.update_layout(title=title or "Scaling with sequence length", height=460)
+    return fig
+
+
+def tokens_label(n: int) -> str:
+    """2**30 -> '2^30 (1.07B)'; other counts with a thousands separator."""
+    if n & (n - 1) == 0:
+        short = next(f"{n / d:.3g}{u}" for d, u in ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")) if n >= d)
+        return f"2^{n.bit_length() - 1} ({short})"
+    return f"{n:,}"
+
+
+def planner_figure(rows: list[dict], *, title: str | None = None):
+    """Plans over N: memory per GPU by term, GPUs needed, and the overlap margin.
+    rows: tokens, gpu, gpus, terms {name: bytes}, capacity, overlap_ratio (step compute /
+    transfer time on the slowest link crossed; None when nothing is sent)."""
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("memory per GPU by term (first profile)", "GPUs needed",
+                                                         "step compute / transfer"))
+    first = rows[0]["gpu"]
+    mine = [r for r in rows if r["gpu"] == first]
+    names = list(dict.fromkeys(k for r in mine for k in r["terms"]))
+    labels = [tokens_label(r["tokens"]) for r in mine]  # bars read better on a categorical axis
+    for name in names:
+        fig.add_bar(x=labels, y=[r["terms"].get(name, 0) / 2**30 for r in mine], name=name, row=1, col=1)
+    fig.add_scatter(x=labels, y=[r["capacity"] / 2**30 for r in mine], mode="lines",
+                    name=f"usable HBM ({first})", line=dict(dash="dash", color="black"), row=1, col=1)
+    for i, gpu in enumerate(dict.fromkeys(r["gpu"] for r in rows)):
+        rs = [r for r in rows if r["gpu"] == gpu]
+        line = dict(color=PALETTE[i % len(PALETTE)])
+        fig.add_scatter(x=[r["tokens"] for r in rs], y=[r["gpus"] for r in rs], mode="lines+markers", name=gpu,
+                        legendgroup=gpu, line=line, row=1, col=2)
+        rs = [r for r in rs if r["overlap_ratio"] is not None]  # no transfer: nothing to hide
+        fig.add_scatter(x=[r["tokens"] for r in rs], y=[r["overlap_ratio"] for r in rs],
+                        mode="lines+markers", name=gpu, legendgroup=gpu, showlegend=False, line=line, row=1, col=3)
+    fig.add_hline(y=1, line_dash="dot", row=1, col=3, annotation_text="transfer hides above 1")
+    fig.update_xaxes(type="log", title="tokens", col=2)
+    fig.update_xaxes(type="log", title="tokens", col=3)
+    fig.update_xaxes(type="category", title="tokens", col=1)
+    fig.update_yaxes(title="GiB", col=1)
+    fig.update_yaxes(type="log", title="GPUs", col=2)
+    fig.update_yaxes(type="log", title="ratio", col=3)
+    fig.update_layout(barmode="stack", title=title or "What N tokens need", height=520)
+    return fig
+
+
+def interactive(build, **controls) -> None:
+    """Show ipywidgets ``controls`` and, below them, ``build(**values)`` (a Figure), redrawn in
+    place on every change. The figure is a plain display output updated through its display id
+    rather than an ipywidgets Output, which headless runners (papermill) can deadlock on."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    def current():
+        return build(**{name: w.value for name, w in controls.items()})
+
+    display(widgets.HBox(list(controls.values())))
+    handle = display(current(), display_id=True)
+    for w in controls.values():
+        w.observe(lambda _: handle.update(current()), names="value")
+
+
+# ---------------------------------------------------------------- writing figures/
+_png_server = []
+
+
+def environment(**extra) -> dict:
+    """Where a figure came from: versions, device, time."""
+    import torch
+    env = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+               cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+               written=datetime.datetime.now().isoformat(timespec="seconds"))
+    env.update(extra)
+    return env
+
+
+def _write_png(fig, path: pathlib.Path) -> bool:
+    try:
+        import kaleido
+        if not _png_server and shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
+            raise RuntimeError("Chromium is not installed (Debian: apt-get install chromium)")
+        if not _png_server:
+            kaleido.start_sync_server()
+            _png_server.append(True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # plotly: "kopts ignored with a server"
+            fig.write_image(path, width=fig.layout.width or 1100, height=fig.layout.height or 500)
+        return True
+    except Exception as err:  # noqa: BLE001 - PNGs are optional; say why and go on
+        warnings.warn(f"ringlab: PNG export skipped for {path.name}: {err}. The HTML figure is written.", stacklevel=3)
+        return False
+
+
+def save(name: str, figures: dict, *, data=None, params=None, summary=None, out_dir="figures", png: bool = True) -> dict:
+    """Write figures/<name>.html (every figure, plotly.js inlined once: no CDN),
+    figures/<name>-<key>.png per figure (kaleido + Chromium), and figures/<name>.json with the
+    data, the parameters, the environment and an optional ``summary`` of scalars (the values
+    a sweep collects). Returns the paths written."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts, first = [], True
+    for key, fig in figures.items():
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=first, div_id=f"{name}-{key}",
+                                 auto_play=False))
+        first = False
+    html = out / f"{name}.html"
+    html.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>ringlab: {name}</title></head>"
+                    f"<body style='font-family:sans-serif'>{''.join(parts)}</body></html>")
+    written = {"html": str(html), "png": []}
+    if png:
+        for key, fig in figures.items():
+            path = out / f"{name}-{key}.png"
+            if _write_png(fig, path):
+                written["png"].append(str(path))
+    meta = out / f"{name}.json"
+    meta.write_text(json.dumps(dict(name=name, params=params or {}, summary=summary or {}, environment=environment(),
+                                    data=data), indent=1, default=str))
+    written["json"] = str(meta)
+    return written

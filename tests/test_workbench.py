@@ -1,0 +1,115 @@
+"""The workbench: notebooks under papermill, the figure builders, and sweeps."""
+
+import csv
+import json
+import pathlib
+import re
+
+import nbformat
+import pytest
+
+from ringlab import experiments, viz
+from ringlab.sweep import run_sweep
+from ringlab.workbench import NOTEBOOKS, execute_path, notebook_names
+
+pytestmark = pytest.mark.notebooks
+
+SMALL = {
+    "kv_rotation": dict(world_size=2, seq_len=256, heads=2, head_dim=16),
+    "memory": dict(sizes=[256, 512], ring_sizes=[2], heads=2, head_dim=16, seed_sizes=[1024, 2048],
+                   seed_measured_up_to=1024),
+    "dilation": dict(seq_len=32, heads=2),
+    "correctness": dict(seq_len=32, world_sizes=[1, 2], dtypes=["float64", "float32"], backends=["auto"]),
+    "scaling": dict(sizes=[256, 512], world_size=2, repeats=1),
+    "billion_tokens": dict(tokens=[2**20, 2**24], gpus=["h100"]),
+}
+
+
+def test_every_notebook_is_covered_and_has_one_parameters_cell():
+    assert sorted(notebook_names()) == sorted(SMALL)
+    for name in notebook_names():
+        nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", 4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{name}: needs exactly one cell tagged 'parameters'"
+        assert 'device = "auto"' in tagged[0].source and "output_dir" in tagged[0].source
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), f"{name}: clear outputs"
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_notebook_executes_and_writes_its_figures(name, tmp_path):
+    png = name == "dilation"  # one notebook exports PNGs through kaleido; the others HTML + JSON
+    params = {**SMALL[name], "output_dir": str(tmp_path), "png": png}
+    executed = execute_path(NOTEBOOKS / f"{name}.ipynb", tmp_path / f"{name}.ipynb", params, timeout=900)
+    errors = [o for c in executed.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    html = (tmp_path / f"{name}.html").read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", html)  # self-contained: nothing fetched from a CDN
+    assert "plotly" in html.lower() and len(html) > 1_000_000  # plotly.js inlined
+    meta = json.loads((tmp_path / f"{name}.json").read_text())
+    assert meta["params"] and meta["environment"]["torch"] and meta["data"] is not None
+    if png and meta.get("environment"):
+        import shutil
+        if shutil.which("chromium"):
+            assert list(tmp_path.glob(f"{name}-*.png"))
+
+
+def test_rotation_and_timeline_figures_from_a_known_trace():
+    events = experiments.ring_trace(4, 64, heads=1, head_dim=8, layout="contiguous", causal=True,
+                                    simulated=True, backward=True, device="cpu")
+    fig = viz.ring_rotation_figure(events, 4)
+    assert len(fig.frames) == 4
+    last = fig.frames[-1].data[0].z
+    skipped = sum(v == 3 for row in last for v in row)
+    assert skipped == 6  # contiguous causal: the 6 tiles above the diagonal are skipped
+    assert all(last[r][r] in (1, 2) for r in range(4))
+    steps = viz.ring_steps_figure(events, 4, pass_="backward")
+    assert len(steps.data) == 4
+    timeline = viz.timeline_figure(events)
+    assert [t.name for t in timeline.data] == ["compute", "in flight", "blocked in wait"]
+    assert len(timeline.data[0].x) == len([e for e in events if e["kind"] == "compute"])
+    balance = viz.work_balance_figure(experiments.layout_work(4, 64))
+    assert [t.name.split()[0] for t in balance.data] == ["contiguous", "zigzag", "striped"]
+
+
+def test_geometry_memory_error_scaling_and_planner_figures():
+    geo = experiments.dilation_geometry(32, 2, [8, 32], [1, 2], layers=3)
+    assert [list(r) for r in viz.multiplicity_figure(geo["m"], head=1).data[0].z] == geo["m"][1].tolist()
+    assert len(viz.receptive_field_figure(geo["receptive"]).data[0].y) == 3
+    assert viz.coverage_figure(geo["coverage"], geo["pairs_ratio"]).data[0].y == tuple(geo["coverage"])
+    rows = [dict(mode="ring", tokens=n, ring_size=2, backward=b, measured=n * 10, model=n * 10.5)
+            for n in (256, 512) for b in (False, True)]
+    assert len(viz.memory_curves_figure(rows).data) == 4
+    err = [dict(label="a", dtype="float32", quantity="out", error=1e-6, tolerance=2e-5)]
+    assert viz.error_figure(err).data[0].y == (1e-6 / 2e-5,)
+    scal = viz.scaling_figure([dict(method="m", tokens=n, seconds=n / 1e4) for n in (256, 512)])
+    assert scal.data[1].y == (1e4, 1e4)
+    plans = experiments.planner_sweep([2**20, 2**22], gpus=["h100"], heads=8, head_dim=64)
+    assert plans[1]["gpus"] >= plans[0]["gpus"]
+    assert viz.planner_figure(plans).layout.barmode == "stack"
+
+
+def test_save_writes_html_json_and_summary(tmp_path):
+    fig = viz.work_balance_figure({"zigzag": {0: 1, 1: 1}})
+    written = viz.save("demo", {"balance": fig}, data={"x": 1}, params={"p": 2}, summary={"s": 3.0},
+                       out_dir=tmp_path, png=False)
+    meta = json.loads(pathlib.Path(written["json"]).read_text())
+    assert meta["summary"] == {"s": 3.0} and meta["params"] == {"p": 2}
+    assert pathlib.Path(written["html"]).read_text().count("<script") >= 2
+
+
+def test_sweep_runs_a_grid_resumes_and_survives_a_failing_run(tmp_path):
+    grid = [("seq_len", ["24", "32"]), ("heads", ["1", "2"])]
+    report = run_sweep("dilation", grid, jobs=2, root=tmp_path, progress=False)
+    assert [r["status"] for r in report.runs] == ["ok"] * 4
+    with open(report.folder / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["heads"] for r in rows} == {"1", "2"} and all(r["pairs_ratio"] for r in rows)
+    assert (report.folder / "summary.html").exists()
+    again = run_sweep("dilation", grid, jobs=2, root=tmp_path, progress=False)
+    assert again.sweep_id == report.sweep_id and [r["status"] for r in again.runs] == ["skipped"] * 4
+
+    broken = run_sweep("dilation", [("seq_len", ["24", "-5"])], root=tmp_path, progress=False)
+    status = {r["params"]["seq_len"]: r["status"] for r in broken.runs}
+    assert status == {24: "ok", -5: "failed"}
+    assert "FAILED" in broken.summary() and broken.failed[0]["error"]
+    assert (broken.folder / "results.csv").exists()
