@@ -206,6 +206,14 @@ def memory_curves_figure(rows: list[dict], *, title: str | None = None):
     return fig
 
 
+def memory_terms_figure(estimate, *, title: str | None = None):
+    """Bars of one rank's bytes by named term (inputs it holds, then the call's peak terms) from
+    a ``memory_model.Estimate``."""
+    items = {**estimate.resident, **estimate.terms}
+    return go.Figure(go.Bar(x=list(items), y=[v / 2**20 for v in items.values()]),
+                     layout=dict(title=title or f"{estimate.mode}: MiB by term", yaxis_title="MiB"))
+
+
 def seed_table_figure(rows: list[dict], *, title: str | None = None):
     """The seed document's claims beside measured and modelled memory (MB, log scale)."""
     labels = [f"{r['mode']} N={r['tokens']:,}" + (f" P={r['ring_size']}" if r["mode"] == "ring" else "") for r in rows]
@@ -298,18 +306,25 @@ def planner_figure(rows: list[dict], *, title: str | None = None):
 
 def interactive(build, **controls) -> None:
     """Show ipywidgets ``controls`` and, below them, ``build(**values)`` (a Figure), redrawn in
-    place on every change. The figure is a plain display output updated through its display id
-    rather than an ipywidgets Output, which headless runners (papermill) can deadlock on."""
+    place on every change.
+
+    The figure lives in an ipywidgets ``Output`` whose ``outputs`` are set directly: JupyterLab
+    drops display updates sent from widget callbacks, and capturing (``with out:``) can deadlock
+    headless runners (papermill)."""
     import ipywidgets as widgets
     from IPython.display import display
 
-    def current():
-        return build(**{name: w.value for name, w in controls.items()})
+    out = widgets.Output()
 
-    display(widgets.HBox(list(controls.values())))
-    handle = display(current(), display_id=True)
+    def redraw(_=None):
+        # the figure's own MIME bundle: IPython's formatter would display it instead of returning it
+        data = build(**{name: w.value for name, w in controls.items()})._repr_mimebundle_()
+        out.outputs = ({"output_type": "display_data", "data": data, "metadata": {}},)
+
+    redraw()
     for w in controls.values():
-        w.observe(lambda _: handle.update(current()), names="value")
+        w.observe(redraw, names="value")
+    display(widgets.VBox([widgets.HBox(list(controls.values())), out]))
 
 
 # ---------------------------------------------------------------- writing figures/

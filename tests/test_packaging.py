@@ -2,8 +2,8 @@
 
 import pathlib
 import re
-
 import tomllib
+
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -7,23 +7,14 @@ import re
 
 import nbformat
 import pytest
+from notebook_params import SMALL
 
 from ringlab import experiments, viz
+from ringlab.memory_model import Problem, estimate
 from ringlab.sweep import run_sweep
 from ringlab.workbench import NOTEBOOKS, execute_path, notebook_names
 
 pytestmark = pytest.mark.notebooks
-
-SMALL = {
-    "kv_rotation": dict(world_size=2, seq_len=256, heads=2, head_dim=16),
-    "memory": dict(sizes=[256, 512], ring_sizes=[2], heads=2, head_dim=16, seed_sizes=[1024, 2048],
-                   seed_measured_up_to=1024),
-    "dilation": dict(seq_len=32, heads=2),
-    "correctness": dict(seq_len=32, world_sizes=[1, 2], dtypes=["float64", "float32"], backends=["auto"]),
-    "scaling": dict(sizes=[256, 512], world_size=2, repeats=1),
-    "billion_tokens": dict(tokens=[2**20, 2**24], gpus=["h100"]),
-}
-
 
 def test_every_notebook_is_covered_and_has_one_parameters_cell():
     assert sorted(notebook_names()) == sorted(SMALL)
@@ -79,6 +70,9 @@ def test_geometry_memory_error_scaling_and_planner_figures():
     rows = [dict(mode="ring", tokens=n, ring_size=2, backward=b, measured=n * 10, model=n * 10.5)
             for n in (256, 512) for b in (False, True)]
     assert len(viz.memory_curves_figure(rows).data) == 4
+    est = estimate(Problem(1024, 2, 16, world_size=4), "ring", backward=True)
+    bars = viz.memory_terms_figure(est).data[0]
+    assert list(bars.x) == [*est.resident, *est.terms] and sum(bars.y) * 2**20 == pytest.approx(est.total)
     err = [dict(label="a", dtype="float32", quantity="out", error=1e-6, tolerance=2e-5)]
     assert viz.error_figure(err).data[0].y == (1e-6 / 2e-5,)
     scal = viz.scaling_figure([dict(method="m", tokens=n, seconds=n / 1e4) for n in (256, 512)])
