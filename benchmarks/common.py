@@ -7,6 +7,7 @@ per-round ratios.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -16,6 +17,8 @@ import statistics
 import time
 
 import torch
+
+from ringlab import memory
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -65,6 +68,18 @@ def side_by_side(contestants: dict, *, repeats: int = 3, warmup: int = 1, device
     return times
 
 
+def best_time(fn, repeats: int, device="cpu") -> float:
+    """Best of ``repeats`` timed calls of ``fn`` after one warm-up call."""
+    return min(side_by_side({"fn": fn}, repeats=repeats, device=device)["fn"])
+
+
+def peak_bytes(fn) -> int:
+    """Peak live tensor bytes while ``fn()`` runs (ringlab.memory: allocator on CUDA, tracker on CPU)."""
+    with memory.track() as m:
+        fn()
+    return m.peak
+
+
 def ratio(times: dict, a: str, b: str) -> float:
     """Median over rounds of time(a) / time(b)."""
     return statistics.median(x / y for x, y in zip(times[a], times[b]))
@@ -80,21 +95,44 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def record(name: str, rows: list[dict], columns: list[str], *, notes: str = "", extra=None,
-           out_dir=None) -> pathlib.Path:
-    """Print the table and write benchmarks/results/<machine>-<date>-<name>.{json,md}."""
+def section(name: str, rows: list[dict], columns: list[str], *, notes: str = "", extra=None) -> dict:
+    """One benchmark's results: what every ``run(quick)`` in benchmarks/ returns."""
+    return dict(name=name, rows=rows, columns=columns, notes=notes, extra=extra or {})
+
+
+def section_markdown(sec: dict, level: str = "#") -> str:
+    table = markdown_table(sec["rows"], sec["columns"])
+    return f"{level} {sec['name']}\n\n{table}\n" + (f"\n{sec['notes']}\n" if sec["notes"] else "")
+
+
+def machine_line() -> str:
+    m = machine()
+    return (f"Machine: {m['cpu']}, {m['cores']} cores" + (f", GPU {m['gpu']}" if m["gpu"] else "")
+            + f"; torch {m['torch']}; {datetime.date.today().isoformat()}")
+
+
+def record(sections: list[dict], name: str | None = None, *, out_dir=None, echo: bool = True) -> pathlib.Path:
+    """Print the sections and write benchmarks/results/<machine>-<date>[-<name>].{json,md}."""
     out_dir = pathlib.Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()
-    base = out_dir / f"{machine_slug()}-{stamp}-{name}"
-    table = markdown_table(rows, columns)
-    m = machine()
-    header = (f"# {name}\n\nMachine: {m['cpu']}, {m['cores']} cores"
-              + (f", GPU {m['gpu']}" if m["gpu"] else "") + f"; torch {m['torch']}; {stamp}\n")
-    text = header + "\n" + table + "\n" + (f"\n{notes}\n" if notes else "")
-    print(text)
+    base = out_dir / (f"{machine_slug()}-{stamp}" + (f"-{name}" if name else ""))
+    title = f"# ringlab benchmarks{f': {name}' if name else ''}\n\n{machine_line()}\n\n"
+    text = title + "\n".join(section_markdown(s, "##") for s in sections)
+    if echo:
+        print(text)
     base.with_suffix(".md").write_text(text)
     base.with_suffix(".json").write_text(json.dumps(
-        dict(name=name, date=stamp, machine=m, rows=rows, notes=notes, extra=extra or {}),
-        indent=1, default=str))
+        dict(date=stamp, machine=machine(), sections=sections), indent=1, default=str))
     return base
+
+
+def cli(run, doc: str, argv=None) -> dict:
+    """The command line every benchmark script shares: ``[--quick] [--out-dir DIR]``."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (smoke test)")
+    parser.add_argument("--out-dir", default=None, help="where to write results (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    sec = run(args.quick)
+    record([sec], sec["name"] + ("-quick" if args.quick else ""), out_dir=args.out_dir)
+    return sec

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
@@ -26,7 +25,7 @@ from ringlab.experiments import overlap_fraction, rank_times
 from ringlab.launch import launch
 from ringlab.trace import record_events
 
-from .common import ratio, record, side_by_side
+from .common import cli, ratio, section, side_by_side
 from .peers import peer_ring_attention
 
 
@@ -94,12 +93,8 @@ def simulated_row(n, repeats):
                 sim_s=min(t["sim"]), sdpa_s=min(t["sdpa"]), process_peak_MiB=mem.peak / 2**20)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
-    parser.add_argument("--out-dir", default=None)
-    args = parser.parse_args(argv)
-    sizes, repeats = ((1024, 2048), 1) if args.quick else ((8192, 16384), 2)
+def run(quick: bool = False) -> dict:
+    sizes, repeats = ((1024, 2048), 1) if quick else ((8192, 16384), 2)
     peer = peer_ring_attention.available
     sim = simulated_row(sizes[0], repeats + 1)
     rows = []
@@ -118,11 +113,14 @@ def main(argv=None):
              + ("ring_over_peer: vs ring-attention-pytorch's ring_flash_attn on the same shards."
                 if peer else "ring-attention-pytorch is not installed (pip install ring-attention-pytorch): "
                 "peer column skipped."))
-    record("ring" + ("-quick" if args.quick else ""), rows,
+    return section("ring", rows,
            ["P", "N", "mode", "layout", "causal", "ring_s", "single_s", "ring_over_single", "peer_s",
             "ring_over_peer", "hidden_comm", "work_imbalance", "time_imbalance", "peak_MiB_per_rank"],
-           notes=notes, extra=dict(simulated=sim), out_dir=args.out_dir)
-    return rows
+           notes=notes, extra=dict(simulated=sim))
+
+
+def main(argv=None):
+    return cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

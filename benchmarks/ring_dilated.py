@@ -11,7 +11,6 @@ plain ring's bytes per hop); measured peak live tensor bytes per rank.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
@@ -23,7 +22,7 @@ from ringlab.experiments import rank_times
 from ringlab.launch import launch
 from ringlab.trace import record_events
 
-from .common import record, side_by_side
+from .common import cli, section, side_by_side
 
 SEGMENTS, RATES = [2048, 4096, 8192, 16384], [1, 2, 4, 8]
 
@@ -39,14 +38,10 @@ def rank_bench(n, segs, rates, repeats):
     return dict(times=times, peak=mem.peak, posts=tr.of(kind="post"))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat")
-    parser.add_argument("--out-dir", default=None)
-    args = parser.parse_args(argv)
-    scale = 8 if args.quick else 1
+def run(quick: bool = False) -> dict:
+    scale = 8 if quick else 1
     segs = [s // scale for s in SEGMENTS]
-    sizes, repeats = ([16384 // scale, 32768 // scale], 1) if args.quick else ([16384, 32768], 2)
+    sizes, repeats = ([16384 // scale, 32768 // scale], 1) if quick else ([16384, 32768], 2)
     rows = []
     for n in sizes:
         q, k, v = (torch.randn(1, n, 8, 64) for _ in range(3))
@@ -72,11 +67,13 @@ def main(argv=None):
              "hop/plain: mean bytes of one hop of that branch / one K/V block of plain ring attention "
              "(target 1/r); 'local' = segments fit in a shard, nothing sent. bytes_vs_plain: all bytes a rank "
              "sends in the forward / plain ring attention's (P - 1) blocks.")
-    record("ring_dilated" + ("-quick" if args.quick else ""), rows,
+    return section("ring_dilated", rows,
            ["P", "N", "ring_dilated_s", "single_dilated_s", "ratio", *branch_cols, "bytes_per_rank_MiB",
-            "plain_ring_bytes_per_rank_MiB", "bytes_vs_plain", "peak_MiB_per_rank"], notes=notes,
-           out_dir=args.out_dir)
-    return rows
+            "plain_ring_bytes_per_rank_MiB", "bytes_vs_plain", "peak_MiB_per_rank"], notes=notes,)
+
+
+def main(argv=None):
+    return cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -9,16 +9,13 @@ to the size of q+k+v+out.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 import ringlab
-from ringlab import memory
 from ringlab.baselines import sdpa
 from ringlab.dilation import score_pairs
 
-from .common import ratio, record, side_by_side
+from .common import cli, peak_bytes, ratio, section, side_by_side
 
 LONGNET = dict(segments=[2048, 4096, 8192, 16384], rates=[1, 2, 4, 8])
 
@@ -28,12 +25,6 @@ def fwd_bwd(fn):
         out = fn()
         out.backward(torch.ones_like(out))
     return run
-
-
-def peak_bytes(fn) -> int:
-    with memory.track() as m:
-        fn()
-    return m.peak
 
 
 def compare(name, ours, theirs, q, k, v, *, repeats, ideal=None, causal=False):
@@ -62,12 +53,8 @@ def compare(name, ours, theirs, q, k, v, *, repeats, ideal=None, causal=False):
     return rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat (smoke test)")
-    parser.add_argument("--out-dir", default=None, help="where to write results (default benchmarks/results)")
-    args = parser.parse_args(argv)
-    n1, n2, repeats = (1024, 2048, 1) if args.quick else (8192, 16384, 3)
+def run(quick: bool = False) -> dict:
+    n1, n2, repeats = (1024, 2048, 1) if quick else (8192, 16384, 3)
     torch.manual_seed(0)
     rows = []
     q, k, v = (torch.randn(1, n1, 8, 64) for _ in range(3))
@@ -76,7 +63,7 @@ def main(argv=None):
                         lambda a, b, c: sdpa(a, b, c, causal=causal), q, k, v, repeats=repeats, causal=causal)
     q, k, v = (torch.randn(1, n2, 8, 64) for _ in range(3))
     segs = [min(s, n2) for s in LONGNET["segments"]]
-    segs = [s * n2 // 16384 for s in LONGNET["segments"]] if args.quick else segs
+    segs = [s * n2 // 16384 for s in LONGNET["segments"]] if quick else segs
     ideal = score_pairs(n2, 8, segs, LONGNET["rates"]) / (8 * n2 * n2)
     rows += compare(f"dilated {segs}/{LONGNET['rates']} vs dense SDPA",
                     lambda a, b, c: ringlab.dilated_attention(a, b, c, segs, LONGNET["rates"]),
@@ -85,10 +72,13 @@ def main(argv=None):
              "dilated/SDPA <= 1.5 x ideal (ideal = score pairs computed / dense pairs). "
              "Times are the best of the rounds; ratio is the median of per-round ratios, "
              "contestants interleaved. Peaks: measured live tensor bytes (ringlab.memory).")
-    record("single_device" + ("-quick" if args.quick else ""), rows,
+    return section("single_device", rows,
            ["case", "mode", "causal", "ours_s", "sdpa_s", "ratio", "ideal", "ratio_over_ideal",
-            "peak_ours_MiB", "peak_sdpa_MiB", "qkvo_MiB"], notes=notes, out_dir=args.out_dir)
-    return rows
+            "peak_ours_MiB", "peak_sdpa_MiB", "qkvo_MiB"], notes=notes)
+
+
+def main(argv=None):
+    return cli(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,25 @@ import torch
 
 from .dilation import multiplicity
 
+# SPEC §5: max abs error against the float64 dense reference (outputs, gradients).
+ABS_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 5e-5)}
+# The same errors relative to the largest reference value: a wrong gradient term is O(1) there,
+# however small the atol (a peer's wrong dK/dV hid behind atol 1e-2, SPEC §7).
+REL_TOL = {torch.float64: 1e-11, torch.float32: 2e-5}
+# bf16/fp16 are not in the SPEC. Inputs and results are rounded to 7 (bf16) or 10 (fp16)
+# mantissa bits while the kernels accumulate in float32, so 2 units in the last place of the
+# largest reference value are allowed (measured: at most about 1 ulp).
+LOW_PRECISION_ULPS = 2
+
+
+def tolerance(dtype: torch.dtype, magnitude: float, *, grad: bool = False) -> float:
+    """Largest max-abs error allowed for a ``dtype`` result whose float64 reference has largest
+    absolute value ``magnitude`` (taken as at least 1)."""
+    scale = max(magnitude, 1.0)
+    if dtype in ABS_TOL:
+        return min(ABS_TOL[dtype][1 if grad else 0], REL_TOL[dtype] * scale)
+    return LOW_PRECISION_ULPS * torch.finfo(dtype).eps * scale
+
 
 def dense_attention(q, k, v, *, causal: bool = False, scale: float | None = None,
                     bias: torch.Tensor | None = None):

@@ -5,15 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-# SPEC §5: max abs error against the float64 dense reference (outputs, gradients).
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 5e-5)}
-# The same errors relative to the largest reference value: a wrong gradient term is O(1) here,
-# however small the atol (a peer's wrong dK/dV hid behind atol 1e-2, SPEC §7).
-REL = {torch.float64: 1e-11, torch.float32: 2e-5}
-# bf16/fp16 are not in the SPEC. Inputs and results are rounded to 7 (bf16) or 10 (fp16)
-# mantissa bits while the kernels accumulate in float32, so we allow 2 units in the last
-# place of the largest reference value (measured: at most about 1 ulp).
-LOW_PRECISION_ULPS = 2
+from ringlab.reference import tolerance
 
 
 def rand_qkv(b, n, h, d, *, seed=0, nk=None, count=3):
@@ -33,17 +25,14 @@ def max_err(actual, expected) -> float:
     return 0.0 if (~inf).sum() == 0 else (a[~inf] - e[~inf]).abs().max().item()
 
 
-def assert_close(actual, expected, dtype, *, grad=False, name=""):
-    err = max_err(actual, expected)
+def magnitude(expected) -> float:
     finite = expected[torch.isfinite(expected)]
-    scale = max(finite.abs().max().item() if finite.numel() else 0.0, 1.0)
-    if dtype in TOL:
-        atol = TOL[dtype][1 if grad else 0]
-        assert err <= atol, f"{name}: max abs error {err:.3g} > {atol:.1g} ({dtype})"
-        assert err <= REL[dtype] * scale, f"{name}: error {err:.3g} vs magnitude {scale:.3g}"
-    else:
-        tol = LOW_PRECISION_ULPS * torch.finfo(dtype).eps * scale
-        assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g} ({dtype})"
+    return finite.abs().max().item() if finite.numel() else 0.0
+
+
+def assert_close(actual, expected, dtype, *, grad=False, name=""):
+    err, tol = max_err(actual, expected), tolerance(dtype, magnitude(expected), grad=grad)
+    assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g} ({dtype}, reference magnitude {magnitude(expected):.3g})"
 
 
 def run_and_grad(fn, inputs, dtype, grad_out_seed=1, use_lse=False):

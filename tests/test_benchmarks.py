@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end (tiny sizes): the GPU script's CPU dry run, the one
+entry point, and the exponent fit. Speed itself is measured by the scripts, not asserted here."""
+
+import json
+
+import pytest
+
+from benchmarks import gpu_check, run
+from benchmarks.scaling import exponent
+
+
+def test_gpu_check_dry_run_runs_every_step_and_writes_json(tmp_path):
+    summary = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
+    assert summary["correctness_ok"], summary["failed_checks"]
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    correctness, speed, _ = data["sections"]
+    checked = {r["check"].split()[0] for r in correctness["rows"]}
+    assert checked == {"attention", "dilated_attention", "ring_attention", "ring_dilated_attention",
+                       "MultiheadDilatedAttention"}
+    assert all("error" not in r and r["ms"] > 0 and r["TFLOPs"] > 0 for r in speed["rows"])
+    assert {r["call"] for r in speed["rows"]} == {"SDPA flash", "attention", "ring P=8 (simulated)",
+                                                   "dilated (LongNet)"}
+    assert summary["capacity"]["largest_N"] >= 512
+    assert (tmp_path / "gpu_check.md").read_text().startswith("# gpu_check")
+
+
+def test_run_writes_one_summary_and_keeps_sections_when_one_fails(tmp_path, monkeypatch):
+    import benchmarks.hardware
+
+    def broken(quick):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(benchmarks.hardware, "run", broken)
+    status = run.main(["--quick", "--only", "accuracy", "hardware", "--out-dir", str(tmp_path)])
+    assert status == 1
+    (md,), (js,) = tmp_path.glob("*-quick.md"), tmp_path.glob("*-quick.json")
+    sections = {s["name"]: s for s in json.loads(js.read_text())["sections"]}
+    ours = [r for r in sections["accuracy"]["rows"] if r["impl"] == "ringlab"]
+    assert ours and all(r["within_SPEC"] for r in ours)
+    assert "FAILED" in sections["hardware"]["notes"] and "boom" in md.read_text()
+
+
+def test_exponent_fit():
+    assert exponent([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0)
+    assert exponent([1, 2, 4], [8, 4, 2]) == pytest.approx(-1.0)
