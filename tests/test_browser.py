@@ -100,7 +100,17 @@ def lab(tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
         log.close()
-        assert proc.poll() is not None
+        # kernels run in sessions of their own; each was started with a connection file in our runtime dir
+        kernels = lambda: subprocess.run(["pgrep", "-f", str(home / "runtime")], capture_output=True,  # noqa: E731
+                                         text=True).stdout.split()
+        deadline = time.monotonic() + 15
+        while kernels() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        leftover = kernels()
+        for pid in leftover:
+            os.kill(int(pid), signal.SIGKILL)
+        assert proc.poll() is not None, "JupyterLab was left running"
+        assert not leftover, f"kernels were left running (killed now): {leftover}"
 
 
 @pytest.fixture(scope="module")
