@@ -1,6 +1,7 @@
 # ringlab: the two commands of the README.
 #   make figures   set up, then execute every notebook with papermill and rewrite figures/
 #   make test      set up, then run the whole test suite
+#   make bench     set up, then run every benchmark (BENCH_ARGS=--quick for a smoke test)
 # Both create (or refresh, when pyproject.toml changes) a virtual environment in .venv.
 #
 # TORCH picks the torch build. The default, torch==2.13.0, is the CPU wheel on the CI and
@@ -11,6 +12,7 @@ VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 BIN     = $(VENV)/bin
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: setup browser test figures bench clean
 
@@ -33,7 +35,7 @@ figures: setup browser
 	$(BIN)/ringlab figures
 
 bench: setup
-	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs test-artifacts .pytest_cache .hypothesis
