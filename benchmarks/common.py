@@ -111,12 +111,14 @@ def machine_line() -> str:
             + f"; torch {m['torch']}; {datetime.date.today().isoformat()}")
 
 
-def record(sections: list[dict], name: str | None = None, *, out_dir=None, echo: bool = True) -> pathlib.Path:
-    """Print the sections and write benchmarks/results/<machine>-<date>[-<name>].{json,md}."""
+def record(sections: list[dict], name: str | None = None, *, out_dir=None, echo: bool = True,
+           stem: str | None = None) -> pathlib.Path:
+    """Print the sections and write benchmarks/results/<machine>-<date>[-<name>].{json,md}
+    (``stem`` replaces that file name, ``out_dir`` the folder)."""
     out_dir = pathlib.Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()
-    base = out_dir / (f"{machine_slug()}-{stamp}" + (f"-{name}" if name else ""))
+    base = out_dir / (stem or (f"{machine_slug()}-{stamp}" + (f"-{name}" if name else "")))
     title = f"# ringlab benchmarks{f': {name}' if name else ''}\n\n{machine_line()}\n\n"
     text = title + "\n".join(section_markdown(s, "##") for s in sections)
     if echo:

@@ -22,9 +22,7 @@ and the script goes on, so one bad case cannot cost the lease.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
 import time
 import traceback
 
@@ -36,7 +34,7 @@ import ringlab
 from ringlab.nn import MultiheadDilatedAttention
 from ringlab.reference import dense_attention, dense_dilated_attention, tolerance
 
-from .common import best_time, machine, machine_line, markdown_table, peak_bytes, record, section, section_markdown
+from .common import best_time, machine, markdown_table, peak_bytes, record, section
 from .hardware import attention_flops, matmul_flops
 from .single_device import LONGNET, fwd_bwd
 
@@ -228,16 +226,8 @@ def main(argv=None) -> dict:
                               "Targets: attention and ring within 1.10 of SDPA flash; dilated >= 3x faster "
                               "than dense at the largest N."),
                 section("summary", [summary], list(summary))]
-    if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        text = f"# gpu_check\n\n{machine_line()}\n\n" + "\n".join(section_markdown(s, "##") for s in sections)
-        (out / "gpu_check.md").write_text(text)
-        (out / "gpu_check.json").write_text(json.dumps(dict(machine=machine(), sections=sections), indent=1,
-                                                        default=str))
-        print(text)
-    else:
-        record(sections, "gpu_check" if device == "cuda" else "gpu_check-dry-run")
+    record(sections, "gpu_check" if device == "cuda" else "gpu_check-dry-run", out_dir=args.out,
+           stem="gpu_check" if args.out else None)
     return summary
 
 

@@ -21,7 +21,7 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_json(tmp_path):
     assert {r["call"] for r in speed["rows"]} == {"SDPA flash", "attention", "ring P=8 (simulated)",
                                                    "dilated (LongNet)"}
     assert summary["capacity"]["largest_N"] >= 512
-    assert (tmp_path / "gpu_check.md").read_text().startswith("# gpu_check")
+    assert (tmp_path / "gpu_check.md").read_text().startswith("# ringlab benchmarks: gpu_check-dry-run")
 
 
 def test_run_writes_one_summary_and_keeps_sections_when_one_fails(tmp_path, monkeypatch):
