@@ -15,10 +15,10 @@ class _Dense:
     causal: bool
     scale: float
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, heads, into):
         return block_attention(q, k, v, causal=self.causal, scale=self.scale)
 
-    def backward(self, dout, q, k, v, out, lse, dlse):
+    def backward(self, dout, q, k, v, out, lse, dlse, heads, into):
         return block_attention_backward(dout, q, k, v, out, lse, causal=self.causal,
                                         scale=self.scale, dlse=dlse)
 
@@ -39,5 +39,6 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
     check_qkv(q, k, v, same_length=False)
     check_causal(causal)
     scale = resolve_scale(scale, q.shape[-1])
-    out, lse = exact_attention(q, k, v, _Dense(causal, scale))
+    # One kernel call: out, dq, dk, dv come straight from it, with no accumulators to chunk.
+    out, lse = exact_attention(q, k, v, _Dense(causal, scale), ("attention", dict(causal=causal)), chunked=False)
     return (out, lse) if return_lse else out

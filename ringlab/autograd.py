@@ -1,39 +1,162 @@
 """The autograd glue every ringlab function shares.
 
-An algorithm supplies ``forward(q, k, v) -> (out, lse)`` (out in the accumulation dtype) and
-``backward(dout, q, k, v, out, lse, dlse) -> (dq, dk, dv)``. Only q, k, v, out and lse are
-saved: the backward recomputes scores blockwise from the global lse, flash-style, so no
-(Sq, Sk) matrix outlives the forward. ``dlse`` is None unless the caller's loss used lse.
+An algorithm supplies ``forward(q, k, v, heads, into) -> (out, lse)`` (out in the accumulation
+dtype) and ``backward(dout, q, k, v, out, lse, dlse, heads, into) -> (dq, dk, dv)``, where
+q, k, v hold the heads ``heads`` (a slice of the call's heads; dilation needs their global
+index). ``into`` is None or tensors of the result's shape (out and lse; dq, dk and dv; out or
+dq is None when the dtype is narrower than the accumulators) that an algorithm may accumulate
+in and return instead of allocating its own.
+Only q, k, v, out and lse are saved: the backward recomputes scores blockwise from the global
+lse, flash-style, so no (Sq, Sk) matrix outlives the forward. ``dlse`` is None unless the
+caller's loss used lse.
+
+Heads are independent, so a call whose float32 accumulators would be large runs its heads in
+chunks (:func:`head_chunks`): the accumulators then cover one chunk at a time, and the results
+land in tensors of the input dtype. That keeps the peak near the 4 input-sized tensors a
+forward+backward must return (out, dq, dk, dv).
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
 from . import trace
+from .kernels import accum_dtype
+
+# Chunk heads when the float32 accumulators of the backward (dq, dk, dv) for all heads would
+# exceed this; below it one chunk is fastest (on an H200 eight chunks made dilated attention
+# 1.5x slower at 128K tokens) and memory is no question.
+ACCUM_BUDGET = {"cuda": 4 << 30, "cpu": 64 << 20}
+# Elements of q per chunk at the least, so each kernel still fills the device.
+MIN_CHUNK_ELEMENTS = {"cuda": 1 << 25, "cpu": 1 << 20}
+
+
+def head_chunks(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype, device_type: str
+                ) -> list[slice]:
+    """The head slices a call on q (batch, seq, heads, head_dim) runs one after another. Each
+    holds about 1/8 of the heads (so its accumulators are about 1/8 of the whole), but at least
+    MIN_CHUNK_ELEMENTS of q. ``device_type`` "meta" counts as CUDA (the dry run)."""
+    b, s, h, d = batch, seq, heads, head_dim
+    acc = 8 if dtype == torch.float64 else 4
+    per_head = b * s * d
+    kind = "cpu" if device_type == "cpu" else "cuda"
+    if h == 1 or 3 * acc * per_head * h <= ACCUM_BUDGET[kind]:
+        return [slice(0, h)]
+    floor = MIN_CHUNK_ELEMENTS[kind]
+    size = min(h, max(math.ceil(h / 8), math.ceil(floor / per_head)))
+    return [slice(i, min(i + size, h)) for i in range(0, h, size)]
 
 
 class _ExactAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, algorithm):
-        with trace.in_pass("forward"):
-            out, lse = algorithm.forward(q, k, v)
-        out = out.to(q.dtype)
+    def forward(ctx, q, k, v, algorithm, chunks, model):
+        ctx.algorithm, ctx.chunks, ctx.model = algorithm, chunks, model
+        with trace.in_pass("forward"), _explained_oom(q, model, backward=False):
+            if len(chunks) == 1:
+                out, lse = algorithm.forward(q, k, v, chunks[0], None)
+                out = out.to(q.dtype)
+            else:
+                out = q.new_empty(*q.shape[:-1], v.shape[-1])
+                lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=accum_dtype(q.dtype), device=q.device)
+                direct = accum_dtype(q.dtype) == q.dtype
+                for h in chunks:
+                    into = (out[:, :, h] if direct else None, lse[:, h])
+                    o, l = algorithm.forward(q[:, :, h], k[:, :, h], v[:, :, h], h, into)
+                    _store(out[:, :, h], o, into[0])
+                    _store(lse[:, h], l, into[1])
+                    del o, l  # free this chunk's accumulators before the next allocates
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.algorithm = algorithm
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if torch.is_grad_enabled():  # backward(create_graph=True): a graph of this backward
+            raise RuntimeError(
+                "ringlab: double backward (create_graph=True) is not supported: ringlab's backward is "
+                "a fused kernel with no graph of its own. For higher-order gradients use the plain "
+                "torch references ringlab.reference.dense_attention / dense_dilated_attention "
+                "(O(N^2) memory)")
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        with trace.in_pass("backward"):
-            dq, dk, dv = ctx.algorithm.backward(dout, q, k, v, out, lse, dlse)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        algorithm, chunks = ctx.algorithm, ctx.chunks
+        with trace.in_pass("backward"), _explained_oom(q, ctx.model, backward=True):
+            if len(chunks) == 1:
+                dq, dk, dv = algorithm.backward(dout, q, k, v, out, lse, dlse, chunks[0], None)
+                return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+            grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
+            direct = accum_dtype(q.dtype) == q.dtype
+            for h in chunks:
+                views = [g[:, :, h] for g in grads]
+                part = algorithm.backward(dout[:, :, h], q[:, :, h], k[:, :, h], v[:, :, h], out[:, :, h],
+                                          lse[:, h], None if dlse is None else dlse[:, h], h,
+                                          views if direct else None)
+                for view, p in zip(views, part):
+                    _store(view, p, view if direct else None)
+                del part
+        return (*grads, None, None, None)
 
 
-def exact_attention(q, k, v, algorithm):
-    """(out, lse) of ``algorithm`` on q, k, v, differentiable in all three."""
-    return _ExactAttention.apply(q, k, v, algorithm)
+def _store(dst, src, into) -> None:
+    """Copy a chunk's result into place, unless the algorithm accumulated there already."""
+    if src is not into:
+        dst.copy_(src)
+
+
+def exact_attention(q, k, v, algorithm, model: tuple[str, dict], *, chunked: bool = True):
+    """(out, lse) of ``algorithm`` on q, k, v, differentiable in all three (first order).
+
+    ``model`` = (memory-model mode, its Problem fields beyond the shapes) explains an
+    out-of-memory error with what the call needed. ``chunked=False`` runs all heads at once
+    (for algorithms with no accumulators)."""
+    chunks = head_chunks(*q.shape, q.dtype, q.device.type) if chunked else [slice(0, q.shape[2])]
+    return _ExactAttention.apply(q, k, v, algorithm, chunks, model)
+
+
+class _explained_oom:
+    """Re-raise an out-of-memory error with the call's size, the memory model's estimate and
+    the free memory, so the user sees what to change. Nothing is retried or switched."""
+
+    def __init__(self, q, model, backward: bool):
+        self.q, self.model, self.backward = q, model, backward
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if kind is None or not issubclass(kind, torch.OutOfMemoryError):
+            return False
+        raise torch.OutOfMemoryError(f"{err}\n\nringlab: {self.describe()}") from err
+
+    def describe(self) -> str:
+        from .memory_model import Problem, estimate
+
+        q, (mode, fields) = self.q, self.model
+        b, n, h, d = q.shape
+        dtype = str(q.dtype).removeprefix("torch.")
+        device = "cuda" if q.device.type == "cuda" else "cpu"
+        text = (f"{mode} {'forward+backward' if self.backward else 'forward'} on q {tuple(q.shape)} "
+                f"(batch {b}, N {n}, heads {h}, head_dim {d}, {dtype}) ran out of memory on {q.device}")
+        try:
+            base = dict(seq_len=n, heads=h, head_dim=d, batch=b, dtype=dtype, device=device)
+            need = estimate(Problem(**{**base, **fields}), mode, backward=self.backward).peak
+            text += f". The memory model estimates {need / 2**30:.2f} GiB for the call"
+        except Exception as why:  # noqa: BLE001 - the explanation must not hide the real error
+            text += f" (memory model unavailable: {why})"
+        free = _free_bytes(q.device)
+        if free is not None:
+            text += f", against {free / 2**30:.2f} GiB free now"
+        return text + ". Use fewer tokens per rank (more ranks), a smaller batch, or dilation."
+
+
+def _free_bytes(device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None

@@ -14,6 +14,7 @@ never modified afterwards, and a receive buffer is read only after its wait.
 from __future__ import annotations
 
 import collections
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -188,8 +189,9 @@ def check_group_agrees(group, device, meta: list[int], names: list[str]) -> None
 class RingAlgorithm:
     """An algorithm given as per-rank generators, run on a real ring or a simulated one.
 
-    ``forward_rank(comm, q, k, v)`` returns (out, lse); ``backward_rank(comm, dout, q, k, v,
-    out, lse, dlse)`` returns (dq, dk, dv). Real (``group`` given): tensors are this rank's
+    ``forward_rank(comm, q, k, v, heads=)`` returns (out, lse); ``backward_rank(comm, dout, q,
+    k, v, out, lse, dlse, heads=)`` returns (dq, dk, dv); ``heads`` is the slice of the call's
+    heads that q, k, v hold. Real (``group`` given): tensors are this rank's
     shards. Simulated (``ring_size``): tensors are whole sequences, sharded by ``layout`` for
     each simulated rank, and the ranks' results are unsharded.
     """
@@ -199,12 +201,12 @@ class RingAlgorithm:
     ring_size: int | None
     layout: str
 
-    def forward(self, q, k, v):
-        return self._run(self.forward_rank, (q, k, v), (1, 1, 1), (1, 2))
+    def forward(self, q, k, v, heads, into):
+        return self._run(functools.partial(self.forward_rank, heads=heads), (q, k, v), (1, 1, 1), (1, 2))
 
-    def backward(self, dout, q, k, v, out, lse, dlse):
-        return self._run(self.backward_rank, (dout, q, k, v, out, lse, dlse), (1, 1, 1, 1, 1, 2, 2),
-                         (1, 1, 1))
+    def backward(self, dout, q, k, v, out, lse, dlse, heads, into):
+        return self._run(functools.partial(self.backward_rank, heads=heads), (dout, q, k, v, out, lse, dlse),
+                         (1, 1, 1, 1, 1, 2, 2), (1, 1, 1))
 
     def _run(self, rank_fn, tensors, dims, out_dims):
         if self.group is not None:

@@ -71,12 +71,14 @@ def attend_backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, *, causal: bool, 
     dv += gv.view(dv.shape)
 
 
-def new_accumulators(q: torch.Tensor):
-    """Running (out, lse) for the rows of q: zeros and -inf, float32 (float64 for float64)."""
+def new_accumulators(q: torch.Tensor, into=None):
+    """Running (out, lse) for the rows of q: zeros and -inf, float32 (float64 for float64).
+    ``into`` = (out or None, lse): tensors to reset and use instead of allocating."""
     b, n, h, d = q.shape
     acc = accum_dtype(q.dtype)
-    return (torch.zeros(b, n, h, d, dtype=acc, device=q.device),
-            torch.full((b, h, n), -math.inf, dtype=acc, device=q.device))
+    out, lse = into or (None, None)
+    return (torch.zeros(b, n, h, d, dtype=acc, device=q.device) if out is None else out.zero_(),
+            torch.full((b, h, n), -math.inf, dtype=acc, device=q.device) if lse is None else lse.fill_(-math.inf))
 
 
 def blocks_forward(q, k, v, blocks, out, lse, *, scale: float) -> None:
@@ -98,25 +100,35 @@ def blocks_backward(dout, q, k, v, out, lse, dlse, blocks, dq, dk, dv, *, scale:
                         causal=blk.causal, scale=scale)
 
 
-def new_grads(q, k, v):
-    """Zero gradient accumulators for q, k, v in the accumulation dtype."""
+def new_grads(q, k, v, into=None):
+    """Zero gradient accumulators for q, k, v in the accumulation dtype (``into``, if given)."""
+    if into is not None:
+        return tuple(g.zero_() for g in into)
     acc = accum_dtype(q.dtype)
     return tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
 
 
 @dataclass(frozen=True)
 class _Dilated:
-    blocks: tuple
+    num_heads: int
+    segments: tuple
+    rates: tuple
+    head_offsets: str
+    causal: bool
     scale: float
 
-    def forward(self, q, k, v):
-        out, lse = new_accumulators(q)
-        blocks_forward(q, k, v, self.blocks, out, lse, scale=self.scale)
+    def blocks(self, q, heads: slice):
+        return local_blocks(((0, q.shape[1]),), self.num_heads, self.segments, self.rates, self.head_offsets,
+                            self.causal, (heads.start, heads.stop))
+
+    def forward(self, q, k, v, heads, into):
+        out, lse = new_accumulators(q, into)
+        blocks_forward(q, k, v, self.blocks(q, heads), out, lse, scale=self.scale)
         return out, lse
 
-    def backward(self, dout, q, k, v, out, lse, dlse):
-        dq, dk, dv = new_grads(q, k, v)
-        blocks_backward(dout, q, k, v, out, lse, dlse, self.blocks, dq, dk, dv, scale=self.scale)
+    def backward(self, dout, q, k, v, out, lse, dlse, heads, into):
+        dq, dk, dv = new_grads(q, k, v, into)
+        blocks_backward(dout, q, k, v, out, lse, dlse, self.blocks(q, heads), dq, dk, dv, scale=self.scale)
         return dq, dk, dv
 
 
@@ -147,6 +159,7 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal: bool 
     """
     segs, rates, scale = check_dilated_args(q, k, v, segment_lengths, dilation_rates, causal,
                                             scale, head_offsets)
-    blocks = local_blocks(((0, q.shape[1]),), q.shape[2], segs, rates, head_offsets, causal)
-    out, lse = exact_attention(q, k, v, _Dilated(blocks, scale))
+    out, lse = exact_attention(q, k, v, _Dilated(q.shape[2], segs, rates, head_offsets, causal, scale),
+                               ("dilated", dict(segments=segs, rates=rates, head_offsets=head_offsets,
+                                                causal=causal)))
     return (out, lse) if return_lse else out

@@ -25,17 +25,29 @@ def head_offset(head: int, num_heads: int, rate: int, mode: str) -> int:
     return head // math.ceil(num_heads / rate)
 
 
-def offset_groups(num_heads: int, rate: int, mode: str) -> tuple[tuple[int, slice], ...]:
+def offset_groups(num_heads: int, rate: int, mode: str, heads: tuple[int, int] | None = None
+                  ) -> tuple[tuple[int, slice], ...]:
     """The heads sharing each offset, as (offset, slice of heads); offsets no head uses are absent.
 
     interleaved: offset o holds heads o, o + r, o + 2r, ...; grouped: a contiguous run of
-    ceil(H / r) heads per offset.
+    ceil(H / r) heads per offset. ``heads`` = (h0, h1) keeps the heads h0 <= h < h1 of the H
+    (a chunk of a call) and numbers the slices from h0.
     """
     if mode == "interleaved":
-        return tuple((o, slice(o, num_heads, rate)) for o in range(min(rate, num_heads)))
-    size = math.ceil(num_heads / rate)
-    return tuple((o, slice(o * size, min((o + 1) * size, num_heads)))
-                 for o in range(math.ceil(num_heads / size)))
+        groups = tuple((o, slice(o, num_heads, rate)) for o in range(min(rate, num_heads)))
+    else:
+        size = math.ceil(num_heads / rate)
+        groups = tuple((o, slice(o * size, min((o + 1) * size, num_heads)))
+                       for o in range(math.ceil(num_heads / size)))
+    if heads is None:
+        return groups
+    h0, h1 = heads
+    kept = []
+    for o, s in groups:
+        inside = [h for h in range(num_heads)[s] if h0 <= h < h1]
+        if inside:
+            kept.append((o, slice(inside[0] - h0, inside[-1] - h0 + 1, s.step)))
+    return tuple(kept)
 
 
 def selected(pos: torch.Tensor, segment: int, rate: int, offset: int) -> torch.Tensor:
@@ -192,14 +204,37 @@ def _fuse_blocks(numbered) -> list[Block]:
 
 @functools.lru_cache(maxsize=256)
 def local_blocks(pieces: Pieces, num_heads: int, segment_lengths: tuple, dilation_rates: tuple,
-                 mode: str, causal: bool) -> tuple[Block, ...]:
-    """Every block of dilated attention among the rows in ``pieces`` (one rank's own work)."""
+                 mode: str, causal: bool, heads: tuple[int, int] | None = None) -> tuple[Block, ...]:
+    """Every block of dilated attention among the rows in ``pieces`` (one rank's own work),
+    for the heads ``heads`` (see :func:`offset_groups`; default all)."""
     blocks = []
     for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
-        blocks += _fuse_blocks((o, blk) for o, heads in offset_groups(num_heads, r, mode)
-                               for blk in pair_blocks(i, heads, runs(pieces, w, r, o), runs(pieces, w, r, o),
+        blocks += _fuse_blocks((o, blk) for o, hs in offset_groups(num_heads, r, mode, heads)
+                               for blk in pair_blocks(i, hs, runs(pieces, w, r, o), runs(pieces, w, r, o),
                                                       causal, same_rank=True))
-    return tuple(blocks)
+    # A kernel's temporaries (its output, or dq, dk, dv in the backward) are the size of its
+    # rows: a block of many segments is cut into calls of at most a quarter of the rows.
+    most = max(1, sum(b - a for a, b in pieces) // 4)
+    return tuple(part for blk in blocks for part in _split_segments(blk, most))
+
+
+def _split_segments(blk: Block, most_rows: int):
+    """``blk`` as blocks of whole segments holding at most ``most_rows`` query rows (at least
+    one segment each)."""
+    per_call = max(1, most_rows // max(1, blk.groups * blk.q.count))
+    if blk.q.nseg <= per_call:
+        yield blk
+        return
+    for i in range(0, blk.q.nseg, per_call):
+        m = min(per_call, blk.q.nseg - i)
+        yield dataclasses.replace(blk, q=_segments(blk.q, i, m), k=_segments(blk.k, i, m))
+
+
+def _segments(rows: Rows, first: int, count: int) -> Rows:
+    """Segments first .. first + count - 1 of a run of segments."""
+    step = first * rows.seg_stride
+    return Rows(rows.start + step, rows.pos + step, rows.seg + first, count, rows.count, rows.stride,
+                rows.seg_stride)
 
 
 def multiplicity(seq_len: int, num_heads: int, segment_lengths, dilation_rates, *,

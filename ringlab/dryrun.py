@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_leaves
 
 from . import memory
 from .comm import RingComm, run_rank
+from .autograd import exact_attention
 from .memory_model import Problem, estimate
 from .ring import ring_backward_rank, ring_forward_rank
 from .ring_dilated import ring_dilated_backward_rank, ring_dilated_forward_rank
@@ -87,6 +88,21 @@ def rank_generators(pb: Problem, rank: int):
     return functools.partial(ring_forward_rank, **opts), functools.partial(ring_backward_rank, **opts)
 
 
+@dataclasses.dataclass(frozen=True)
+class _OneRank:
+    """One rank's generators as an algorithm for ringlab.autograd, which runs them per head
+    chunk exactly as a real call does."""
+    forward_rank: object
+    backward_rank: object
+    comm: RingComm
+
+    def forward(self, q, k, v, heads, into):
+        return run_rank(self.forward_rank(self.comm, q, k, v, heads=heads))
+
+    def backward(self, dout, q, k, v, out, lse, dlse, heads, into):
+        return run_rank(self.backward_rank(self.comm, dout, q, k, v, out, lse, dlse, heads=heads))
+
+
 def run_one_rank(pb: Problem, rank: int = 0, *, backward: bool = True, device="meta") -> int:
     """Run ``rank``'s forward (and backward) on ``device`` with instant transfers and return
     the peak bytes the call allocated (inputs and output gradient exist before it starts, as
@@ -94,17 +110,14 @@ def run_one_rank(pb: Problem, rank: int = 0, *, backward: bool = True, device="m
     ringlab.memory.track does."""
     dtype = getattr(torch, pb.dtype)
     shape = (pb.batch, pb.local, pb.heads, pb.head_dim)
-    q, k, v, dout = (torch.empty(shape, dtype=dtype, device=device) for _ in range(4))
-    fwd, bwd = rank_generators(pb, rank)
-    comm = InstantComm(rank, pb.world_size)
+    q, k, v, dout = (torch.empty(shape, dtype=dtype, device=device).requires_grad_(backward) for _ in range(4))
+    algorithm = _OneRank(*rank_generators(pb, rank), InstantComm(rank, pb.world_size))
     meta = torch.device(device).type == "meta"
     tracker = AllocationTracker(existing=(q, k, v, dout)) if meta else memory.track(device)
-    with tracker as report:
-        out, lse = run_rank(fwd(comm, q, k, v))
-        out = out.to(dtype)
+    with tracker as report, torch.enable_grad():
+        out, lse = exact_attention(q, k, v, algorithm, ("ring", dataclasses.asdict(pb)))
         if backward:
-            grads = [g.to(dtype) for g in run_rank(bwd(comm, dout, q, k, v, out, lse, None))]
-            del grads
+            out.backward(dout.detach())
         del out, lse
     return report.peak
 

@@ -14,123 +14,58 @@ lse (B, H, Sq), float32 (float64 for float64 inputs). ``causal`` masks key j fro
 j > i (top-left aligned, as torch's SDPA). ``mask`` is an optional boolean tensor broadcastable
 to (B, H, Sq, Sk), True where a query may attend a key; it forces the math path.
 
-Backends:
-  "cpu_flash"   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu (+ backward)
-  "cuda_flash"  torch.ops.aten._scaled_dot_product_flash_attention (fp16/bf16)
-  "cuda_efficient"  torch.ops.aten._scaled_dot_product_efficient_attention (fp32, masks of
-                one-sided causal, any length)
-  "math"        plain torch, every dtype and device, chunked over query rows.
-"auto" picks the fastest one that applies. Private ops change between torch releases: if one
-fails, ringlab warns once and uses the math path from then on.
+Backends (:data:`BACKENDS`, in order of preference; "auto" takes the first that applies):
+  cpu_flash       torch's CPU flash op
+  cuda_cudnn      torch's cuDNN attention op (fp16/bf16; the fastest on Hopper)
+  cuda_flash      torch's CUDA flash op (fp16/bf16)
+  cuda_efficient  torch's memory-efficient op (fp32 too)
+  math            plain torch, every dtype and device, chunked over query rows.
+Private ops change between torch releases. A backend is set aside only for a real
+incompatibility (an op missing, a schema or shape it rejects), and only for that
+(backend, device type, dtype, head dim), with one warning. Out-of-memory and device errors
+propagate: they say nothing about the backend, and a silent switch would make every later
+call slower and larger.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import warnings
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-BACKENDS = ("auto", "cpu_flash", "cuda_flash", "cuda_efficient", "math")
-_backend = "auto"
-_broken: set[str] = set()  # private ops that raised once; never retried in this process
-
 # Elements of one (B, H, rows, Sk) score chunk in the math path: 2^24 float32 = 64 MiB.
 _MATH_CHUNK_ELEMENTS = 1 << 24
+# torch's CPU flash op turns a NaN query row into a finite one when a block has under 8 keys;
+# such blocks are tiny, so the math path (which propagates NaN) costs nothing there.
+_CPU_FLASH_MIN_KEYS = 16
+# cuDNN takes batch and heads up to 2^16 - 1 each.
+_CUDNN_MAX_DIM = 65535
 
 
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Force a backend inside a ``with`` block, e.g. ``use_backend("math")`` in tests."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    previous, _backend = _backend, name
-    try:
-        yield
-    finally:
-        _backend = previous
-
-
-def accum_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype for partial outputs and lse: float64 stays float64, all else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def select_backend(q: torch.Tensor, k: torch.Tensor, causal: bool, mask) -> str:
-    """The backend ``block_attention`` will use for these inputs."""
-    if _backend != "auto":
-        return _backend
-    if mask is not None:
-        return "math"
-    if q.device.type == "cpu" and "cpu_flash" not in _broken:
-        return "cpu_flash"
-    if q.device.type in ("cuda", "meta"):  # meta: the dry run models a CUDA rank
-        d = q.shape[-1]
-        flash_ok = q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
-        # The CUDA flash op aligns causal masks bottom-right; ours are top-left.
-        if flash_ok and (not causal or q.shape[1] == k.shape[1]) and "cuda_flash" not in _broken:
-            return "cuda_flash"
-        if q.dtype != torch.float64 and d % 8 == 0 and "cuda_efficient" not in _broken:
-            return "cuda_efficient"
-    return "math"
-
-
-def _empty_result(q, v):
-    """(out, lse) of query rows that see no key: zeros and -inf."""
-    b, sq, h, _ = q.shape
-    out = q.new_zeros(b, sq, h, v.shape[-1])
-    lse = torch.full((b, h, sq), -math.inf, dtype=accum_dtype(q.dtype), device=q.device)
-    return out, lse
-
-
-def block_attention(q, k, v, *, causal: bool = False, scale: float, mask=None):
-    """Attend q (B, Sq, H, D) to k, v (B, Sk, H, D). Returns out (B, Sq, H, D), lse (B, H, Sq)."""
-    if q.shape[1] == 0 or k.shape[1] == 0:
-        return _empty_result(q, v)
-    backend = select_backend(q, k, causal, mask)
-    if backend != "math":
-        try:
-            return _FORWARD[backend](q, k, v, causal, scale)
-        except RuntimeError as err:
-            _mark_broken(backend, err)
-    return _math_forward(q, k, v, causal, scale, mask)
-
-
-def block_attention_backward(dout, q, k, v, out, lse, *, causal: bool = False, scale: float,
-                             mask=None, dlse=None):
-    """Gradients (dq, dk, dv) of one block, given the global ``out`` and ``lse`` of these rows.
-
-    dout, out: (B, Sq, H, D); lse, dlse: (B, H, Sq). ``dlse`` (the gradient reaching lse, if
-    the caller used it) may be None. Rows with lse = -inf saw no key and get zero gradients.
-    """
-    if q.shape[1] == 0 or k.shape[1] == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    # exp(s - (+inf)) = 0: rows that saw no key anywhere contribute nothing.
-    lse = torch.where(lse == -math.inf, math.inf, lse)
-    backend = select_backend(q, k, causal, mask)
-    if backend != "math":
-        try:
-            if dlse is not None:
-                return _backward_with_dlse(_BACKWARD[backend], dout, q, k, v, out, lse, dlse,
-                                           causal, scale)
-            return _BACKWARD[backend](dout, q, k, v, out, lse, causal, scale)
-        except RuntimeError as err:
-            _mark_broken(backend, err)
-    return _math_backward(dout, q, k, v, out, lse, dlse, causal, scale, mask)
-
-
-def _mark_broken(backend: str, err: Exception) -> None:
-    if backend in _broken or _backend != "auto":
-        raise err
-    _broken.add(backend)
-    warnings.warn(f"ringlab: backend {backend!r} failed ({err}); using the math path instead",
-                  RuntimeWarning, stacklevel=3)
+@dataclass(frozen=True)
+class Backend:
+    """One fused kernel family. ``applies(q, k, causal)`` holds its dtype, head-dim and shape
+    rules; ``forward(q, k, v, causal, scale) -> (out, lse)`` and ``backward(dout, q, k, v, out,
+    lse, causal, scale) -> (dq, dk, dv)`` take the (B, S, H, D) layout of this module."""
+    name: str
+    device: str            # device type it runs on; "cuda" backends also serve "meta" (dry run)
+    ops: tuple[str, ...]   # the private torch.ops.aten ops it calls (tests check their schemas)
+    applies: Callable
+    forward: Callable
+    backward: Callable
 
 
 def _bhsd(x):
     return x.transpose(1, 2)
+
+
+def _low_precision(q):
+    return q.dtype in (torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------- CPU flash (torch private op)
@@ -146,7 +81,43 @@ def _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale):
     return tuple(_bhsd(g) for g in grads)
 
 
+# ---------------------------------------------------------------- CUDA cuDNN
+def _cudnn_applies(q, k, causal):
+    d, b, h = q.shape[-1], q.shape[0], q.shape[2]
+    # cuDNN 9.10+ takes head_dim up to 256 on Hopper (sm 9.0), 128 elsewhere.
+    limit = 128
+    if q.device.type == "cuda" and (torch.backends.cudnn.version() or 0) >= 91000 \
+            and torch.cuda.get_device_capability(q.device) == (9, 0):
+        limit = 256
+    return (_low_precision(q) and d % 8 == 0 and d <= limit and b <= _CUDNN_MAX_DIM and h <= _CUDNN_MAX_DIM
+            # cuDNN 9.19 rejects s_q = s_kv = 1 ("not supported"; seen on an H200)
+            and min(q.shape[1], k.shape[1]) > 1
+            # its causal mask is top-left; we only use it where both alignments agree
+            and (not causal or q.shape[1] == k.shape[1]))
+
+
+def _cudnn_forward(q, k, v, causal, scale):
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        _bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, causal, False, scale=scale)
+    return _bhsd(res[0]), res[1].squeeze(-1)  # lse comes as (B, H, Sq, 1)
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
+    # No dropout, so the RNG state the op expects is never read.
+    seed = torch.zeros((), dtype=torch.int64, device=q.device)
+    grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.unsqueeze(-1), seed, seed, None,
+        None, None, q.shape[1], k.shape[1], 0.0, causal, scale=scale)
+    return tuple(_bhsd(g) for g in grads)
+
+
 # ---------------------------------------------------------------- CUDA flash / efficient
+def _flash_applies(q, k, causal):
+    d = q.shape[-1]
+    # The CUDA flash op aligns causal masks bottom-right; ours are top-left.
+    return _low_precision(q) and d % 8 == 0 and d <= 256 and (not causal or q.shape[1] == k.shape[1])
+
+
 def _cuda_flash_forward(q, k, v, causal, scale):
     res = torch.ops.aten._scaled_dot_product_flash_attention(
         _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, False, scale=scale)
@@ -154,13 +125,16 @@ def _cuda_flash_forward(q, k, v, causal, scale):
 
 
 def _cuda_flash_backward(dout, q, k, v, out, lse, causal, scale):
-    # No dropout, so the RNG state the op expects is never read.
     seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
     offset = torch.zeros((), dtype=torch.uint64, device=q.device)
     grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
         _bhsd(dout).contiguous(), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.contiguous(),
         None, None, q.shape[1], k.shape[1], 0.0, causal, seed, offset, scale=scale)
     return tuple(_bhsd(g) for g in grads)
+
+
+def _efficient_applies(q, k, causal):
+    return q.dtype != torch.float64 and q.shape[-1] % 8 == 0
 
 
 def _cuda_efficient_forward(q, k, v, causal, scale):
@@ -180,20 +154,171 @@ def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
     return tuple(_bhsd(g) for g in grads[:3])
 
 
-_FORWARD = {"cpu_flash": _cpu_flash_forward, "cuda_flash": _cuda_flash_forward,
-            "cuda_efficient": _cuda_efficient_forward}
-_BACKWARD = {"cpu_flash": _cpu_flash_backward, "cuda_flash": _cuda_flash_backward,
-             "cuda_efficient": _cuda_efficient_backward}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("cpu_flash", "cpu", ("_scaled_dot_product_flash_attention_for_cpu",
+                                 "_scaled_dot_product_flash_attention_for_cpu_backward"),
+            lambda q, k, causal: k.shape[1] >= _CPU_FLASH_MIN_KEYS, _cpu_flash_forward, _cpu_flash_backward),
+    Backend("cuda_cudnn", "cuda", ("_scaled_dot_product_cudnn_attention",
+                                   "_scaled_dot_product_cudnn_attention_backward"),
+            _cudnn_applies, _cudnn_forward, _cudnn_backward),
+    Backend("cuda_flash", "cuda", ("_scaled_dot_product_flash_attention",
+                                   "_scaled_dot_product_flash_attention_backward"),
+            _flash_applies, _cuda_flash_forward, _cuda_flash_backward),
+    Backend("cuda_efficient", "cuda", ("_scaled_dot_product_efficient_attention",
+                                       "_scaled_dot_product_efficient_attention_backward"),
+            _efficient_applies, _cuda_efficient_forward, _cuda_efficient_backward),
+)}
+CHOICES = ("auto", *BACKENDS, "math")
+
+_forced = "auto"
+_set_aside: dict[tuple, str] = {}    # (backend, device type, dtype, head dim) -> why
+_served: list[collections.Counter] = []  # open record_backends() counters
 
 
-def _backward_with_dlse(backward, dout, q, k, v, out, lse, dlse, causal, scale):
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend inside a ``with`` block, e.g. ``use_backend("math")`` in tests."""
+    global _forced
+    if name not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES}, got {name!r}")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+@contextlib.contextmanager
+def record_backends():
+    """Count which backend served each block inside the ``with`` block:
+    ``Counter({"forward/cuda_cudnn": 12, "backward/cuda_cudnn": 12})``."""
+    counts: collections.Counter = collections.Counter()
+    _served.append(counts)
+    try:
+        yield counts
+    finally:
+        _served.remove(counts)
+
+
+def set_aside() -> dict[tuple, str]:
+    """The backends set aside in this process: {(backend, device type, dtype, head dim): why}."""
+    return dict(_set_aside)
+
+
+def accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for partial outputs and lse: float64 stays float64, all else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _key(name, q):
+    return name, q.device.type, q.dtype, q.shape[-1]
+
+
+def select_backend(q: torch.Tensor, k: torch.Tensor, causal: bool, mask=None) -> str:
+    """The backend ``block_attention`` will use for these inputs."""
+    if _forced != "auto":
+        return _forced
+    if mask is not None:
+        return "math"
+    device = "cuda" if q.device.type == "meta" else q.device.type  # meta: the dry run models a CUDA rank
+    for b in BACKENDS.values():
+        if b.device == device and _key(b.name, q) not in _set_aside and b.applies(q, k, causal):
+            if not all(hasattr(torch.ops.aten, op) for op in b.ops):
+                _set_aside_now(b.name, q, f"this torch ({torch.__version__}) has no {b.ops}")
+                continue
+            return b.name
+    return "math"
+
+
+def _transient(err: Exception) -> bool:
+    """Errors that say nothing about a backend's fitness: memory, and the device itself."""
+    text = str(err)
+    return (isinstance(err, torch.OutOfMemoryError) or "out of memory" in text
+            or type(err).__name__ == "AcceleratorError" or "CUDA error" in text)
+
+
+def _set_aside_now(name: str, q, why: str) -> None:
+    key = _key(name, q)
+    _set_aside[key] = why
+    warnings.warn(f"ringlab: backend {name!r} set aside for {key[1]} {key[2]} head_dim {key[3]}: "
+                  f"{why}; using the next backend for these inputs", RuntimeWarning, stacklevel=4)
+
+
+def _kernel_layout(x):
+    """Private ops read only unit-stride, non-overlapping rows: torch's CPU flash op ignores
+    the head_dim stride and gives wrong results otherwise. Copy just the tensors that need it."""
+    if x.stride(-1) == 1 and all(s != 0 for s, n in zip(x.stride(), x.shape) if n > 1):
+        return x
+    return x.contiguous()
+
+
+def _call(backend: str, pass_: str, q, args):
+    """Run one pass of a fused backend; None if it is set aside for these inputs now."""
+    fn = getattr(BACKENDS[backend], pass_)
+    try:
+        result = fn(*(_kernel_layout(a) if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args))
+    except (RuntimeError, NotImplementedError, TypeError) as err:
+        if _forced != "auto" or _transient(err):
+            raise
+        _set_aside_now(backend, q, f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}")
+        return None
+    for counts in _served:
+        counts[f"{pass_}/{backend}"] += 1
+    return result
+
+
+def _empty_result(q, v):
+    """(out, lse) of query rows that see no key: zeros and -inf."""
+    b, sq, h, _ = q.shape
+    out = q.new_zeros(b, sq, h, v.shape[-1])
+    lse = torch.full((b, h, sq), -math.inf, dtype=accum_dtype(q.dtype), device=q.device)
+    return out, lse
+
+
+def block_attention(q, k, v, *, causal: bool = False, scale: float, mask=None):
+    """Attend q (B, Sq, H, D) to k, v (B, Sk, H, D). Returns out (B, Sq, H, D), lse (B, H, Sq)."""
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        return _empty_result(q, v)
+    while (backend := select_backend(q, k, causal, mask)) != "math":
+        result = _call(backend, "forward", q, (q, k, v, causal, scale))
+        if result is not None:
+            return result
+    for counts in _served:
+        counts["forward/math"] += 1
+    return _math_forward(q, k, v, causal, scale, mask)
+
+
+def block_attention_backward(dout, q, k, v, out, lse, *, causal: bool = False, scale: float,
+                             mask=None, dlse=None):
+    """Gradients (dq, dk, dv) of one block, given the global ``out`` and ``lse`` of these rows.
+
+    dout, out: (B, Sq, H, D); lse, dlse: (B, H, Sq). ``dlse`` (the gradient reaching lse, if
+    the caller used it) may be None. Rows with lse = -inf saw no key and get zero gradients.
+    """
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # exp(s - (+inf)) = 0: rows that saw no key anywhere contribute nothing.
+    lse = torch.where(lse == -math.inf, math.inf, lse)
+    if dlse is not None and select_backend(q, k, causal, mask) != "math":
+        return _backward_with_dlse(dout, q, k, v, out, lse, dlse, causal, scale)
+    while (backend := select_backend(q, k, causal, mask)) != "math":
+        result = _call(backend, "backward", q, (dout, q, k, v, out, lse, causal, scale))
+        if result is not None:
+            return result
+    for counts in _served:
+        counts["backward/math"] += 1
+    return _math_backward(dout, q, k, v, out, lse, dlse, causal, scale, mask)
+
+
+def _backward_with_dlse(dout, q, k, v, out, lse, dlse, causal, scale):
     """Fold a gradient on lse into a fused backward that only knows rowsum(dO * O).
 
     The fused kernels compute D = rowsum(dO * O) themselves; we need D - dlse. Appending one
     head-dim column (zero in q, k, v; one in O; -dlse in dO) leaves the scores, P and dP
-    unchanged and turns D into D - dlse. CUDA kernels want head_dim % 8 == 0, so pad by 8.
+    unchanged and turns D into D - dlse. CUDA kernels want head_dim % 8 == 0, so pad by 8;
+    the backend is then chosen for the wider head dim.
     """
-    pad = 8 if q.device.type == "cuda" else 1
+    pad = 8 if q.device.type in ("cuda", "meta") else 1
     d = q.shape[-1]
 
     def widen(x, last):
@@ -202,11 +327,9 @@ def _backward_with_dlse(backward, dout, q, k, v, out, lse, dlse, causal, scale):
         return torch.cat([x, extra], dim=-1)
 
     row_dlse = dlse.transpose(1, 2).to(dout.dtype)  # (B, Sq, H)
-    dq, dk, dv = backward(widen(dout, -row_dlse), widen(q, 0), widen(k, 0), widen(v, 0),
-                          widen(out, 1), lse, causal, scale)
+    dq, dk, dv = block_attention_backward(widen(dout, -row_dlse), widen(q, 0), widen(k, 0), widen(v, 0),
+                                          widen(out, 1), lse, causal=causal, scale=scale)
     return dq[..., :d], dk[..., :d], dv[..., :d]
-
-
 # ---------------------------------------------------------------- math path
 def _visible(sq_rows: range, sk: int, causal: bool, mask, device):
     """Boolean (.., rows, Sk) visibility for a chunk of query rows, or None for all-visible."""

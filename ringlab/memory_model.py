@@ -157,8 +157,31 @@ def _block_backward(pb: Problem, rows: int, keys: int, heads: int, q_len: int, k
                      base | {"accumulate upcast": upcast}])
 
 
-def _blocks(pb: Problem, pieces) -> list:
-    return local_blocks(pieces, pb.heads, tuple(pb.segments), tuple(pb.rates), pb.head_offsets, pb.causal)
+def _blocks(pb: Problem, pieces, heads: slice | None = None) -> list:
+    """The dilated blocks of ``pieces`` for the heads of one chunk (default all)."""
+    return local_blocks(pieces, pb.heads, tuple(pb.segments), tuple(pb.rates), pb.head_offsets, pb.causal,
+                        None if heads is None else (heads.start, heads.stop))
+
+
+def _chunks(pb: Problem, rows: int) -> list[slice]:
+    """The head chunks ringlab.autograd.head_chunks picks for q of (B, rows, H, D)."""
+    from .autograd import head_chunks
+
+    return head_chunks(pb.batch, rows, pb.heads, pb.head_dim, getattr(torch, pb.dtype), pb.device)
+
+
+def _chunked(pb: Problem, rows: int, backward: bool, inner, chunk_rows: int | None = None) -> dict:
+    """A call whose heads run in chunks: the results in the input dtype for all heads (out, lse;
+    with backward also the saved out and dq, dk, dv) and ``inner(chunk problem, heads, direct)``,
+    the terms of the largest chunk. ``direct``: the accumulators are the results themselves
+    (float32 and float64 inputs), so the inner terms leave them out. ``chunk_rows``: the rows
+    of q that the chunks were chosen for, when not ``rows`` (a simulated ring)."""
+    chunks = _chunks(pb, chunk_rows or rows)
+    direct = pb.e == pb.a
+    full = {"out": pb.x(rows) * pb.e, "lse": pb.l(rows) * pb.a}
+    if backward:
+        full = {"saved out": pb.x(rows) * pb.e, "saved lse": pb.l(rows) * pb.a, "dq, dk, dv": 3 * pb.x(rows) * pb.e}
+    return full | _largest([inner(replace(pb, heads=h.stop - h.start), h, direct) for h in chunks])
 
 
 def _dims(pb: Problem, blk, local_len: int):
@@ -209,6 +232,8 @@ def _cast(pb: Problem, rows: int, count: int = 1) -> int:
 
 def _dilated(pb: Problem, backward: bool) -> dict:
     n = pb.seq_len
+    if len(_chunks(pb, n)) > 1:
+        return _chunked(pb, n, backward, lambda ch, h, direct: _dilated_chunk(pb, ch, h, direct, backward))
     blocks = _blocks(pb, ((0, n),))
     acc = _accumulators(pb, n)
     phases = [acc | _largest([_block_forward(pb, *_dims(pb, b, n)) for b in blocks]),
@@ -220,23 +245,53 @@ def _dilated(pb: Problem, backward: bool) -> dict:
     return _largest(phases)
 
 
-def _ring_rank(pb: Problem, backward: bool) -> dict:
+def _dilated_chunk(pb: Problem, ch: Problem, heads: slice, direct: bool, backward: bool) -> dict:
+    """One head chunk of dilated attention: its accumulators (unless direct) and blocks."""
+    n = pb.seq_len
+    blocks = [_dims(ch, b, n) for b in _blocks(pb, ((0, n),), heads)]
+    if not backward:
+        return ({} if direct else {"out accumulator": ch.x(n) * ch.a}) | _largest(
+            [_block_forward(ch, *d) for d in blocks])
+    return ({} if direct else {"dq, dk, dv accumulators": 3 * ch.x(n) * ch.a}) | _largest(
+        [_block_backward(ch, *d) for d in blocks])
+
+
+def _ring_rank(pb: Problem, backward: bool, simulated: bool = False) -> dict:
+    """One rank of the ring. Heads run in chunks as the call sees q: the shard on a real rank,
+    the whole sequence when simulated."""
+    if len(_chunks(pb, pb.seq_len if simulated else pb.local)) > 1:
+        return _chunked(pb, pb.local, backward, lambda ch, h, direct: _largest(_ring_phases(ch, backward, False)),
+                        chunk_rows=pb.seq_len if simulated else pb.local)
+    return _largest(_ring_phases(pb, backward, True))
+
+
+def _ring_phases(pb: Problem, backward: bool, whole: bool) -> list[dict]:
+    """The ring's phases; ``whole``: the call's only chunk, which also casts the accumulators
+    to the results and holds the saved out (a chunk copies into results held outside)."""
     n, p = pb.local, pb.world_size
     kv = 2 * pb.x(n) * pb.e
     buffers = {"K/V held": kv, "K/V receive buffer": kv if p > 1 else 0}
     acc = _accumulators(pb, n)
-    phases = [acc | buffers | _block_forward(pb, n, n, pb.heads, n, n), acc | {"out": _cast(pb, n)}]
-    if backward:
-        dkv = 2 * pb.x(n) * pb.a
-        saved = _saved(pb, n) | {"dq accumulator": pb.x(n) * pb.a}
-        phases += [saved | buffers | {"dK/dV accumulator": dkv} | _block_backward(pb, n, n, pb.heads, n, n),
-                   # passing the accumulator on: the one sent and the one arriving
-                   saved | buffers | {"dK/dV accumulator": dkv, "dK/dV receive buffer": dkv if p > 1 else 0},
-                   saved | {"dq, dk, dv": _cast(pb, n, 3)}]
-    return _largest(phases)
+    if not backward:
+        return [acc | buffers | _block_forward(pb, n, n, pb.heads, n, n)] + (
+            [acc | {"out": _cast(pb, n)}] if whole else [])
+    dkv = 2 * pb.x(n) * pb.a
+    saved = (_saved(pb, n) if whole else {}) | {"dq accumulator": pb.x(n) * pb.a}
+    return [saved | buffers | {"dK/dV accumulator": dkv} | _block_backward(pb, n, n, pb.heads, n, n),
+            # passing the accumulator on: the one sent and the one arriving
+            saved | buffers | {"dK/dV accumulator": dkv, "dK/dV receive buffer": dkv if p > 1 else 0}] + (
+            [saved | {"dq, dk, dv": _cast(pb, n, 3)}] if whole else [])
 
 
 def _ring_dilated_rank(pb: Problem, backward: bool, rank: int | None) -> dict:
+    """One rank of ring-dilated attention; its heads run in chunks as the call sees its shard."""
+    if len(_chunks(pb, pb.local)) > 1:
+        return _chunked(pb, pb.local, backward,
+                        lambda ch, h, direct: _ring_dilated_phases(pb, backward, rank, h, whole=False))
+    return _ring_dilated_phases(pb, backward, rank, slice(0, pb.heads), whole=True)
+
+
+def _ring_dilated_phases(pb: Problem, backward: bool, rank: int | None, heads: slice, whole: bool) -> dict:
     """Per branch and ring step: this rank's messages (held, and arriving while its sub-ring
     still rotates), the dK/dV accumulators in flight (a real P2P send keeps its buffer until
     waited on), and the largest block of the step: local blocks at step 0, cross blocks after.
@@ -246,13 +301,14 @@ def _ring_dilated_rank(pb: Problem, backward: bool, rank: int | None) -> dict:
     from .ring_dilated import _cross_blocks, rank_plan
 
     n, row = pb.local, pb.batch * pb.head_dim
+    full, pb = pb, replace(pb, heads=heads.stop - heads.start)  # sizes below are of this chunk's heads
     phases = []
     for rank in sorted({0, pb.world_size // 2, pb.world_size - 1}) if rank is None else [rank]:
-        plan = rank_plan(pb.seq_len, pb.world_size, rank, pb.layout, pb.heads, tuple(pb.segments),
-                         tuple(pb.rates), pb.head_offsets, pb.causal)
-        blocks = _blocks(pb, shard_pieces(pb.seq_len, rank, pb.world_size, pb.layout))
+        plan = rank_plan(pb.seq_len, pb.world_size, rank, pb.layout, full.heads, tuple(pb.segments),
+                         tuple(pb.rates), pb.head_offsets, pb.causal, (heads.start, heads.stop))
+        blocks = _blocks(full, shard_pieces(pb.seq_len, rank, pb.world_size, pb.layout), heads)
         acc = _accumulators(pb, n)
-        saved = _saved(pb, n) | {"dq, dk, dv accumulators": 3 * pb.x(n) * pb.a}
+        saved = (_saved(pb, n) if whole else {}) | {"dq, dk, dv accumulators": 3 * pb.x(n) * pb.a}
         for b, subs in enumerate(plan.subrings):
             me = [s.members.index(rank) for s in subs]
 
@@ -294,9 +350,10 @@ def _ring_dilated_rank(pb: Problem, backward: bool, rank: int | None) -> dict:
                                  for k, sk in enumerate(subs) if k != j) * pb.a
                     phases.append(saved | msgs(t) | {"dK/dV of messages": others + held(j, t) * pb.a} | cross_bwd[j])
                     phases.append(saved | msgs(t) | {"dK/dV of messages": others + in_flight(j, t) * pb.a})
-        phases.append(acc | {"out": _cast(pb, n)})
-        if backward:
-            phases.append(saved | {"dq, dk, dv": _cast(pb, n, 3)})
+        if whole:
+            phases.append(acc | {"out": _cast(pb, n)})
+            if backward:
+                phases.append(saved | {"dq, dk, dv": _cast(pb, n, 3)})
     return _largest(phases)
 
 
@@ -315,7 +372,7 @@ def estimate(pb: Problem, mode: str, *, backward: bool = False, rank: int | None
              "attention": lambda: _flash(pb, backward, ours=True),
              "dilated": lambda: _dilated(pb, backward),
              "ring": lambda: _ring_rank(pb, backward),
-             "simulated_ring": lambda: _ring_rank(pb, backward),
+             "simulated_ring": lambda: _ring_rank(pb, backward, simulated=True),
              "ring_dilated": lambda: _ring_dilated_rank(pb, backward, rank)}[mode]()
     rows = pb.seq_len if single else pb.local
     resident = {"q, k, v": 3 * pb.x(rows) * pb.e}

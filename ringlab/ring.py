@@ -50,8 +50,9 @@ def _traced_tile(rank, step, src, tile):
         yield
 
 
-def ring_forward_rank(comm, q, k, v, *, layout: str, causal: bool, scale: float):
-    """One rank's forward (a generator; see ringlab.comm). Returns (out, lse) accumulators."""
+def ring_forward_rank(comm, q, k, v, *, layout: str, causal: bool, scale: float, heads: slice):
+    """One rank's forward (a generator; see ringlab.comm). Returns (out, lse) accumulators.
+    Every head attends alike, so ``heads`` (which of the call's heads q holds) is not needed."""
     p, rank, n = comm.world_size, comm.rank, q.shape[1]
     out, lse = new_accumulators(q)
     kv = torch.stack([k, v])  # one buffer, one transfer per step
@@ -72,7 +73,7 @@ def ring_forward_rank(comm, q, k, v, *, layout: str, causal: bool, scale: float)
 
 
 def ring_backward_rank(comm, dout, q, k, v, out, lse, dlse, *, layout: str, causal: bool,
-                       scale: float):
+                       scale: float, heads: slice):
     """One rank's backward (a generator). Returns (dq, dk, dv) in the accumulation dtype."""
     p, rank, n = comm.world_size, comm.rank, q.shape[1]
     acc = accum_dtype(q.dtype)
@@ -159,5 +160,8 @@ def ring_attention(q, k, v, *, group=None, ring_size: int | None = None, causal:
     opts = dict(layout=layout, causal=causal, scale=scale)
     algorithm = RingAlgorithm(functools.partial(ring_forward_rank, **opts),
                               functools.partial(ring_backward_rank, **opts), group, ring_size, layout)
-    out, lse = exact_attention(q, k, v, algorithm)
+    p = ring_size or dist.get_world_size(group)
+    model = ("simulated_ring" if group is None else "ring",
+             dict(seq_len=q.shape[1] * (1 if group is None else p), world_size=p, causal=causal, layout=layout))
+    out, lse = exact_attention(q, k, v, algorithm, model)
     return (out, lse) if return_lse else out

@@ -131,14 +131,16 @@ def _members(seq_len: int, world_size: int, layout: str, w: int, seg: int) -> tu
 
 @functools.lru_cache(maxsize=64)
 def rank_plan(seq_len: int, world_size: int, rank: int, layout: str, num_heads: int,
-              segment_lengths: tuple, dilation_rates: tuple, mode: str, causal: bool) -> RankPlan:
-    """Local blocks and sub-rings of ``rank`` (see module doc)."""
+              segment_lengths: tuple, dilation_rates: tuple, mode: str, causal: bool,
+              heads: tuple[int, int] | None = None) -> RankPlan:
+    """Local blocks and sub-rings of ``rank`` (see module doc), for the heads h0 <= h < h1
+    of ``heads`` = (h0, h1) (default all), numbered from h0."""
     pieces_of = [shard_pieces(seq_len, x, world_size, layout) for x in range(world_size)]
-    own = local_blocks(pieces_of[rank], num_heads, segment_lengths, dilation_rates, mode, causal)
+    own = local_blocks(pieces_of[rank], num_heads, segment_lengths, dilation_rates, mode, causal, heads)
     local = tuple(tuple(x for x in own if x.branch == b) for b in range(len(segment_lengths)))
     subrings, steps = [], []
     for b, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
-        groups = offset_groups(num_heads, r, mode)
+        groups = offset_groups(num_heads, r, mode, heads)
         # Only a piece's first and last segments can reach another rank.
         edge_segments = sorted({s for pieces in pieces_of for a, e in pieces for s in (a // w, (e - 1) // w)})
         mine = []
@@ -210,9 +212,9 @@ def _event(comm, step, sub, src, q_part, k_part):
                 * q_part.groups)
 
 
-def ring_dilated_forward_rank(comm, q, k, v, *, plan_args: tuple, scale: float):
+def ring_dilated_forward_rank(comm, q, k, v, *, plan_args: tuple, scale: float, heads: slice):
     """One rank's forward (a generator; see ringlab.comm). Returns (out, lse) accumulators."""
-    plan = rank_plan(*plan_args[:2], comm.rank, *plan_args[2:])
+    plan = rank_plan(*plan_args[:2], comm.rank, *plan_args[2:], (heads.start, heads.stop))
     causal = plan_args[-1]
     out, lse = new_accumulators(q)
     for b, subs in enumerate(plan.subrings):
@@ -240,9 +242,10 @@ def ring_dilated_forward_rank(comm, q, k, v, *, plan_args: tuple, scale: float):
     return out, lse
 
 
-def ring_dilated_backward_rank(comm, dout, q, k, v, out, lse, dlse, *, plan_args: tuple, scale: float):
+def ring_dilated_backward_rank(comm, dout, q, k, v, out, lse, dlse, *, plan_args: tuple, scale: float,
+                               heads: slice):
     """One rank's backward (a generator). Returns (dq, dk, dv) in the accumulation dtype."""
-    plan = rank_plan(*plan_args[:2], comm.rank, *plan_args[2:])
+    plan = rank_plan(*plan_args[:2], comm.rank, *plan_args[2:], (heads.start, heads.stop))
     causal = plan_args[-1]
     acc = accum_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
@@ -329,5 +332,7 @@ def ring_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, group=No
     algorithm = RingAlgorithm(functools.partial(ring_dilated_forward_rank, **opts),
                               functools.partial(ring_dilated_backward_rank, **opts), group, ring_size,
                               layout)
-    out, lse = exact_attention(q, k, v, algorithm)
+    model = ("ring_dilated", dict(seq_len=seq_len, world_size=p, causal=causal, layout=layout, segments=segs,
+                                  rates=rates, head_offsets=head_offsets))
+    out, lse = exact_attention(q, k, v, algorithm, model)
     return (out, lse) if return_lse else out

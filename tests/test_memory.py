@@ -79,11 +79,15 @@ def test_model_matches_per_rank_measurement_on_gloo_ranks(p):
         assert abs(model - measured) <= 0.1 * measured, (mode, pb, bwd, model, measured)
 
 
-def test_ring_memory_per_rank_falls_as_one_over_p():
+def test_ring_memory_per_rank_falls_as_one_over_p(monkeypatch):
     at = lambda p: estimate(Problem(1 << 20, 8, 64, dtype="bfloat16", world_size=p, device="cuda"), "ring",  # noqa: E731
                             backward=True).total
+    chunked = {p: at(p) for p in (2, 4, 8, 16, 64)}
+    monkeypatch.setattr("ringlab.autograd.ACCUM_BUDGET", float("inf"))  # all heads at once
     for p in (4, 8, 16, 64):  # from 2 ranks on, every term is a multiple of the shard
         assert at(p) == pytest.approx(at(2) * 2 / p, rel=0.01)
+    # head chunks (large shards) only ever lower it
+    assert all(chunked[p] <= at(p) for p in chunked) and chunked[2] < at(2)
 
 
 def test_planner_memory_is_monotone_in_tokens_and_gpus():
