@@ -83,3 +83,26 @@ def test_math_path_with_masks_and_empty_rows():
     rgrads = torch.autograd.grad((rout * g).sum(), (q, k, v))
     for a, e in zip(grads, rgrads):
         assert torch.isfinite(a).all() and torch.allclose(a, e, atol=1e-12, rtol=0)
+
+
+def test_merge_is_exact_and_stable():
+    """Two partial results over disjoint keys merge into the whole, with lse near 1e3 (exp
+    overflows float64 there); a row that has seen no key yet takes the other part, and a row
+    that sees none in either stays 0 and -inf."""
+    from ringlab.merge import merge
+
+    q, k, v = rand_qkv(1, 6, 2, 4, nk=9)
+    whole, whole_lse = dense_attention(q, k, v, scale=300.0)
+    assert whole_lse.max() > 800
+    out, lse = dense_attention(q, k[:, :4], v[:, :4], scale=300.0)
+    block, block_lse = dense_attention(q, k[:, 4:], v[:, 4:], scale=300.0)
+    out[:, :2], lse[:, :, :2] = 0, -math.inf          # rows 0, 1 have seen nothing yet
+    block[:, 0], block_lse[:, :, 0] = 0, -math.inf    # and row 0 sees nothing in the block either
+    expected, expected_lse = whole.clone(), whole_lse.clone()
+    expected[:, 0], expected_lse[:, :, 0] = 0, -math.inf
+    expected[:, 1] = dense_attention(q, k[:, 4:], v[:, 4:], scale=300.0)[0][:, 1]
+    expected_lse[:, :, 1] = block_lse[:, :, 1]
+    merge(out, lse, block, block_lse)
+    assert torch.equal(out[:, 0], expected[:, 0]) and torch.equal(lse[:, :, 0], expected_lse[:, :, 0])
+    assert torch.allclose(out, expected, atol=1e-12, rtol=0)
+    assert torch.allclose(lse, expected_lse, atol=1e-12, rtol=0)
