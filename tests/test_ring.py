@@ -100,11 +100,23 @@ def test_ring_skips_future_blocks():
     assert skipped == {(r, s) for r in range(4) for s in range(4) if s > r}
 
 
-def test_no_events_when_not_recording():
+def test_no_events_when_not_recording(monkeypatch):
+    """Outside record_events the engines never record (and a closed recorder gets nothing)."""
     from ringlab import trace
-    q, k, v = rand_qkv(1, 16, 2, 8)
-    ringlab.ring_attention(q, k, v, ring_size=2)
-    assert not trace.recording()
+
+    with record_events() as closed:
+        pass
+
+    def fail(**event):
+        raise AssertionError(f"recorded while not recording: {event}")
+
+    monkeypatch.setattr(trace, "record", fail)
+    q, k, v = (x.requires_grad_() for x in rand_qkv(1, 16, 2, 8))
+    ringlab.ring_attention(q, k, v, ring_size=2, causal=True).sum().backward()
+    ringlab.ring_dilated_attention(q, k, v, [4, 16], [1, 2], ring_size=2, causal=True).sum().backward()
+    assert closed.events == [] and not trace.recording()
+    with pytest.raises(AssertionError, match="recorded while not recording"), record_events():
+        ringlab.ring_attention(q, k, v, ring_size=2)  # the patched function is the one the engine calls
 
 
 # ---------------------------------------------------------------- real gloo ranks

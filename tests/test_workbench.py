@@ -101,9 +101,18 @@ def test_sweep_runs_a_grid_resumes_and_survives_a_failing_run(tmp_path):
     assert (report.folder / "summary.html").exists()
     again = run_sweep("dilation", grid, jobs=2, root=tmp_path, progress=False)
     assert again.sweep_id == report.sweep_id and [r["status"] for r in again.runs] == ["skipped"] * 4
+    # A partial sweep (one run never finished) resumes with exactly the missing run.
+    interrupted = report.runs[2]["name"]
+    (report.folder / interrupted / "status.json").unlink()
+    resumed = run_sweep("dilation", grid, jobs=2, root=tmp_path, progress=False)
+    assert {r["name"]: r["status"] for r in resumed.runs} == {r["name"]: "ok" if r["name"] == interrupted else "skipped"
+                                                             for r in report.runs}
 
     broken = run_sweep("dilation", [("seq_len", ["24", "-5"])], root=tmp_path, progress=False)
     status = {r["params"]["seq_len"]: r["status"] for r in broken.runs}
     assert status == {24: "ok", -5: "failed"}
     assert "FAILED" in broken.summary() and broken.failed[0]["error"]
     assert (broken.folder / "results.csv").exists()
+    retried = run_sweep("dilation", [("seq_len", ["24", "-5"])], root=tmp_path, progress=False)
+    assert {r["params"]["seq_len"]: r["status"] for r in retried.runs} == {24: "skipped", -5: "failed"}
+    assert [r["seconds"] > 0 for r in retried.runs if r["status"] == "failed"] == [True]  # run again, not skipped
