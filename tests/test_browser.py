@@ -2,7 +2,7 @@
 
 Every notebook is opened, run with Run All Cells (small parameters injected as papermill would),
 and checked for errors, rendered plotly figures and rendered widgets; one slider is moved and
-the figure must change. Screenshots go to test-artifacts/screenshots/ (and, with
+the figure must show the new head's data. Screenshots go to test-artifacts/screenshots/ (and, with
 RINGLAB_UPDATE_SCREENSHOTS=1, to docs/screenshots/ for the README).
 """
 
@@ -22,6 +22,7 @@ import nbformat
 import pytest
 from notebook_params import SMALL
 
+from ringlab import experiments
 from ringlab.launch import free_port
 from ringlab.workbench import NOTEBOOKS, notebook_names
 
@@ -266,5 +267,12 @@ def test_moving_a_slider_redraws_the_figure(lab, browser):
             _screenshot(page, "slider-failure")
             raise
         assert title() != before
+        # the redrawn heatmap holds head 1's multiplicities for the widgets' values
+        z = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')]"
+                          ".find(e => e.querySelector('.gtitle')?.textContent.includes('head 1')).data[0].z")
+        p = SMALL["dilation"]
+        expected = experiments.dilation_geometry(p["seq_len"], p["heads"], [8, 32, 128], [1, 2, 4],
+                                                 head_offsets="interleaved", causal=True, layers=1)["m"][1]
+        assert [[int(x) for x in row] for row in z] == expected.tolist()
     finally:
         page.close()

@@ -2,8 +2,10 @@
 
 import csv
 import json
+import os
 import pathlib
 import re
+import shutil
 
 import nbformat
 import pytest
@@ -15,6 +17,19 @@ from ringlab.sweep import run_sweep
 from ringlab.workbench import NOTEBOOKS, execute_path, notebook_names
 
 pytestmark = pytest.mark.notebooks
+
+# What each notebook's own summary must say at the small parameters (its figures' claims).
+CLAIMS = {
+    "correctness": lambda s: 0 < s["worst_error_over_tolerance"] <= 1,   # every error within SPEC §5
+    "memory": lambda s: s["max_model_error"] <= 0.1,                     # the model within 10% of measured
+    "billion_tokens": lambda s: abs(s["dry_run_ratio"] - 1) <= 0.1,      # dry run within 10% of the planner
+    "kv_rotation": lambda s: s["imbalance"]["zigzag"] <= 1.1 < s["imbalance"]["contiguous"]
+    and 0 <= s["overlap"] <= 1,
+    "dilation": lambda s: 0 < s["pairs_ratio"] < 1 and 0 < s["reach_after_layers"] <= 1,
+    "scaling": lambda s: s["attention_over_sdpa"]["median"] > 0 and s["dilated_over_sdpa"]["median"] > 0
+    and s["attention_over_sdpa"]["spread"] >= 0,
+}
+
 
 def test_every_notebook_is_covered_and_has_one_parameters_cell():
     assert sorted(notebook_names()) == sorted(SMALL)
@@ -38,10 +53,14 @@ def test_notebook_executes_and_writes_its_figures(name, tmp_path):
     assert "plotly" in html.lower() and len(html) > 1_000_000  # plotly.js inlined
     meta = json.loads((tmp_path / f"{name}.json").read_text())
     assert meta["params"] and meta["environment"]["torch"] and meta["data"] is not None
-    if png and meta.get("environment"):
-        import shutil
-        if shutil.which("chromium"):
-            assert list(tmp_path.glob(f"{name}-*.png"))
+    assert CLAIMS[name](meta["summary"]), meta["summary"]
+    if png:
+        pngs = list(tmp_path.glob(f"{name}-*.png"))
+        if shutil.which("chromium") or os.environ.get("RINGLAB_REQUIRE_BROWSER") == "1":
+            assert pngs, "Chromium is there (or required): every figure must have its PNG"
+        else:  # no Chromium: HTML only, and the notebook says why
+            streams = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+            assert not pngs and "PNG export skipped" in streams
 
 
 def test_rotation_and_timeline_figures_from_a_known_trace():
