@@ -96,6 +96,14 @@ def test_geometry_memory_error_scaling_and_planner_figures():
     assert viz.error_figure(err).data[0].y == (1e-6 / 2e-5,)
     scal = viz.scaling_figure([dict(method="m", tokens=n, seconds=n / 1e4) for n in (256, 512)])
     assert scal.data[1].y == (1e4, 1e4)
+    timed = [dict(method=m, tokens=256, seconds=1.0, low=0.5, high=2.0,
+                  over_sdpa=dict(median=1.5, low=1.2, high=1.9, spread=0.7)) for m in ("attention", "sdpa")]
+    traces = viz.scaling_figure(timed).data
+    assert len(traces) == 5  # time, throughput, ratio for attention; no sdpa / sdpa
+    curve, _, over = traces[:3]
+    assert (curve.error_y.array, curve.error_y.arrayminus) == ((1.0,), (0.5,))
+    assert over.y == (1.5,) and over.error_y.array[0] == pytest.approx(0.4, abs=1e-12, rel=0)
+    assert over.error_y.arrayminus[0] == pytest.approx(0.3, abs=1e-12, rel=0)
     plans = experiments.planner_sweep([2**20, 2**22], gpus=["h100"], heads=8, head_dim=64)
     assert plans[1]["gpus"] >= plans[0]["gpus"]
     assert viz.planner_figure(plans).layout.barmode == "stack"
@@ -135,3 +143,11 @@ def test_sweep_runs_a_grid_resumes_and_survives_a_failing_run(tmp_path):
     retried = run_sweep("dilation", [("seq_len", ["24", "-5"])], root=tmp_path, progress=False)
     assert {r["params"]["seq_len"]: r["status"] for r in retried.runs} == {24: "skipped", -5: "failed"}
     assert [r["seconds"] > 0 for r in retried.runs if r["status"] == "failed"] == [True]  # run again, not skipped
+
+
+def test_experiments_refuse_a_world_size_they_cannot_run():
+    """No world size is dropped silently: one that cannot split the sequence is an error."""
+    with pytest.raises(ValueError, match="cannot split seq_len 30 over 4 ranks"):
+        experiments.correctness_grid(30, world_sizes=(1, 4), progress=False)
+    with pytest.raises(ValueError, match="cannot split scaling size 100 over 4 ranks"):
+        experiments.scaling([100], world_size=4, repeats=1, progress=False)
