@@ -41,8 +41,8 @@ def test_run_writes_one_summary_and_keeps_sections_when_one_fails(tmp_path, monk
 
 
 def test_exponent_fit():
-    assert exponent([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0)
-    assert exponent([1, 2, 4], [8, 4, 2]) == pytest.approx(-1.0)
+    assert exponent([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0, rel=1e-12, abs=0)
+    assert exponent([1, 2, 4], [8, 4, 2]) == pytest.approx(-1.0, rel=1e-12, abs=0)
 
 
 def test_timing_interleaves_and_reports_the_per_round_ratio():

@@ -19,9 +19,7 @@ from ringlab.nn import (
 )
 
 
-TOL = dict(atol=1e-12, rtol=0)  # float64 against float64: only summation order differs
-
-
+# The modules are compared in float64 with atol 1e-12 and rtol 0: only summation order differs.
 def einsum_attention(q, k, v, *, causal=False, scale=None, segments=None, rates=None,
                      head_offsets="interleaved"):
     """softmax(scale q k^T + log m) v over (B, N, H, D), every branch's mask spelled out (SPEC §3).
@@ -63,7 +61,7 @@ def test_dilated_attention_module_against_einsum(causal, mode, scale):
     mod = DilatedAttention([8, 16, 64], [1, 2, 4], softmax_scale=scale, head_offsets=mode)
     expected = einsum_attention(q, k, v, causal=causal, scale=scale, segments=[8, 16, 64], rates=[1, 2, 4],
                                 head_offsets=mode)
-    assert torch.allclose(mod(q, k, v, is_causal=causal), expected, **TOL)
+    assert torch.allclose(mod(q, k, v, is_causal=causal), expected, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -71,7 +69,7 @@ def test_dilated_attention_module_against_einsum(causal, mode, scale):
 def test_ring_attention_module_simulated(causal, scale):
     q, k, v = rand_qkv(1, 32, 2, 8)
     out = RingAttention(ring_size=4, layout="zigzag", softmax_scale=scale)(q, k, v, is_causal=causal)
-    assert torch.allclose(out, einsum_attention(q, k, v, causal=causal, scale=scale), **TOL)
+    assert torch.allclose(out, einsum_attention(q, k, v, causal=causal, scale=scale), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("layer_norm", [True, False])
@@ -91,7 +89,7 @@ def test_multihead_against_einsum(layer_norm, separate_kv, mode, bias):
     for causal in (False, True):
         out, weights = mha(x, y, z, is_causal=causal) if separate_kv else mha(x, is_causal=causal)
         expected = einsum_multihead(mha, x, key, value, causal=causal, segments=segs, rates=rates, head_offsets=mode)
-        assert weights is None and torch.allclose(out, expected, **TOL)
+        assert weights is None and torch.allclose(out, expected, atol=1e-12, rtol=0)
 
 
 def test_dropout_is_refused():
@@ -171,4 +169,4 @@ def test_subgroup_ring_with_lse_loss_and_modules():
                                    head_offsets="interleaved"))
     for name, want in expected.items():
         got = ringlab.unshard([r[1][name] for r in members], layout)
-        assert torch.allclose(got, want, **TOL), name
+        assert torch.allclose(got, want, atol=1e-12, rtol=0), name

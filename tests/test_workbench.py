@@ -91,7 +91,7 @@ def test_geometry_memory_error_scaling_and_planner_figures():
     assert len(viz.memory_curves_figure(rows).data) == 4
     est = estimate(Problem(1024, 2, 16, world_size=4), "ring", backward=True)
     bars = viz.memory_terms_figure(est).data[0]
-    assert list(bars.x) == [*est.resident, *est.terms] and sum(bars.y) * 2**20 == pytest.approx(est.total)
+    assert list(bars.x) == [*est.resident, *est.terms] and sum(bars.y) * 2**20 == pytest.approx(est.total, rel=1e-12, abs=0)
     err = [dict(label="a", dtype="float32", quantity="out", error=1e-6, tolerance=2e-5)]
     assert viz.error_figure(err).data[0].y == (1e-6 / 2e-5,)
     scal = viz.scaling_figure([dict(method="m", tokens=n, seconds=n / 1e4) for n in (256, 512)])
