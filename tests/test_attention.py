@@ -29,9 +29,10 @@ def test_lengths(n, causal, dtype):
 
 @pytest.mark.parametrize("d", [16, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_head_dims_and_low_precision(d, dtype):
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dims_and_low_precision(d, dtype, causal):
     inputs = rand_qkv(2, 96, 4, d, seed=d)
-    check_against(_fn(True), _ref(True), inputs, dtype, name=f"d={d}")
+    check_against(_fn(causal), _ref(causal), inputs, dtype, name=f"d={d}")
 
 
 @pytest.mark.parametrize("backend", ["math", "cpu_flash"])

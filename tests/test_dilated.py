@@ -58,11 +58,12 @@ def test_long_sequence_f32():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(dtype):
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", ["interleaved", "grouped"])
+def test_low_precision(dtype, causal, mode):
     segs, rates = [16, 64], [1, 4]
     inputs = rand_qkv(2, 128, 4, 32, seed=2)
-    check_against(_fn(segs, rates, True, "interleaved"), _ref(segs, rates, True, "interleaved"),
-                  inputs, dtype)
+    check_against(_fn(segs, rates, causal, mode), _ref(segs, rates, causal, mode), inputs, dtype)
 
 
 @pytest.mark.parametrize("causal", [False, True])
