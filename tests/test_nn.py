@@ -97,6 +97,22 @@ def test_dropout_is_refused():
         DilatedAttention([8], [1], attention_dropout=0.1)
 
 
+def test_multihead_sequence_first_checkpointed_against_einsum():
+    """batch_first=False and checkpoint=True change the plumbing, not the result; gradients too."""
+    segs, rates = [8, 24], [1, 3]
+    torch.manual_seed(0)
+    mha = MultiheadDilatedAttention(24, 6, segs, rates, batch_first=False, checkpoint=True, dtype=torch.float64)
+    x = torch.randn(2, 20, 24, dtype=torch.float64, requires_grad=True)
+    out, _ = mha(x.transpose(0, 1), is_causal=True)
+    expected = einsum_multihead(mha, x, x, x, causal=True, segments=segs, rates=rates, head_offsets="interleaved")
+    assert torch.allclose(out.transpose(0, 1), expected, atol=1e-12, rtol=0)
+    g = torch.randn_like(expected)
+    got = torch.autograd.grad((out.transpose(0, 1) * g).sum(), [x, mha.q_proj.weight])
+    want = torch.autograd.grad((expected * g).sum(), [x, mha.q_proj.weight])
+    for a, e in zip(got, want):
+        assert torch.allclose(a, e, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_multihead_shapes_and_causality(batch_first):
     torch.manual_seed(0)
