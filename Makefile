@@ -2,6 +2,7 @@
 #   make figures   set up, then execute every notebook with papermill and rewrite figures/
 #   make test      set up, then run the whole test suite
 #   make bench     set up, then run every benchmark (BENCH_ARGS=--quick for a smoke test)
+#   make mutants   plant the known bugs of tools/mutants.py in a copy; every one must fail a test
 # Both create (or refresh, when pyproject.toml changes) a virtual environment in .venv.
 #
 # TORCH picks the torch build. The default, torch==2.13.0, is the CPU wheel on the CI and
@@ -14,7 +15,7 @@ BIN     = $(VENV)/bin
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: setup browser test figures bench clean
+.PHONY: setup browser test mutants figures bench clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +31,10 @@ browser:
 
 test: setup browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# About 3 minutes on 2 cores; CI runs it after the tests.
+mutants: setup
+	$(BIN)/python tools/mutants.py
 
 figures: setup browser
 	$(BIN)/ringlab figures

@@ -2,7 +2,7 @@
 
 Times on shared machines are noise; ratios taken side by side are the figure. Every
 comparison here interleaves its contestants (a, b, a, b, ...) and reports the median of the
-per-round ratios.
+per-round ratios: the helpers live in ringlab.timing, which the scaling notebook uses too.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import json
 import os
 import pathlib
 import platform
-import statistics
-import time
 
 import torch
 
 from ringlab import memory
+from ringlab.timing import ratio, side_by_side, sync  # noqa: F401 - the benchmarks' timing helpers
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -47,27 +46,6 @@ def machine_slug() -> str:
     return f"cpu-{m['cores']}core"
 
 
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def side_by_side(contestants: dict, *, repeats: int = 3, warmup: int = 1, device="cpu") -> dict:
-    """Time each zero-argument callable, interleaved; returns name -> list of seconds."""
-    for _ in range(warmup):
-        for fn in contestants.values():
-            fn()
-    times = {name: [] for name in contestants}
-    for _ in range(repeats):
-        for name, fn in contestants.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def best_time(fn, repeats: int, device="cpu") -> float:
     """Best of ``repeats`` timed calls of ``fn`` after one warm-up call."""
     return min(side_by_side({"fn": fn}, repeats=repeats, device=device)["fn"])
@@ -78,11 +56,6 @@ def peak_bytes(fn) -> int:
     with memory.track() as m:
         fn()
     return m.peak
-
-
-def ratio(times: dict, a: str, b: str) -> float:
-    """Median over rounds of time(a) / time(b)."""
-    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

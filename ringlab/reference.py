@@ -2,6 +2,8 @@
 
 They materialise the (B, H, Sq, Sk) score matrix, so keep N small (a few thousand at most).
 Both are plain differentiable torch code, so autograd gives the reference gradients.
+The dilated mask is built here from the SPEC's rules, written out again and independently of
+:mod:`ringlab.dilation` (which the engine uses), so that one slip cannot hide in both.
 """
 
 from __future__ import annotations
@@ -9,8 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-from .dilation import multiplicity
 
 # SPEC §5: max abs error against the float64 dense reference (outputs, gradients).
 ABS_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 5e-5)}
@@ -56,9 +56,37 @@ def dense_attention(q, k, v, *, causal: bool = False, scale: float | None = None
     return out, lse.masked_fill(empty, -math.inf)
 
 
+def spec_offset(head: int, num_heads: int, rate: int, head_offsets: str) -> int:
+    """SPEC §3: offset h % r (interleaved), or h // ceil(H / r) (grouped)."""
+    if head_offsets == "interleaved":
+        return head % rate
+    if head_offsets == "grouped":
+        return head // -(-num_heads // rate)
+    raise ValueError(f"head_offsets must be 'interleaved' or 'grouped', got {head_offsets!r}")
+
+
+def branch_mask(seq_len: int, num_heads: int, segment: int, rate: int, *, head_offsets: str = "interleaved",
+                causal: bool = False) -> torch.Tensor:
+    """(H, N, N) bool: query q and key k interact in the branch (segment, rate) for head h.
+
+    Literally SPEC §3: same w-segment, both selected by (p - (p // w) * w) % r == o, and
+    k <= q when causal.
+    """
+    pos = torch.arange(seq_len)
+    segment_of = pos // segment
+    selected = torch.stack([(pos - segment_of * segment) % rate == spec_offset(h, num_heads, rate, head_offsets)
+                            for h in range(num_heads)])  # (H, N)
+    same = segment_of[:, None] == segment_of[None, :]
+    if causal:
+        same &= pos[None, :] <= pos[:, None]
+    return same & selected[:, :, None] & selected[:, None, :]
+
+
 def dense_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal: bool = False,
                             scale: float | None = None, head_offsets: str = "interleaved"):
-    """Dilated attention as dense attention with bias log m_h(q, k) (SPEC §3), in float64."""
-    m = multiplicity(q.shape[1], q.shape[2], segment_lengths, dilation_rates,
-                     head_offsets=head_offsets, causal=causal)
-    return dense_attention(q, k, v, scale=scale, bias=torch.log(m.to(torch.float64)))
+    """Dilated attention as dense attention with bias log m_h(q, k) (SPEC §3), in float64,
+    where m counts the branches whose :func:`branch_mask` holds."""
+    n, h = q.shape[1], q.shape[2]
+    m = sum(branch_mask(n, h, w, r, head_offsets=head_offsets, causal=causal).double()
+            for w, r in zip(segment_lengths, dilation_rates))
+    return dense_attention(q, k, v, scale=scale, bias=torch.log(m))

@@ -246,20 +246,41 @@ def error_figure(rows: list[dict], *, title: str | None = None):
     return fig
 
 
+def _spread_bars(rs, key=None):
+    """Error bars from a row's low to high (of ``key``, a nested dict, when given), if rows have them."""
+    if not all("low" in (r[key] if key else r) for r in rs):
+        return None
+    get = (lambda r: r[key]) if key else (lambda r: dict(median=r["seconds"], low=r["low"], high=r["high"]))  # noqa: E731
+    return dict(type="data", symmetric=False, array=[get(r)["high"] - get(r)["median"] for r in rs],
+                arrayminus=[get(r)["median"] - get(r)["low"] for r in rs])
+
+
 def scaling_figure(rows: list[dict], *, title: str | None = None):
-    """Time and tokens/s vs N per method; rows have method, tokens, seconds."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("time per call", "throughput"))
+    """Time and tokens/s vs N per method, and the per-round ratio to SDPA.
+
+    rows have method, tokens, seconds (the median), optionally low and high (fastest and slowest
+    round, drawn as error bars) and over_sdpa (median, low, high of the per-round ratios of
+    interleaved timings, drawn in the third panel with the spread as error bars)."""
+    fig = make_subplots(rows=1, cols=3, subplot_titles=("time per call (median, fastest to slowest round)",
+                                                         "throughput", "time / SDPA, per round (median, range)"))
     for i, method in enumerate(sorted({r["method"] for r in rows})):
         rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["tokens"])
         line = dict(color=PALETTE[i % len(PALETTE)])
-        fig.add_scatter(x=[r["tokens"] for r in rs], y=[r["seconds"] for r in rs], name=method, legendgroup=method,
-                        mode="lines+markers", line=line, row=1, col=1)
-        fig.add_scatter(x=[r["tokens"] for r in rs], y=[r["tokens"] / r["seconds"] for r in rs], name=method,
+        tokens = [r["tokens"] for r in rs]
+        fig.add_scatter(x=tokens, y=[r["seconds"] for r in rs], error_y=_spread_bars(rs), name=method,
+                        legendgroup=method, mode="lines+markers", line=line, row=1, col=1)
+        fig.add_scatter(x=tokens, y=[r["tokens"] / r["seconds"] for r in rs], name=method,
                         legendgroup=method, showlegend=False, mode="lines+markers", line=line, row=1, col=2)
+        ratios = [r for r in rs if "over_sdpa" in r]
+        if ratios and method != "sdpa":
+            fig.add_scatter(x=[r["tokens"] for r in ratios], y=[r["over_sdpa"]["median"] for r in ratios],
+                            error_y=_spread_bars(ratios, "over_sdpa"), name=method, legendgroup=method,
+                            showlegend=False, mode="lines+markers", line=line, row=1, col=3)
     fig.update_xaxes(type="log", title="tokens")
     fig.update_yaxes(type="log", title="seconds", col=1)
     fig.update_yaxes(type="log", title="tokens / s", col=2)
-    fig.update_layout(title=title or "Scaling with sequence length", height=460)
+    fig.update_yaxes(type="log", title="ratio to SDPA", col=3)
+    fig.update_layout(title=title or "Scaling with sequence length (contestants timed interleaved)", height=460)
     return fig
 
 

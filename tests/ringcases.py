@@ -17,8 +17,11 @@ WORLD_SIZES = [1, 2, 3, 4, 8]
 
 
 def ring_cases(p):
+    """Every layout, causal or not, float64 and float32; a non-default scale in the float64
+    cases, and a loss that uses lse (dlse) in the causal ones."""
     return [dict(fn="ring", n=2 * p * 5, batch=2, heads=3, head_dim=16, layout=layout,
-                 causal=causal, dtype=dtype, seed=100 * p + i)
+                 causal=causal, dtype=dtype, seed=100 * p + i, scale=0.3 if dtype == "float64" else None,
+                 dlse=causal)
             for i, (layout, causal, dtype) in enumerate(
                 itertools.product(LAYOUTS, [False, True], ["float64", "float32"]))]
 
@@ -29,7 +32,8 @@ def dilated_cases(p):
     n = 2 * p * 6
     configs = [([4, 12, 30], [1, 2, 3], "interleaved"), ([18, n], [2, 4], "grouped")]
     return [dict(fn="ring_dilated", n=n, batch=2, heads=4, head_dim=8, layout=layout, causal=causal,
-                 dtype=dtype, segments=segs, rates=rates, head_offsets=mode, seed=200 * p + i)
+                 dtype=dtype, segments=segs, rates=rates, head_offsets=mode, seed=200 * p + i,
+                 scale=0.3 if dtype == "float64" else None, dlse=causal)
             for i, ((segs, rates, mode), layout, causal, dtype) in enumerate(
                 itertools.product(configs, ["contiguous", "zigzag"], [False, True],
                                   ["float64", "float32"]))]
@@ -40,34 +44,49 @@ def all_cases(p):
 
 
 @functools.cache
+def _launch_once(p):
+    """One launch of p gloo ranks for every case, its failure kept too: the 28 cases of a world
+    size that failed to launch report that one failure instead of relaunching 28 times."""
+    try:
+        return launch(workers.run_cases, p, args=(all_cases(p),), timeout=600)
+    except Exception as err:  # noqa: BLE001 - re-raised by every case of this world size
+        return err
+
+
 def distributed_results(p):
     """Every case's per-rank results, from one launch of p gloo ranks."""
-    cases = all_cases(p)
-    results = launch(workers.run_cases, p, args=(cases,), timeout=600)
-    return {i: [rank_results[i] for rank_results in results] for i in range(len(cases))}
+    results = _launch_once(p)
+    if isinstance(results, Exception):
+        raise results
+    return {i: [rank_results[i] for rank_results in results] for i in range(len(all_cases(p)))}
+
+
+def unsharded(case, per_rank):
+    """The case's outputs and gradients reassembled from the per-rank results."""
+    return {key: ringlab.unshard([r[key] for r in per_rank], case["layout"], 2 if key == "lse" else 1)
+            for key in ("out", "lse", "dq", "dk", "dv")}
 
 
 def gathered(p, case):
     """The case's outputs and gradients unsharded from every rank, and the per-rank results."""
     per_rank = distributed_results(p)[all_cases(p).index(case)]
-    return {key: ringlab.unshard([r[key] for r in per_rank], case["layout"], 2 if key == "lse" else 1)
-            for key in ("out", "lse", "dq", "dk", "dv")}, per_rank
+    return unsharded(case, per_rank), per_rank
 
 
 def reference(case, rounded):
     if case["fn"] == "ring":
-        return dense_attention(*rounded, causal=case["causal"])
+        return dense_attention(*rounded, causal=case["causal"], scale=case.get("scale"))
     return dense_dilated_attention(*rounded, case["segments"], case["rates"], causal=case["causal"],
-                                   head_offsets=case["head_offsets"])
+                                   scale=case.get("scale"), head_offsets=case["head_offsets"])
 
 
 def check_case(case, got, per_rank):
     """Gathered results vs the float64 reference (SPEC §5) and vs the simulated ring."""
     dtype = getattr(torch, case["dtype"])
-    q, k, v, go = workers.case_inputs(case)
+    q, k, v, go, gl = workers.case_inputs(case)
     rounded = [x.to(dtype).double().requires_grad_() for x in (q, k, v)]
     rout, rlse = reference(case, rounded)
-    rgrads = torch.autograd.grad((rout * go).sum(), rounded)
+    rgrads = torch.autograd.grad(workers.loss(case, rout, rlse, go, gl), rounded)
     assert_close(got["out"], rout, dtype, name="out")
     assert_close(got["lse"], rlse, dtype, name="lse")
     for name, e in zip(("dq", "dk", "dv"), rgrads):
@@ -75,7 +94,7 @@ def check_case(case, got, per_rank):
     # The simulated ring runs the same per-rank code: equal up to float rounding.
     sq, sk, sv = (x.to(dtype).clone().requires_grad_() for x in (q, k, v))
     sout, slse = workers.call(case, sq, sk, sv, ring_size=len(per_rank))
-    sgrads = torch.autograd.grad((sout.double() * go).sum(), (sq, sk, sv))
+    sgrads = torch.autograd.grad(workers.loss(case, sout, slse, go, gl), (sq, sk, sv))
     eps = torch.finfo(dtype).eps
     for name, s in zip(("out", "lse", "dq", "dk", "dv"), (sout, slse, *sgrads)):
         finite = s[torch.isfinite(s)]

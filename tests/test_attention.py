@@ -29,9 +29,10 @@ def test_lengths(n, causal, dtype):
 
 @pytest.mark.parametrize("d", [16, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_head_dims_and_low_precision(d, dtype):
+@pytest.mark.parametrize("causal", [False, True])
+def test_head_dims_and_low_precision(d, dtype, causal):
     inputs = rand_qkv(2, 96, 4, d, seed=d)
-    check_against(_fn(True), _ref(True), inputs, dtype, name=f"d={d}")
+    check_against(_fn(causal), _ref(causal), inputs, dtype, name=f"d={d}")
 
 
 @pytest.mark.parametrize("backend", ["math", "cpu_flash"])
@@ -52,9 +53,10 @@ def test_cross_attention_lengths(nk):
         check_against(_fn(causal), _ref(causal), inputs, torch.float64, name=f"nk={nk}")
 
 
-def test_scale():
+@pytest.mark.parametrize("causal", [False, True])
+def test_scale(causal):
     inputs = rand_qkv(1, 33, 2, 16)
-    check_against(_fn(True, scale=0.7), _ref(True, scale=0.7), inputs, torch.float64)
+    check_against(_fn(causal, scale=0.7), _ref(causal, scale=0.7), inputs, torch.float64, use_lse=True)
 
 
 def test_return_shapes_and_default():
@@ -75,10 +77,47 @@ def test_math_path_with_masks_and_empty_rows():
     out, lse = block_attention(q, k, v, scale=0.3, mask=mask)
     bias = torch.zeros(6, 6, dtype=torch.float64).masked_fill(~mask, -math.inf)
     rout, rlse = dense_attention(q, k, v, scale=0.3, bias=bias)
-    assert torch.allclose(out, rout, atol=1e-12) and torch.equal(lse.isinf(), rlse.isinf())
+    assert torch.allclose(out, rout, atol=1e-12, rtol=0) and torch.equal(lse.isinf(), rlse.isinf())
     assert (out[:, 2] == 0).all() and (lse[:, :, 2] == -math.inf).all()
     g = torch.randn_like(out)
     grads = block_attention_backward(g, q, k, v, out, lse, scale=0.3, mask=mask)
     rgrads = torch.autograd.grad((rout * g).sum(), (q, k, v))
     for a, e in zip(grads, rgrads):
-        assert torch.isfinite(a).all() and torch.allclose(a, e, atol=1e-12)
+        assert torch.isfinite(a).all() and torch.allclose(a, e, atol=1e-12, rtol=0)
+
+
+def test_merge_is_exact_and_stable():
+    """Two partial results over disjoint keys merge into the whole, with lse near 1e3 (exp
+    overflows float64 there); a row that has seen no key yet takes the other part, and a row
+    that sees none in either stays 0 and -inf."""
+    from ringlab.merge import merge
+
+    q, k, v = rand_qkv(1, 6, 2, 4, nk=9)
+    whole, whole_lse = dense_attention(q, k, v, scale=300.0)
+    assert whole_lse.max() > 800
+    out, lse = dense_attention(q, k[:, :4], v[:, :4], scale=300.0)
+    block, block_lse = dense_attention(q, k[:, 4:], v[:, 4:], scale=300.0)
+    out[:, :2], lse[:, :, :2] = 0, -math.inf          # rows 0, 1 have seen nothing yet
+    block[:, 0], block_lse[:, :, 0] = 0, -math.inf    # and row 0 sees nothing in the block either
+    expected, expected_lse = whole.clone(), whole_lse.clone()
+    expected[:, 0], expected_lse[:, :, 0] = 0, -math.inf
+    expected[:, 1] = dense_attention(q, k[:, 4:], v[:, 4:], scale=300.0)[0][:, 1]
+    expected_lse[:, :, 1] = block_lse[:, :, 1]
+    merge(out, lse, block, block_lse)
+    assert torch.equal(out[:, 0], expected[:, 0]) and torch.equal(lse[:, :, 0], expected_lse[:, :, 0])
+    assert torch.allclose(out, expected, atol=1e-12, rtol=0)
+    assert torch.allclose(lse, expected_lse, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_math_path_in_many_row_chunks(monkeypatch, causal):
+    """The math path splits the query rows into chunks of _MATH_CHUNK_ELEMENTS scores; with a
+    small limit the same inputs take many chunks, forward and backward (with dlse), and the
+    causal mask is cut at chunk edges."""
+    from ringlab import kernels
+
+    monkeypatch.setattr(kernels, "_MATH_CHUNK_ELEMENTS", 2 * 3 * 40 * 7)  # 7 rows per chunk
+    inputs = rand_qkv(2, 50, 3, 16, nk=40, seed=8)
+    with use_backend("math"):
+        for dtype in (torch.float64, torch.float32):
+            check_against(_fn(causal), _ref(causal), inputs, dtype, use_lse=True, name="chunked")

@@ -41,5 +41,14 @@ def test_run_writes_one_summary_and_keeps_sections_when_one_fails(tmp_path, monk
 
 
 def test_exponent_fit():
-    assert exponent([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0)
-    assert exponent([1, 2, 4], [8, 4, 2]) == pytest.approx(-1.0)
+    assert exponent([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0, rel=1e-12, abs=0)
+    assert exponent([1, 2, 4], [8, 4, 2]) == pytest.approx(-1.0, rel=1e-12, abs=0)
+
+
+def test_timing_interleaves_and_reports_the_per_round_ratio():
+    from ringlab.timing import ratio_spread, side_by_side
+    calls = []
+    times = side_by_side({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4 and [len(t) for t in times.values()] == [3, 3]
+    stats = ratio_spread({"a": [2.0, 4.0, 3.0], "b": [1.0, 1.0, 1.0]}, "a", "b")
+    assert stats == dict(median=3.0, low=2.0, high=4.0, spread=2.0)

@@ -2,7 +2,7 @@
 
 Every notebook is opened, run with Run All Cells (small parameters injected as papermill would),
 and checked for errors, rendered plotly figures and rendered widgets; one slider is moved and
-the figure must change. Screenshots go to test-artifacts/screenshots/ (and, with
+the figure must show the new head's data. Screenshots go to test-artifacts/screenshots/ (and, with
 RINGLAB_UPDATE_SCREENSHOTS=1, to docs/screenshots/ for the README).
 """
 
@@ -22,6 +22,7 @@ import nbformat
 import pytest
 from notebook_params import SMALL
 
+from ringlab import experiments
 from ringlab.launch import free_port
 from ringlab.workbench import NOTEBOOKS, notebook_names
 
@@ -39,9 +40,34 @@ IDLE = ("() => [...document.querySelectorAll('.jp-StatusBar-TextItem')]"
         ".some(e => e.offsetParent !== null && /\\bIdle\\b/.test(e.textContent))")
 
 
-def _chromium_processes() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "chromium"], capture_output=True, text=True).stdout
-    return {int(x) for x in out.split()}
+def _own_chromium() -> set[int]:
+    """Chromium processes descended from this test process (other Chromiums on the machine are
+    none of our business)."""
+    parent, cmdline = {}, {}
+    for d in pathlib.Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmdline[int(d.name)] = (d / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue  # exited meanwhile
+    ours, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - ours
+        ours |= frontier
+    return {pid for pid in ours if b"chrom" in cmdline[pid]}
+
+
+def _alive(pids) -> set[int]:
+    """The pids that still run (zombies count as gone)."""
+    alive = set()
+    for pid in pids:
+        try:
+            if pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                alive.add(pid)
+        except OSError:
+            pass
+    return alive
 
 
 @pytest.fixture(scope="module")
@@ -74,20 +100,32 @@ def lab(tmp_path_factory):
     env = dict(os.environ, JUPYTERLAB_SETTINGS_DIR=str(home / "settings"), JUPYTER_RUNTIME_DIR=str(home / "runtime"),
                JUPYTER_CONFIG_DIR=str(home / "config"), JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
                JUPYTER_DATA_DIR=str(pathlib.Path(sys.prefix) / "share" / "jupyter"))
-    port, token = free_port(), secrets.token_hex(16)
-    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0"]
-    if os.geteuid() == 0:
-        cmd.append("--allow-root")
+    token = secrets.token_hex(16)
     log = open(root / "jupyter.log", "w")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start():
+        port = free_port()
+        cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+               f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}", "--ServerApp.port_retries=0"]
+        if os.geteuid() == 0:
+            cmd.append("--allow-root")
+        return port, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    port, proc = start()
     try:
         deadline = time.monotonic() + 90
+        # free_port() releases its port before JupyterLab binds it, so another process can take
+        # it in between: a server that exits before serving is started again on a new port.
+        retries = 2
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
                 break
             except OSError:
+                if proc.poll() is not None and retries:
+                    retries -= 1
+                    port, proc = start()
+                    continue
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("JupyterLab did not start:\n" + (root / "jupyter.log").read_text()[-3000:])
                 time.sleep(0.3)
@@ -117,17 +155,17 @@ def lab(tmp_path_factory):
 def browser(lab):
     from playwright.sync_api import sync_playwright
 
-    before = _chromium_processes()
     with sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         try:
             yield b
         finally:
+            started = _own_chromium()  # remembered by pid: one that detaches still counts
             b.close()
     deadline = time.monotonic() + 15  # helpers (crashpad, zygote) exit shortly after the browser
-    while _chromium_processes() - before and time.monotonic() < deadline:
+    while _alive(started) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not (_chromium_processes() - before), "Chromium processes were left running"
+    assert started and not _alive(started), f"Chromium processes were left running: {_alive(started)}"
 
 
 def _run_all(page, lab, name: str, timeout: float = 400):
@@ -229,5 +267,12 @@ def test_moving_a_slider_redraws_the_figure(lab, browser):
             _screenshot(page, "slider-failure")
             raise
         assert title() != before
+        # the redrawn heatmap holds head 1's multiplicities for the widgets' values
+        z = page.evaluate("() => [...document.querySelectorAll('.js-plotly-plot')]"
+                          ".find(e => e.querySelector('.gtitle')?.textContent.includes('head 1')).data[0].z")
+        p = SMALL["dilation"]
+        expected = experiments.dilation_geometry(p["seq_len"], p["heads"], [8, 32, 128], [1, 2, 4],
+                                                 head_offsets="interleaved", causal=True, layers=1)["m"][1]
+        assert [[int(x) for x in row] for row in z] == expected.tolist()
     finally:
         page.close()

@@ -21,14 +21,14 @@ CONFIGS = [
 ]
 
 
-def _fn(segs, rates, causal, mode):
+def _fn(segs, rates, causal, mode, scale=None):
     return lambda q, k, v: ringlab.dilated_attention(q, k, v, segs, rates, causal=causal,
-                                                     head_offsets=mode, return_lse=True)
+                                                     head_offsets=mode, scale=scale, return_lse=True)
 
 
-def _ref(segs, rates, causal, mode):
+def _ref(segs, rates, causal, mode, scale=None):
     return lambda q, k, v: dense_dilated_attention(q, k, v, segs, rates, causal=causal,
-                                                   head_offsets=mode)
+                                                   head_offsets=mode, scale=scale)
 
 
 @pytest.mark.parametrize("segs,rates", CONFIGS)
@@ -58,11 +58,21 @@ def test_long_sequence_f32():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision(dtype):
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", ["interleaved", "grouped"])
+def test_low_precision(dtype, causal, mode):
     segs, rates = [16, 64], [1, 4]
     inputs = rand_qkv(2, 128, 4, 32, seed=2)
-    check_against(_fn(segs, rates, True, "interleaved"), _ref(segs, rates, True, "interleaved"),
-                  inputs, dtype)
+    check_against(_fn(segs, rates, causal, mode), _ref(segs, rates, causal, mode), inputs, dtype)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", ["interleaved", "grouped"])
+def test_scale(causal, mode):
+    segs, rates = [7, 20, 64], [1, 3, 5]
+    inputs = rand_qkv(2, 50, 6, 16, seed=6)
+    check_against(_fn(segs, rates, causal, mode, scale=0.7), _ref(segs, rates, causal, mode, scale=0.7),
+                  inputs, torch.float64, use_lse=True)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -93,7 +103,7 @@ def test_dilated_with_single_full_branch_is_attention():
     for causal in (False, True):
         a = ringlab.dilated_attention(q, k, v, [37], [1], causal=causal)
         b = ringlab.attention(q, k, v, causal=causal)
-        assert torch.allclose(a, b, atol=1e-13)
+        assert torch.allclose(a, b, atol=1e-13, rtol=0)
 
 
 # ---------------------------------------------------------------- geometry

@@ -34,11 +34,12 @@ def test_rank_that_dies_is_named():
 
 def test_hung_rank_ends_within_timeout():
     t0 = time.monotonic()
-    with pytest.raises(RankError, match=r"did not finish within 4 s") as info:
-        launch(workers.hang_on, 2, args=(1,), timeout=4)
+    # 20 s: every rank must have joined the group before the timeout, even on a loaded machine.
+    with pytest.raises(RankError, match=r"did not finish within 20 s") as info:
+        launch(workers.hang_on, 2, args=(1,), timeout=20)
     assert 1 in info.value.ranks
     assert "rank 1 joined the group" in str(info.value)
-    assert time.monotonic() - t0 < 30
+    assert time.monotonic() - t0 < 60
     assert not multiprocessing.active_children()
 
 

@@ -18,34 +18,57 @@ CONFIGS = [
 ]
 
 
-def _fn(p, segs, rates, causal, layout, mode):
+def _fn(p, segs, rates, causal, layout, mode, scale=None):
     return lambda q, k, v: ringlab.ring_dilated_attention(
         q, k, v, segs, rates, ring_size=p, causal=causal, layout=layout, head_offsets=mode,
-        return_lse=True)
+        scale=scale, return_lse=True)
 
 
-def _ref(segs, rates, causal, mode):
+def _ref(segs, rates, causal, mode, scale=None):
     return lambda q, k, v: dense_dilated_attention(q, k, v, segs, rates, causal=causal,
-                                                   head_offsets=mode)
+                                                   head_offsets=mode, scale=scale)
 
 
 @pytest.mark.parametrize("p", range(1, 9))
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("segs,rates", CONFIGS)
-def test_simulated_f64(p, layout, causal, segs, rates):
-    mode = "grouped" if p % 2 else "interleaved"
+@pytest.mark.parametrize("config", range(len(CONFIGS)))
+def test_simulated_f64(p, layout, causal, config):
+    segs, rates = CONFIGS[config]
+    # Alternate on p + config: every ring size and every config runs both offset modes.
+    mode = ("interleaved", "grouped")[(p + config) % 2]
     inputs = rand_qkv(2, 2 * p * 6, 5, 8, seed=p)
     check_against(_fn(p, segs, rates, causal, layout, mode), _ref(segs, rates, causal, mode),
                   inputs, torch.float64, use_lse=True)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", ["interleaved", "grouped"])
+def test_simulated_scale(causal, mode):
+    segs, rates = CONFIGS[3]
+    inputs = rand_qkv(2, 72, 5, 8, seed=12)
+    check_against(_fn(3, segs, rates, causal, "zigzag", mode, scale=0.7),
+                  _ref(segs, rates, causal, mode, scale=0.7), inputs, torch.float64, use_lse=True)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-def test_simulated_f32_longnet(layout):
+def test_simulated_f32_longnet_error_does_not_grow_with_ranks(layout):
+    """SPEC §5: within tolerance at 1 and 8 ranks, and the error at 8 within 2x of that at 1."""
     segs, rates = [64, 128, 256, 512], [1, 2, 4, 8]
     inputs = rand_qkv(1, 512, 8, 32, seed=3)
-    check_against(_fn(4, segs, rates, True, layout, "interleaved"),
-                  _ref(segs, rates, True, "interleaved"), inputs, torch.float32)
+    errs = {p: check_against(_fn(p, segs, rates, True, layout, "interleaved"),
+                             _ref(segs, rates, True, "interleaved"), inputs, torch.float32)
+            for p in (1, 8)}
+    assert errs[8] <= 2 * errs[1], errs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_simulated_low_precision(dtype, causal):
+    segs, rates = CONFIGS[1]
+    inputs = rand_qkv(1, 96, 4, 16, seed=13)
+    check_against(_fn(4, segs, rates, causal, "zigzag", "grouped"), _ref(segs, rates, causal, "grouped"),
+                  inputs, dtype)
 
 
 @pytest.mark.parametrize("rate", [1, 2, 4, 8])
@@ -71,7 +94,7 @@ def test_segments_inside_shards_communicate_nothing():
     with record_events() as tr:
         out = ringlab.ring_dilated_attention(q, k, v, [4, 16], [1, 2], ring_size=4, causal=True)
     assert not tr.of(kind="post")
-    assert torch.allclose(out, ringlab.dilated_attention(q, k, v, [4, 16], [1, 2], causal=True), atol=1e-13)
+    assert torch.allclose(out, ringlab.dilated_attention(q, k, v, [4, 16], [1, 2], causal=True), atol=1e-13, rtol=0)
 
 
 def test_plan_subrings_for_unaligned_segments():

@@ -2,8 +2,10 @@
 
 import csv
 import json
+import os
 import pathlib
 import re
+import shutil
 
 import nbformat
 import pytest
@@ -15,6 +17,19 @@ from ringlab.sweep import run_sweep
 from ringlab.workbench import NOTEBOOKS, execute_path, notebook_names
 
 pytestmark = pytest.mark.notebooks
+
+# What each notebook's own summary must say at the small parameters (its figures' claims).
+CLAIMS = {
+    "correctness": lambda s: 0 < s["worst_error_over_tolerance"] <= 1,   # every error within SPEC §5
+    "memory": lambda s: s["max_model_error"] <= 0.1,                     # the model within 10% of measured
+    "billion_tokens": lambda s: abs(s["dry_run_ratio"] - 1) <= 0.1,      # dry run within 10% of the planner
+    "kv_rotation": lambda s: s["imbalance"]["zigzag"] <= 1.1 < s["imbalance"]["contiguous"]
+    and 0 <= s["overlap"] <= 1,
+    "dilation": lambda s: 0 < s["pairs_ratio"] < 1 and 0 < s["reach_after_layers"] <= 1,
+    "scaling": lambda s: s["attention_over_sdpa"]["median"] > 0 and s["dilated_over_sdpa"]["median"] > 0
+    and s["attention_over_sdpa"]["spread"] >= 0,
+}
+
 
 def test_every_notebook_is_covered_and_has_one_parameters_cell():
     assert sorted(notebook_names()) == sorted(SMALL)
@@ -38,10 +53,14 @@ def test_notebook_executes_and_writes_its_figures(name, tmp_path):
     assert "plotly" in html.lower() and len(html) > 1_000_000  # plotly.js inlined
     meta = json.loads((tmp_path / f"{name}.json").read_text())
     assert meta["params"] and meta["environment"]["torch"] and meta["data"] is not None
-    if png and meta.get("environment"):
-        import shutil
-        if shutil.which("chromium"):
-            assert list(tmp_path.glob(f"{name}-*.png"))
+    assert CLAIMS[name](meta["summary"]), meta["summary"]
+    if png:
+        pngs = list(tmp_path.glob(f"{name}-*.png"))
+        if shutil.which("chromium") or os.environ.get("RINGLAB_REQUIRE_BROWSER") == "1":
+            assert pngs, "Chromium is there (or required): every figure must have its PNG"
+        else:  # no Chromium: HTML only, and the notebook says why
+            streams = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+            assert not pngs and "PNG export skipped" in streams
 
 
 def test_rotation_and_timeline_figures_from_a_known_trace():
@@ -72,11 +91,19 @@ def test_geometry_memory_error_scaling_and_planner_figures():
     assert len(viz.memory_curves_figure(rows).data) == 4
     est = estimate(Problem(1024, 2, 16, world_size=4), "ring", backward=True)
     bars = viz.memory_terms_figure(est).data[0]
-    assert list(bars.x) == [*est.resident, *est.terms] and sum(bars.y) * 2**20 == pytest.approx(est.total)
+    assert list(bars.x) == [*est.resident, *est.terms] and sum(bars.y) * 2**20 == pytest.approx(est.total, rel=1e-12, abs=0)
     err = [dict(label="a", dtype="float32", quantity="out", error=1e-6, tolerance=2e-5)]
     assert viz.error_figure(err).data[0].y == (1e-6 / 2e-5,)
     scal = viz.scaling_figure([dict(method="m", tokens=n, seconds=n / 1e4) for n in (256, 512)])
     assert scal.data[1].y == (1e4, 1e4)
+    timed = [dict(method=m, tokens=256, seconds=1.0, low=0.5, high=2.0,
+                  over_sdpa=dict(median=1.5, low=1.2, high=1.9, spread=0.7)) for m in ("attention", "sdpa")]
+    traces = viz.scaling_figure(timed).data
+    assert len(traces) == 5  # time, throughput, ratio for attention; no sdpa / sdpa
+    curve, _, over = traces[:3]
+    assert (curve.error_y.array, curve.error_y.arrayminus) == ((1.0,), (0.5,))
+    assert over.y == (1.5,) and over.error_y.array[0] == pytest.approx(0.4, abs=1e-12, rel=0)
+    assert over.error_y.arrayminus[0] == pytest.approx(0.3, abs=1e-12, rel=0)
     plans = experiments.planner_sweep([2**20, 2**22], gpus=["h100"], heads=8, head_dim=64)
     assert plans[1]["gpus"] >= plans[0]["gpus"]
     assert viz.planner_figure(plans).layout.barmode == "stack"
@@ -101,9 +128,26 @@ def test_sweep_runs_a_grid_resumes_and_survives_a_failing_run(tmp_path):
     assert (report.folder / "summary.html").exists()
     again = run_sweep("dilation", grid, jobs=2, root=tmp_path, progress=False)
     assert again.sweep_id == report.sweep_id and [r["status"] for r in again.runs] == ["skipped"] * 4
+    # A partial sweep (one run never finished) resumes with exactly the missing run.
+    interrupted = report.runs[2]["name"]
+    (report.folder / interrupted / "status.json").unlink()
+    resumed = run_sweep("dilation", grid, jobs=2, root=tmp_path, progress=False)
+    assert {r["name"]: r["status"] for r in resumed.runs} == {r["name"]: "ok" if r["name"] == interrupted else "skipped"
+                                                             for r in report.runs}
 
     broken = run_sweep("dilation", [("seq_len", ["24", "-5"])], root=tmp_path, progress=False)
     status = {r["params"]["seq_len"]: r["status"] for r in broken.runs}
     assert status == {24: "ok", -5: "failed"}
     assert "FAILED" in broken.summary() and broken.failed[0]["error"]
     assert (broken.folder / "results.csv").exists()
+    retried = run_sweep("dilation", [("seq_len", ["24", "-5"])], root=tmp_path, progress=False)
+    assert {r["params"]["seq_len"]: r["status"] for r in retried.runs} == {24: "skipped", -5: "failed"}
+    assert [r["seconds"] > 0 for r in retried.runs if r["status"] == "failed"] == [True]  # run again, not skipped
+
+
+def test_experiments_refuse_a_world_size_they_cannot_run():
+    """No world size is dropped silently: one that cannot split the sequence is an error."""
+    with pytest.raises(ValueError, match="cannot split seq_len 30 over 4 ranks"):
+        experiments.correctness_grid(30, world_sizes=(1, 4), progress=False)
+    with pytest.raises(ValueError, match="cannot split scaling size 100 over 4 ranks"):
+        experiments.scaling([100], world_size=4, repeats=1, progress=False)

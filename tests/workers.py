@@ -11,35 +11,79 @@ from ringlab.trace import record_events
 
 
 def case_inputs(case):
-    """The whole-sequence float64 inputs and output cotangent of a case (same on every rank)."""
+    """The whole-sequence float64 q, k, v, output cotangent (B, N, H, D) and lse cotangent
+    (B, H, N) of a case (same on every rank)."""
     g = torch.Generator().manual_seed(case["seed"])
     shape = (case["batch"], case["n"], case["heads"], case["head_dim"])
-    return [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(4)]
+    qkvo = [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(4)]
+    return [*qkvo, torch.randn(shape[0], shape[2], shape[1], generator=g, dtype=torch.float64)]
+
+
+def loss(case, out, lse, go, gl):
+    """<out, go>, plus <lse, gl> (rows that see nothing left out) when the case has ``dlse``."""
+    total = (out.double() * go).sum()
+    if case.get("dlse"):
+        total = total + (lse.double().masked_fill(torch.isinf(lse), 0) * gl).sum()
+    return total
 
 
 def call(case, q, k, v, **ring):
     """The ring function of a case on (q, k, v); ``ring`` is group= or ring_size=."""
-    kw = dict(causal=case["causal"], layout=case["layout"], return_lse=True, **ring)
+    kw = dict(causal=case["causal"], layout=case["layout"], scale=case.get("scale"), return_lse=True, **ring)
     if case["fn"] == "ring":
         return ringlab.ring_attention(q, k, v, **kw)
     return ringlab.ring_dilated_attention(q, k, v, case["segments"], case["rates"],
                                          head_offsets=case.get("head_offsets", "interleaved"), **kw)
 
 
-def run_cases(cases):
-    """Run every case on this rank; return this rank's shards of out, lse, dq, dk, dv, and events."""
-    rank, p = dist.get_rank(), dist.get_world_size()
+def run_cases(cases, group=None):
+    """Run every case on this rank of ``group`` (default WORLD); return this rank's shards of
+    out, lse, dq, dk, dv, and its events."""
+    group = group or dist.group.WORLD
+    rank, p = dist.get_rank(group), dist.get_world_size(group)
     results = []
     for case in cases:
         dtype = getattr(torch, case["dtype"])
-        q, k, v, go = (ringlab.shard(x, rank, p, case["layout"]) for x in case_inputs(case))
+        q, k, v, go, gl = case_inputs(case)
+        q, k, v, go = (ringlab.shard(x, rank, p, case["layout"]) for x in (q, k, v, go))
+        gl = ringlab.shard(gl, rank, p, case["layout"], dim=2)
         q, k, v = (x.to(dtype).clone().requires_grad_() for x in (q, k, v))
         with record_events() as tr:
-            out, lse = call(case, q, k, v, group=dist.group.WORLD)
-            (out.double() * go).sum().backward()
-        results.append(dict(out=out.detach(), lse=lse, dq=q.grad, dk=k.grad, dv=v.grad,
+            out, lse = call(case, q, k, v, group=group)
+            loss(case, out, lse, go, gl).backward()
+        results.append(dict(out=out.detach(), lse=lse.detach(), dq=q.grad, dk=k.grad, dv=v.grad,
                             events=tr.events))
     return results
+
+
+def nn_inputs(layout, rank, p):
+    """This rank's shards of the float64 inputs of :func:`nn_modules`, and the seed of its parameters."""
+    g = torch.Generator().manual_seed(5)
+    qkv = [torch.randn(2, 24, 6, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    x = torch.randn(2, 24, 24, generator=g, dtype=torch.float64)
+    return [ringlab.shard(t, rank, p, layout) for t in (*qkv, x)]
+
+
+def nn_modules(group, layout, scale):
+    """The nn modules sequence parallel over ``group``: this rank's output shards (causal)."""
+    from ringlab.nn import DilatedAttention, MultiheadDilatedAttention, RingAttention
+    q, k, v, x = nn_inputs(layout, dist.get_rank(group), dist.get_world_size(group))
+    torch.manual_seed(0)
+    mha = MultiheadDilatedAttention(24, 6, [8, 24], [1, 3], group=group, layout=layout, dtype=torch.float64)
+    return dict(
+        ring=RingAttention(group=group, layout=layout, softmax_scale=scale)(q, k, v, is_causal=True),
+        dilated=DilatedAttention([8, 24], [1, 3], softmax_scale=scale, head_offsets="grouped", group=group,
+                                 layout=layout)(q, k, v, is_causal=True),
+        multihead=mha(x, is_causal=True)[0].detach())
+
+
+def on_subgroup(ranks, cases, layout, scale):
+    """Run ``cases`` and :func:`nn_modules` on the sub-group of the global ``ranks`` (not WORLD,
+    so group ranks differ from global ones); ranks outside it return None."""
+    group = dist.new_group(ranks)
+    if dist.get_rank() not in ranks:
+        return None
+    return run_cases(cases, group), nn_modules(group, layout, scale)
 
 
 def raise_on(rank):

@@ -1,0 +1,193 @@
+"""Mutation check: plant known bugs in a copy of ringlab and require the test suite to fail.
+
+Each entry of MUTANTS is one small textual change (file, old text, new text) and the tests
+that must catch it (a test file and a -k expression). The package and tests are copied to a
+temporary folder; first every selected test must pass there unmutated (so that a failure
+below means the bug was caught, not that the copy is broken); then, for each mutant, the
+change is applied, its tests run against the copy, and the file is restored. The mutant is
+caught when pytest reports a failing test (exit code 1). The working tree is never modified.
+
+A pattern that does not occur exactly once in its file is an error, not a skipped mutant: when
+code moves, re-point the pattern at the new code (keep the bug the same).
+
+    python tools/mutants.py            # every mutant; exit code 1 if one survives
+    python tools/mutants.py --list     # names only
+    python tools/mutants.py merge-max  # some of them, by name
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+COPIED = ("ringlab", "tests", "pyproject.toml")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str           # relative to the repository root
+    old: str            # must occur exactly once in the file
+    new: str
+    test_file: str      # relative to the repository root
+    select: str         # pytest -k expression: the tests in test_file that must catch it
+
+
+MUTANTS = (
+    # The three bugs of issue 16 that the suite once missed.
+    Mutant("ring-ignores-scale", "ringlab/ring.py",
+           "    scale = resolve_scale(scale, q.shape[-1])\n    if group is not None:",
+           "    scale = resolve_scale(None, q.shape[-1])\n    if group is not None:",
+           "tests/test_ring.py", "simulated_ring_scale"),
+    Mutant("dilated-ignores-scale", "ringlab/dilated.py",
+           "return segs, rates, resolve_scale(scale, q.shape[-1])",
+           "return segs, rates, resolve_scale(None, q.shape[-1])",
+           "tests/test_dilated.py", "test_scale"),
+    Mutant("nn-swaps-k-and-v-projections", "ringlab/nn.py",
+           "split(self.k_proj(key)), split(self.v_proj(value))",
+           "split(self.v_proj(key)), split(self.k_proj(value))",
+           "tests/test_nn.py", "multihead_against_einsum"),
+    Mutant("math-dq-off-by-5e-6", "ringlab/kernels.py",
+           'dq[:, r] = torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale',
+           'dq[:, r] = torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale * (1 + 5e-6)',
+           "tests/test_attention.py", "math_path"),
+    # Where a bug would hurt most.
+    Mutant("merge-max-instead-of-logaddexp", "ringlab/merge.py",
+           "new_lse = torch.logaddexp(lse, block_lse)",
+           "new_lse = torch.maximum(lse, block_lse)",
+           "tests/test_ring.py", "simulated_ring_scale"),
+    Mutant("merge-unshifted-empty-rows", "ringlab/merge.py",
+           "shift = torch.where(new_lse == -math.inf, 0.0, new_lse)",
+           "shift = new_lse",
+           "tests/test_attention.py", "merge"),
+    Mutant("striped-causal-tile-sees-own-position", "ringlab/layout.py",
+           "return Tile(slice(1, n), slice(0, n - 1), True) if n > 1 else None",
+           "return Tile(slice(0, n), slice(0, n), True)",
+           "tests/test_ring.py", "simulated_ring_scale"),
+    Mutant("zigzag-second-chunk-index", "ringlab/layout.py",
+           "lo, hi = rank, 2 * world_size - 1 - rank",
+           "lo, hi = rank, 2 * world_size - 2 - rank",
+           "tests/test_ring_dilated.py", "simulated_scale"),
+    Mutant("dkdv-handoff-keeps-the-held-accumulator", "ringlab/ring.py",
+           "return dq, dkv_incoming[0], dkv_incoming[1]",
+           "return dq, dkv[0], dkv[1]",
+           "tests/test_ring.py", "simulated_ring_scale"),
+    Mutant("grouped-offset-floor-instead-of-ceil", "ringlab/dilation.py",
+           "    size = math.ceil(num_heads / rate)\n",
+           "    size = max(1, num_heads // rate)\n",
+           "tests/test_dilated.py", "test_scale"),
+    Mutant("interleaved-offset-shifted", "ringlab/dilation.py",
+           "first = seg * w + o\n",
+           "first = seg * w + (o + 1) % r\n",
+           "tests/test_dilated.py", "test_scale"),
+    Mutant("lse-fold-sign-fused", "ringlab/kernels.py",
+           "widen(dout, -row_dlse)",
+           "widen(dout, row_dlse)",
+           "tests/test_attention.py", "test_scale"),
+    Mutant("lse-fold-sign-math", "ringlab/kernels.py",
+           "delta = delta - dlse.to(acc)",
+           "delta = delta + dlse.to(acc)",
+           "tests/test_attention.py", "backends_and_lse_gradient"),
+    Mutant("memory-model-drops-kv-receive-buffer", "ringlab/memory_model.py",
+           '"K/V receive buffer": kv if p > 1 else 0}',
+           '"K/V receive buffer": 0}',
+           "tests/test_memory.py", "model_matches_measurement and simulated_ring"),
+    Mutant("p2p-group-rank-used-as-global-rank", "ringlab/comm.py",
+           "dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(self.group, p), self.group, tag)",
+           "dist.P2POp(dist.isend, t.contiguous(), p, self.group, tag)",
+           "tests/test_nn.py", "subgroup"),
+)
+
+
+class PatternError(RuntimeError):
+    pass
+
+
+def mutated(m: Mutant, root: pathlib.Path = ROOT) -> str:
+    """The text of m.path under ``root`` with the mutation applied."""
+    text = (root / m.path).read_text()
+    found = text.count(m.old)
+    if found != 1:
+        raise PatternError(f"mutant {m.name!r}: {m.path} contains its pattern {found} times, not once. "
+                           f"The code moved: re-point the pattern in tools/mutants.py.\n  pattern: {m.old!r}")
+    return text.replace(m.old, m.new)
+
+
+def pytest(copy: pathlib.Path, env: dict, files, select: str, *, stop_at_first: bool = True):
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout", "300", *files, "-k", select]
+    return subprocess.run(args + ["-x"] * stop_at_first, cwd=copy, env=env, capture_output=True, text=True)
+
+
+def run(m: Mutant, copy: pathlib.Path, env: dict) -> tuple[str, float, str]:
+    """Apply m to the copy, run its tests, restore the file. Returns (verdict, seconds, output)."""
+    target = copy / m.path
+    original = target.read_text()
+    target.write_text(mutated(m, copy))
+    t0 = time.monotonic()
+    try:
+        res = pytest(copy, env, [m.test_file], m.select)
+    finally:
+        target.write_text(original)
+    verdict = {1: "caught", 0: "SURVIVED", 5: "NO TESTS SELECTED"}.get(res.returncode, f"ERROR (pytest exit {res.returncode})")
+    return verdict, time.monotonic() - t0, res.stdout + res.stderr
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("names", nargs="*", help="run only these mutants")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTANTS if not args.names or m.name in args.names]
+    unknown = set(args.names) - {m.name for m in MUTANTS}
+    if unknown:
+        parser.error(f"unknown mutants: {sorted(unknown)}")
+    if args.list:
+        print("\n".join(f"{m.name:45} {m.path}" for m in chosen))
+        return 0
+    for m in chosen:  # every pattern is checked before anything runs
+        mutated(m)
+    with tempfile.TemporaryDirectory(prefix="ringlab-mutants-") as tmp:
+        copy = pathlib.Path(tmp)
+        for name in COPIED:
+            src = ROOT / name
+            if src.is_dir():
+                shutil.copytree(src, copy / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(src, copy / name)
+        # The copy, not an installed ringlab, is imported; no stale bytecode between mutants.
+        env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+        where = subprocess.run([sys.executable, "-c", "import ringlab; print(ringlab.__file__)"], cwd=copy,
+                               env=env, capture_output=True, text=True, check=True).stdout.strip()
+        if not where.startswith(str(copy)):
+            raise RuntimeError(f"the tests would import ringlab from {where}, not from the mutated copy")
+        t_all = time.monotonic()
+        # The union of the selections (a superset of each) must pass on the unmutated copy.
+        baseline = pytest(copy, env, sorted({m.test_file for m in chosen}),
+                          " or ".join(f"({m.select})" for m in chosen), stop_at_first=False)
+        if baseline.returncode != 0:
+            print(baseline.stdout[-5000:] + baseline.stderr[-2000:])
+            raise RuntimeError(f"the selected tests fail (pytest exit {baseline.returncode}) without any mutation")
+        print(f"unmutated: the selected tests pass ({time.monotonic() - t_all:.0f} s)", flush=True)
+        failed = []
+        for m in chosen:
+            verdict, seconds, output = run(m, copy, env)
+            print(f"{verdict:10} {seconds:6.1f} s  {m.name}  ({m.path}; {m.test_file} -k {m.select!r})", flush=True)
+            if verdict != "caught":
+                failed.append(m.name)
+                print(output[-3000:])
+    print(f"{len(chosen) - len(failed)} of {len(chosen)} mutants caught in {time.monotonic() - t_all:.0f} s")
+    if failed:
+        print(f"not caught: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
