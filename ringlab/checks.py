@@ -61,7 +61,7 @@ def check_qkv(q, k, v, *, same_length: bool) -> None:
 
 def check_causal(causal) -> None:
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a Python bool (True or False), got {_type_name(causal)}"
+        raise TypeError(f"causal must be a bool (True or False), got {_type_name(causal)}"
                         + ("; pass bool(causal)" if hasattr(causal, "__bool__") and not isinstance(causal, str) else ""))
 
 

@@ -290,7 +290,7 @@ def test_modules_check_their_arguments():
 
 def test_numpy_bool_causal_is_explained():
     q = torch.randn(1, 8, 2, 4)
-    with pytest.raises(TypeError, match=r"Python bool.*numpy\.bool.*bool\(causal\)"):
+    with pytest.raises(TypeError, match=r"must be a bool.*numpy\.bool.*bool\(causal\)"):
         ringlab.attention(q, q, q, causal=np.bool_(True))
 
 
