@@ -84,11 +84,13 @@ def _main_guard_missing() -> str | None:
     ``if __name__ == "__main__":`` block ("file:line"), else None. Spawned ranks re-import
     __main__, which would run that call again in every rank and kill it."""
     main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    if script is None:  # a notebook or REPL: spawn re-imports nothing
+        return None
     frame = sys._getframe(1)
-    while frame is not None and not (frame.f_globals is getattr(main, "__dict__", None)
-                                     and frame.f_code.co_name == "<module>"):
+    while frame is not None and not (frame.f_globals is main.__dict__ and frame.f_code.co_name == "<module>"):
         frame = frame.f_back
-    if frame is None:
+    if frame is None or os.path.abspath(frame.f_code.co_filename) != os.path.abspath(script):
         return None
     path, line = frame.f_code.co_filename, frame.f_lineno
     try:
