@@ -144,6 +144,20 @@ def test_killing_the_caller_of_launch_leaves_no_rank_and_no_folder(tmp_path, sig
         parent.wait()
 
 
+def test_launch_removes_folders_of_callers_that_no_longer_exist(tmp_path, monkeypatch):
+    from ringlab import launch as launcher
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"ringlab-launch-{int(gone.stdout)}-abc"
+    live = tmp_path / f"ringlab-launch-{os.getpid()}-def"
+    other = tmp_path / "ringlab-launch-abcdefgh"  # an older release's name: not ours to judge
+    for folder in (stale, live, other):
+        folder.mkdir()
+    launcher._remove_stale_folders()
+    assert not stale.exists() and live.exists() and other.exists()
+
+
 @pytest.mark.distributed
 def test_rank_that_exits_with_code_zero_is_a_rank_error():
     with pytest.raises(RankError, match="rank 1 failed") as info:
@@ -272,6 +286,11 @@ def test_nested_or_concurrent_memory_regions_raise():
         assert raised and "another" in str(raised[0])
         x = torch.zeros(1 << 16)
     assert outer.peak >= x.numel() * 4  # the outer region still measures
+    with memory.track() as region:  # on CPU, what other threads allocate is not counted (README)
+        t = threading.Thread(target=lambda: torch.zeros(1 << 16))
+        t.start()
+        t.join()
+    assert region.peak < 1 << 16
     with memory.track() as again:  # and the lock is released
         torch.zeros(1 << 10)
     assert again.peak >= 4096
