@@ -14,6 +14,16 @@ import torch
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 LAYOUTS = ("contiguous", "zigzag", "striped")
 HEAD_OFFSETS = ("interleaved", "grouped")
+# Beyond these the float32 scores overflow (scale) or index arithmetic reaches int64 limits
+# (segment lengths and rates; a segment longer than the sequence is the whole sequence anyway).
+MAX_SCALE = 1e6
+MAX_BRANCH_VALUE = 2**40
+
+
+def _type_name(x) -> str:
+    """'float', or 'numpy.bool' where the bare name would read like a builtin."""
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
 def check_qkv(q, k, v, *, same_length: bool) -> None:
@@ -51,7 +61,8 @@ def check_qkv(q, k, v, *, same_length: bool) -> None:
 
 def check_causal(causal) -> None:
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        raise TypeError(f"causal must be a bool (True or False), got {_type_name(causal)}"
+                        + ("; pass bool(causal)" if hasattr(causal, "__bool__") and not isinstance(causal, str) else ""))
 
 
 def resolve_scale(scale, head_dim: int) -> float:
@@ -62,6 +73,9 @@ def resolve_scale(scale, head_dim: int) -> float:
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be finite and > 0, got {scale}")
+    if scale > MAX_SCALE:
+        raise ValueError(f"scale must be <= {MAX_SCALE:g}, got {scale:g}: scale * q.k would overflow the "
+                         "float32 scores to inf (and the softmax to NaN). Scale q or k down instead")
     return float(scale)
 
 
@@ -91,9 +105,15 @@ def check_branches(segment_lengths, dilation_rates) -> tuple[tuple[int, ...], tu
     for w in segs:
         if w < 1:
             raise ValueError(f"segment_lengths must be >= 1; got {segs}")
+        if w > MAX_BRANCH_VALUE:
+            raise ValueError(f"segment_lengths must be <= 2**40; got {w}. A segment longer than the sequence "
+                             "is the whole sequence: use the sequence length")
     for r in rates:
         if r < 1:
             raise ValueError(f"dilation_rates must be >= 1 (1 means no dilation); got {rates}")
+        if r > MAX_BRANCH_VALUE:
+            raise ValueError(f"dilation_rates must be <= 2**40; got {r}. A rate at least the segment length "
+                             "selects one row per segment: use the segment length")
     return segs, rates
 
 

@@ -168,21 +168,34 @@ def run_lockstep(gens, mailbox: "Mailbox") -> list:
     return results
 
 
-def check_group_agrees(group, device, meta: list[int], names: list[str]) -> None:
+def check_group_agrees(group, device, meta: list[int], names: list[str], show: dict | None = None) -> None:
     """All ranks of ``group`` must pass the same ``meta`` ints; raise on every rank otherwise.
 
-    One small all_gather, before any K/V moves.
+    ``names`` labels each int; ``show`` maps a name to a function that turns its int back into
+    a readable value (a dtype name, a float). Ranks may pass lists of different lengths (a
+    different number of branches): they agree on the lengths first, then compare the values
+    all of them have. Two small all_gathers, before any K/V moves.
     """
-    mine = torch.tensor(meta, dtype=torch.int64, device=device)
-    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    world = dist.get_world_size(group)
+    counts = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([len(meta)], dtype=torch.int64, device=device), group=group)
+    counts = [int(c) for c in counts]
+    common = min(counts)
+    mine = torch.tensor(meta[:common], dtype=torch.int64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=group)
+    readable = lambda values: {n: (show or {}).get(n, int)(x) for n, x in zip(names, values)}  # noqa: E731
     for r, theirs in enumerate(everyone):
-        bad = [n for n, a, b in zip(names, meta, theirs.tolist()) if a != b]
+        theirs = theirs.tolist()
+        bad = [n for n, a, b in zip(names, meta, theirs) if a != b]
+        if not bad and counts[r] != len(meta):
+            bad = [f"the number of values ({len(meta)} here, {counts[r]} on rank {r})"]
         if bad:
             raise ValueError(
                 f"ranks of the group disagree on {', '.join(bad)}: rank {dist.get_rank(group)} has "
-                f"{dict(zip(names, meta))}, rank {r} has {dict(zip(names, theirs.tolist()))}. "
-                "Every rank must pass shards of the same shape, dtype and options")
+                f"{readable(meta)}, rank {r} has {readable(theirs)}"
+                + (" (and more)" if counts[r] > common else "")
+                + ". Every rank must pass shards of the same shape, dtype and options")
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_layout_split
+from .checks import LAYOUTS, check_choice, check_layout_split
 
 
 def shard_positions(seq_len: int, rank: int, world_size: int, layout: str) -> torch.Tensor:
@@ -41,13 +41,24 @@ def shard_pieces(seq_len: int, rank: int, world_size: int, layout: str) -> tuple
     raise ValueError(f"layout {layout!r} has no contiguous pieces; use shard_positions")
 
 
+def _seq_dim(dim, ndim: int, name: str) -> int:
+    """``dim`` as a non-negative index into ``ndim`` dimensions (negative counts from the end)."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim {dim} is out of range for {name} with {ndim} dims (use -{ndim} .. {ndim - 1})")
+    return dim % ndim
+
+
 def shard(x: torch.Tensor, rank: int, world_size: int, layout: str = "contiguous",
           dim: int = 1) -> torch.Tensor:
-    """This rank's shard of x along ``dim`` (the sequence dimension by default)."""
+    """This rank's shard of x along ``dim`` (the sequence dimension by default; negative
+    dims count from the end)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    dim = _seq_dim(dim, x.dim(), "x")
     n = x.shape[dim]
     check_layout_split(layout, n, world_size, what=f"dim {dim} of length")
     if layout == "contiguous":
@@ -59,19 +70,29 @@ def shard(x: torch.Tensor, rank: int, world_size: int, layout: str = "contiguous
 
 
 def unshard(shards, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
-    """Reassemble the full tensor from the list of every rank's shard (inverse of shard)."""
+    """Reassemble the full tensor from the list of every rank's shard (inverse of shard).
+    Every shard must have the same shape (the layouts split evenly)."""
     shards = list(shards)
     if not shards:
         raise ValueError("unshard needs at least one shard")
+    check_choice("layout", layout, LAYOUTS)
+    for r, s in enumerate(shards):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"shards[{r}] must be a torch.Tensor, got {type(s).__name__}")
+        if s.shape != shards[0].shape:
+            raise ValueError(f"unshard needs shards of equal shape (every layout splits evenly); shard 0 "
+                             f"has {tuple(shards[0].shape)}, shard {r} has {tuple(s.shape)}")
+    dim = _seq_dim(dim, shards[0].dim(), "the shards")
+    if layout == "zigzag" and shards[0].shape[dim] % 2:
+        raise ValueError(f"zigzag shards hold two equal chunks, so their length along dim {dim} must be "
+                         f"even; got {shards[0].shape[dim]}")
     p = len(shards)
     if layout == "contiguous":
         return torch.cat(shards, dim)
     if layout == "zigzag":
         halves = [s.chunk(2, dim) for s in shards]
         return torch.cat([halves[r][0] for r in range(p)] + [halves[r][1] for r in reversed(range(p))], dim)
-    if layout == "striped":
-        return torch.stack(shards, dim + 1).flatten(dim, dim + 1)
-    raise ValueError(f"layout must be one of ('contiguous', 'zigzag', 'striped'), got {layout!r}")
+    return torch.stack(shards, dim + 1).flatten(dim, dim + 1)
 
 
 @dataclass(frozen=True)

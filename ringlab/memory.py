@@ -8,12 +8,18 @@ On CUDA this is the caching allocator's own count (``max_memory_allocated`` afte
 ``reset_peak_memory_stats``). On CPU it is exact too: the PyTorch profiler reports every
 allocation and free of the CPU allocator, kernel scratch included, and we replay them in time
 order. (RSS would count the Python heap, freed-but-cached pages and shared libraries.)
+
+One region at a time per process: a nested region (or one opened by another thread while a
+region is open) would reset the outer region's count, so it raises instead. On CPU the region
+counts the allocations of the thread that opened it (the profiler is per thread); tensors that
+other threads allocate are not counted. On CUDA the allocator counts every thread.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -71,10 +77,30 @@ class _CPUProfile:
         return peak, live
 
 
+_open = threading.Lock()  # held while a region is open: regions cannot nest or overlap
+
+
 @contextlib.contextmanager
 def track(device=None):
     """Measure the peak of live tensor bytes in the ``with`` block on ``device`` (default: CUDA
-    if it is in use, else CPU). Yields a :class:`MemoryReport` filled in when the block ends."""
+    if it is in use, else CPU). Yields a :class:`MemoryReport` filled in when the block ends.
+
+    Raises RuntimeError if another region is open in this process (nested, or in another thread).
+    """
+    if not _open.acquire(blocking=False):
+        raise RuntimeError("memory.track() regions cannot nest or overlap: one is already open in this "
+                           "process (in this thread or another). Opening a second one would reset the "
+                           "first one's count. Measure the regions one after the other, or read the "
+                           "outer region's peak only")
+    try:
+        with _track(device) as report:
+            yield report
+    finally:
+        _open.release()
+
+
+@contextlib.contextmanager
+def _track(device):
     device = torch.device(device if device is not None else
                           ("cuda" if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu"))
     report = MemoryReport(device=str(device))

@@ -94,6 +94,9 @@ class MultiheadDilatedAttention(nn.Module):
                  head_offsets: str = "interleaved", group=None, layout: str = "contiguous",
                  checkpoint: bool = False, batch_first: bool = True, device=None, dtype=None):
         super().__init__()
+        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         _no_dropout(dropout, "dropout")
@@ -187,7 +190,12 @@ class LongNetLM(nn.Module):
         return shard_positions(n_local * p, rank, p, self.layout).to(device)
 
     def forward(self, tokens):
-        x = self.tok(tokens) + self.pos(self.positions(tokens.shape[1], tokens.device))
+        pos = self.positions(tokens.shape[1], tokens.device)
+        n = tokens.shape[1] * (dist.get_world_size(self.group) if self.group is not None else 1)
+        if n > self.pos.num_embeddings:
+            raise ValueError(f"the sequence has {n} tokens but this model has position embeddings for "
+                             f"max_seq_len={self.pos.num_embeddings}; build it with max_seq_len >= {n}")
+        x = self.tok(tokens) + self.pos(pos)
         for blk in self.blocks:
             x = blk(x, is_causal=True)
         return self.head(self.norm(x))

@@ -14,6 +14,7 @@ data in ``ringlab/devices.json``.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import pathlib
@@ -52,9 +53,31 @@ class Device:
 
 
 def devices(path=DEVICES_FILE) -> dict[str, Device]:
-    """The device profiles, by key (h100, h200, a100, ...)."""
-    data = json.loads(pathlib.Path(path).read_text())
-    return {k: Device(key=k, **v) for k, v in data.items() if not k.startswith("_")}
+    """The device profiles, by key (h100, h200, a100, ...). Raises ValueError naming the file
+    when it is missing or malformed."""
+    path = pathlib.Path(path)
+    fields = [f for f in Device.__dataclass_fields__ if f != "key"]
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise ValueError(f"cannot read the device profiles {path}: {err.strerror or err}") from None
+    except ValueError as err:
+        raise ValueError(f"device profiles {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"device profiles {path} must be a JSON object of profiles by key, like {DEVICES_FILE}")
+    out = {}
+    for k, v in data.items():
+        if k.startswith("_"):
+            continue
+        if not isinstance(v, dict) or set(v) != set(fields):
+            raise ValueError(f"device profile {k!r} in {path} must have exactly the fields {', '.join(fields)}; "
+                             f"got {sorted(v) if isinstance(v, dict) else type(v).__name__}")
+        bad = [f for f in fields if f != "name" and (isinstance(v[f], bool) or not isinstance(v[f], (int, float))
+                                                      or not math.isfinite(v[f]) or v[f] <= 0)]
+        if bad:
+            raise ValueError(f"device profile {k!r} in {path}: {', '.join(bad)} must be positive numbers")
+        out[k] = Device(key=k, **v)
+    return out
 
 
 @dataclass
@@ -196,19 +219,53 @@ def _total(pb: Problem, backward: bool) -> int:
     return _memory(pb, backward).total
 
 
-def _min_gpus(pb: Problem, dev: Device, backward: bool) -> int | None:
-    """The smallest power of two of GPUs that fits. Per-rank memory falls about as 1/P, so one
-    cheap estimate on a single GPU gives the starting guess; a few exact checks settle it."""
+def gpu_counts(pb: Problem) -> list[int]:
+    """Every GPU count up to MAX_GPUS over which the layout splits pb.seq_len evenly."""
+    unit = 2 if pb.layout == "zigzag" else 1
+    if pb.seq_len % unit:
+        return []
+    m = pb.seq_len // unit
+    return [p for p in range(1, min(MAX_GPUS, m) + 1) if m % p == 0]
+
+
+def _min_gpus(pb: Problem, dev: Device, backward: bool) -> tuple[int | None, str]:
+    """The fewest GPUs that fit, among every count the layout allows, and if none does, why.
+
+    Per-rank memory falls about as 1/P, so one cheap estimate on a single GPU gives a first
+    guess; doubling from there brackets the answer and a binary search over the allowed counts
+    between settles it. (Estimates of ring-dilated runs cost time in proportion to P.)"""
     at = lambda p: Problem(**{**asdict(pb), "world_size": p})  # noqa: E731
-    guess = 1 << max(0, math.ceil(math.log2(max(1.0, _total(at(1), backward) / dev.capacity))))
-    p = min(guess, MAX_GPUS)
-    while p <= MAX_GPUS and not _fits(at(p), dev, backward):
-        p *= 2
-    if p > MAX_GPUS:
-        return None
-    while p > 1 and _fits(at(p // 2), dev, backward):
-        p //= 2
-    return p
+    fits = lambda i: _fits(at(counts[i]), dev, backward)  # noqa: E731
+    counts = gpu_counts(pb)
+    if not counts:
+        return None, (f"layout {pb.layout!r} cannot split {pb.seq_len:,} tokens evenly over any number of GPUs: "
+                      f"it cuts the sequence into 2 x GPUs equal chunks, so it needs an even length. Pad to "
+                      f"{pb.seq_len + 1:,} tokens, or use layout 'contiguous'")
+    guess = _total(at(1), backward) / dev.capacity
+    hi = min(bisect.bisect_left(counts, guess), len(counts) - 1)
+    lo = -1  # below hi; -1: nothing below is known not to fit
+    while not fits(hi):
+        if hi == len(counts) - 1:
+            need = _total(at(counts[-1]), backward)
+            return None, (f"{pb.seq_len:,} tokens do not fit in memory on any GPU count up to {MAX_GPUS:,} "
+                          f"that layout {pb.layout!r} can split them over ({len(counts)} counts; the largest, "
+                          f"{counts[-1]:,} {dev.name}s, needs {need / 2**30:,.2f} GiB per GPU of "
+                          f"{dev.capacity / 2**30:,.2f} GiB usable). Pad the sequence to a length with more "
+                          "divisors (a multiple of a power of two), or shorten it")
+        lo, hi = hi, min(bisect.bisect_left(counts, 2 * counts[hi]), len(counts) - 1)
+    while lo == -1 and hi > 0:
+        below = bisect.bisect_right(counts, counts[hi] // 2) - 1
+        if fits(below):
+            hi = below
+        else:
+            lo = below
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(mid):
+            hi = mid
+        else:
+            lo = mid
+    return counts[hi], ""
 
 
 def _max_tokens(pb: Problem, dev: Device, backward: bool) -> int | None:
@@ -238,7 +295,7 @@ def parse_tokens(text) -> int:
         value = float(body) * mult
     except ValueError:
         raise ValueError(f"tokens must be a number like 65536, 1e9, 512K or 1G; got {text!r}") from None
-    if value != int(value) or value < 1:
+    if not math.isfinite(value) or value != int(value) or value < 1:
         raise ValueError(f"tokens must be a positive whole number, got {text!r}")
     return int(value)
 
@@ -249,8 +306,9 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
          device_profiles=None) -> Plan:
     """Plan ring (or, with segments and rates, ring-dilated) attention over ``tokens`` tokens.
 
-    Without ``gpus``, picks the smallest power-of-two number of GPUs that fits. With it,
-    also reports the largest sequence that fits on that many GPUs.
+    Without ``gpus``, picks the fewest GPUs that fit, among every count the layout can split
+    ``tokens`` over; if none fits, the ValueError says which rule failed (the layout's split or
+    memory). With it, also reports the largest sequence that fits on that many GPUs.
     """
     tokens = parse_tokens(tokens)
     profiles = device_profiles or devices()
@@ -270,10 +328,10 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
             raise ValueError("ring-dilated attention supports layouts 'contiguous' and 'zigzag'")
     dev = profiles[gpu]
     pb = _problem(tokens, heads, head_dim, dtype, segments, rates, gpus or 1, batch, causal, layout, head_offsets)
-    min_gpus = _min_gpus(pb, dev, backward)
+    min_gpus, why = _min_gpus(pb, dev, backward)
     if gpus is None:
         if min_gpus is None:
-            raise ValueError(f"{tokens:,} tokens do not fit on up to {MAX_GPUS:,} {dev.name}s")
+            raise ValueError(why)
         pb = Problem(**{**asdict(pb), "world_size": min_gpus})
     elif not _splittable(pb):
         unit = (2 if layout == "zigzag" else 1) * gpus

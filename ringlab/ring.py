@@ -111,12 +111,14 @@ def ring_backward_rank(comm, dout, q, k, v, out, lse, dlse, *, layout: str, caus
     return dq, dkv_incoming[0], dkv_incoming[1]
 
 
-def _group_meta(q, causal, layout, scale) -> tuple[list[int], list[str]]:
+def _group_meta(q, causal, layout, scale) -> tuple[list[int], list[str], dict]:
     dtypes = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
     meta = [*q.shape, dtypes.index(q.dtype), int(causal), LAYOUTS.index(layout),
             struct.unpack("<q", struct.pack("<d", scale))[0]]
     names = ["batch", "seq (shard length)", "heads", "head_dim", "dtype", "causal", "layout", "scale"]
-    return meta, names
+    show = dict(dtype=lambda i: str(dtypes[i]).removeprefix("torch."), causal=bool, layout=LAYOUTS.__getitem__,
+                scale=lambda b: struct.unpack("<d", struct.pack("<q", b))[0])
+    return meta, names, show
 
 
 def check_ring_args(q, k, v, group, ring_size, causal, layout):

@@ -23,7 +23,7 @@ import torch
 
 from . import trace
 from .autograd import exact_attention
-from .checks import check_choice
+from .checks import HEAD_OFFSETS, check_choice
 from .comm import RingAlgorithm, check_group_agrees
 from .dilated import (
     attend,
@@ -319,11 +319,13 @@ def ring_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, group=No
         import torch.distributed as dist
 
         p = dist.get_world_size(group)
-        meta, names = _group_meta(q, causal, layout, scale)
-        branches = [x for pair in zip(segs, rates) for x in pair]
-        check_group_agrees(group, q.device, meta + [len(segs), *branches, int(head_offsets == "grouped")],
-                           names + ["branches"] + [f"branch value {i}" for i in range(len(branches))]
-                           + ["head_offsets"])
+        meta, names, show = _group_meta(q, causal, layout, scale)
+        # the branch count comes before the per-branch values, so ranks with different
+        # counts disagree on it first
+        check_group_agrees(group, q.device, meta + [len(segs), HEAD_OFFSETS.index(head_offsets), *segs, *rates],
+                           names + ["branches", "head_offsets"] + [f"segment_lengths[{i}]" for i in range(len(segs))]
+                           + [f"dilation_rates[{i}]" for i in range(len(rates))],
+                           {**show, "head_offsets": HEAD_OFFSETS.__getitem__})
     else:
         p = ring_size
     seq_len = q.shape[1] * (p if group is not None else 1)

@@ -7,9 +7,11 @@
 
 Each rank builds its shard of random q, k, v on its device (CUDA with NCCL when available,
 else CPU with gloo), runs forward (+ backward with --backward) ``--iters`` times, and rank 0
-prints time per iteration, tokens/s and measured peak memory for every rank. With --check
-(small sequences only) rank 0 also compares the gathered output with the single-device
-function. Without torchrun it runs as a group of one.
+prints time per iteration, tokens/s and measured peak memory for every rank. With --check the
+inputs are the same seeded whole-sequence tensors on every rank (each rank keeps its shard),
+and rank 0 compares the gathered output with ringlab's single-device function (``attention``
+or ``dilated_attention``) run in float32 on the same device. Without torchrun it runs as a
+group of one.
 """
 
 from __future__ import annotations
@@ -37,12 +39,23 @@ def parse_args(argv=None):
     p.add_argument("--segments", default="", help="comma-separated segment lengths: ring-dilated")
     p.add_argument("--rates", default="", help="comma-separated dilation rates")
     p.add_argument("--head-offsets", default="interleaved", choices=["interleaved", "grouped"])
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--iters", type=int, default=3, help="timed iterations (>= 1)")
     p.add_argument("--backward", action="store_true", help="also run the backward")
-    p.add_argument("--check", action="store_true", help="compare with the single-device function")
+    p.add_argument("--check", action="store_true",
+                   help="after timing, compare the forward output (gathered on rank 0) with ringlab's "
+                        "single-device attention / dilated_attention on the whole sequence, computed in "
+                        "float32 on the same device from the same inputs rounded to --dtype; prints the "
+                        "max abs error. Needs the whole sequence's q, k, v and output on every rank's device")
     args = p.parse_args(argv)
-    args.segments = [int(x) for x in args.segments.split(",") if x]
-    args.rates = [int(x) for x in args.rates.split(",") if x]
+    for name in ("seq_len", "batch", "heads", "head_dim", "iters"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        args.segments = [int(x) for x in args.segments.split(",") if x]
+        args.rates = [int(x) for x in args.rates.split(",") if x]
+    except ValueError:
+        p.error(f"--segments and --rates must be comma-separated ints, like 4096,65536; got "
+                f"{args.segments!r} and {args.rates!r}")
     if len(args.segments) != len(args.rates):
         p.error("--segments and --rates need one rate per segment")
     return args
@@ -70,17 +83,33 @@ def attend(args, q, k, v, **ring):
     return ringlab.ring_attention(q, k, v, **kw)
 
 
+def reference(args, q, k, v):
+    """The single-device function on whole-sequence (q, k, v), in float32 (float64 stays)."""
+    q, k, v = (x.float() if x.dtype != torch.float64 else x for x in (q, k, v))
+    if args.segments:
+        return ringlab.dilated_attention(q, k, v, args.segments, args.rates, causal=args.causal,
+                                         head_offsets=args.head_offsets)
+    return ringlab.attention(q, k, v, causal=args.causal)
+
+
+def _say(rank, text):
+    if rank == 0:
+        print(text, flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     _init()
     rank, p = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     dtype = getattr(torch, args.dtype)
-    g = torch.Generator().manual_seed(0)
-    full = [torch.randn(args.batch, args.seq_len, args.heads, args.head_dim, generator=g) for _ in range(3)] \
-        if args.check else None
-    if full is not None:
-        q, k, v = (ringlab.shard(x, rank, p, args.layout).to(device, dtype) for x in full)
+    full = None
+    if args.check:
+        _say(rank, f"check: building the whole-sequence inputs on {device.type} (same seed on every rank)")
+        g = torch.Generator(device).manual_seed(0)  # on the device: no CPU copy of the whole sequence
+        full = [torch.randn(args.batch, args.seq_len, args.heads, args.head_dim, generator=g, device=device,
+                            dtype=dtype) for _ in range(3)]
+        q, k, v = (ringlab.shard(x, rank, p, args.layout).clone() for x in full)
     else:
         shape = (args.batch, args.seq_len // p, args.heads, args.head_dim)
         torch.manual_seed(rank)
@@ -114,9 +143,14 @@ def main(argv=None):
             print(f"{s['rank']:>5} {s['seconds']:>10.4f} {args.seq_len * args.batch / s['seconds']:>12,.0f} "
                   f"{s['peak_mib']:>10.1f}")
         if args.check:
-            whole = ringlab.unshard([o.cpu() for o in outs], args.layout).double()
-            ref = attend(args, *(x.to(dtype).double() for x in full), ring_size=1)
-            print(f"max abs error vs single device: {(whole - ref).abs().max().item():.3g}")
+            print(f"check: single-device {'dilated_attention' if args.segments else 'attention'} in float32 on "
+                  f"{device.type}, whole sequence ...", flush=True)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                ref = reference(args, *full)
+            whole = ringlab.unshard(outs, args.layout)
+            err = (whole.to(ref.dtype) - ref).abs().max().item()
+            print(f"max abs error vs single-device float32 ({time.perf_counter() - t0:.1f} s): {err:.3g}")
     dist.destroy_process_group()
 
 

@@ -21,6 +21,7 @@ import json
 import pathlib
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 
 from .workbench import NOTEBOOKS
@@ -45,9 +46,41 @@ def _notebook_path(notebook) -> pathlib.Path:
     return path
 
 
+def notebook_parameters(path) -> list[str]:
+    """The names the notebook's cell tagged ``parameters`` assigns (what papermill may set)."""
+    import nbformat
+
+    nb = nbformat.read(str(path), 4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    if not cells:
+        raise ValueError(f"{path} has no cell tagged 'parameters', so a sweep cannot set anything in it")
+    names = []
+    for node in ast.parse(cells[0].source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, (ast.AnnAssign, ast.AugAssign)) else []
+        for t in targets:
+            names += [n.id for n in ast.walk(t) if isinstance(n, ast.Name)]
+    return list(dict.fromkeys(names))
+
+
 def _run_name(point: dict) -> str:
-    text = ",".join(f"{k}={json.dumps(v)}" for k, v in point.items()) or "defaults"
-    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", text)[:150]
+    """A folder name for a grid point: a readable prefix of its values, then a hash of all of
+    them, so two different points never share a folder even when their prefixes agree."""
+    full = json.dumps(point, sort_keys=True, default=str)
+    text = ",".join(f"{k}={json.dumps(v, default=str)}" for k, v in point.items()) or "defaults"
+    return re.sub(r"[^A-Za-z0-9_.=,+-]", "_", text)[:80] + "-" + hashlib.sha1(full.encode()).hexdigest()[:12]
+
+
+def _read_status(path: pathlib.Path) -> dict | None:
+    """A run's status.json, or None (with a warning naming the file) when it is unreadable,
+    e.g. cut short by a crash: that run then counts as not finished and runs again."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        warnings.warn(f"ringlab sweep: {path} is unreadable ({err}); that run counts as not finished and "
+                      "runs again on this (or the next) sweep. Delete the file to rerun it by hand",
+                      stacklevel=3)
+        return None
 
 
 @dataclass
@@ -81,7 +114,10 @@ def _execute(notebook: pathlib.Path, run_dir: pathlib.Path, point: dict, timeout
         lines = [x for x in str(err).strip().splitlines() if x.strip()]
         status = dict(status="failed", error=(lines[-1] if lines else repr(err))[:500])
     status.update(params=point, seconds=round(time.perf_counter() - t0, 2))
-    status_file.write_text(json.dumps(status, indent=1, default=str))
+    # write then rename: a run killed mid-write leaves the old file (or none), never half a file
+    tmp = status_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(status, indent=1, default=str))
+    tmp.replace(status_file)
     return status
 
 
@@ -92,22 +128,35 @@ def run_sweep(notebook, params, *, jobs: int = 1, sweep_id: str | None = None, r
 
     path = _notebook_path(notebook)
     grid = [(name, [parse_value(v) for v in values]) for name, values in params]
+    known = notebook_parameters(path)
+    unknown = [name for name, _ in grid if name not in known]
+    if unknown:
+        raise ValueError(f"{path.name} has no parameter {', '.join(map(repr, unknown))}; the names its "
+                         f"parameters cell sets are: {', '.join(known)}")
     for name, values in grid:
         if not values:
             raise ValueError(f"parameter {name!r} has no values: use -p {name} V1 [V2 ...]")
+    if len({name for name, _ in grid}) < len(grid):
+        raise ValueError(f"a parameter is given twice: {[name for name, _ in grid]}; give each once, with all its values")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive int, got {jobs!r}")
     points = [dict(zip([n for n, _ in grid], combo)) for combo in itertools.product(*[v for _, v in grid])]
     sweep_id = sweep_id or f"{path.stem}-" + hashlib.sha1(json.dumps([path.stem, grid], default=str).encode()).hexdigest()[:8]
+    names = [_run_name(point) for point in points]
+    if len(set(names)) < len(names):  # only if a value repeats in the grid: the same point twice
+        raise ValueError(f"the grid holds the same point more than once: {grid}; list each value once")
     folder = pathlib.Path(root) / sweep_id
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sweep.json").write_text(json.dumps(dict(notebook=str(path), grid=grid), indent=1, default=str))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "sweep.json").write_text(json.dumps(dict(notebook=str(path), grid=grid), indent=1, default=str))
+    except OSError as err:
+        raise ValueError(f"cannot write the sweep folder {folder}: {err.strerror or err}; choose a writable "
+                         "folder with --runs (root=)") from None
     report = SweepReport(sweep_id, folder)
     todo = []
-    for point in points:
-        name = _run_name(point)
+    for name, point in zip(names, points):
         status = folder / name / "status.json"
-        if status.exists() and json.loads(status.read_text()).get("status") == "ok":
+        if status.exists() and (_read_status(status) or {}).get("status") == "ok":
             report.runs.append(dict(name=name, params=point, status="skipped", seconds=0.0, error=None))
         else:
             todo.append((name, point))
@@ -131,8 +180,8 @@ def collect(folder, name: str) -> list[dict]:
     folder = pathlib.Path(folder)
     rows = []
     for status_file in sorted(folder.glob("*/status.json")):
-        status = json.loads(status_file.read_text())
-        if status.get("status") != "ok":
+        status = _read_status(status_file)
+        if status is None or status.get("status") != "ok":
             continue
         row = {"run": status_file.parent.name, **status["params"], "seconds": status["seconds"]}
         result = status_file.parent / f"{name}.json"

@@ -7,9 +7,11 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import pathlib
 import platform
 import shutil
+import threading
 import warnings
 from collections import defaultdict
 
@@ -350,7 +352,10 @@ def interactive(build, **controls) -> None:
 
 # ---------------------------------------------------------------- writing figures/
 _png_server = []
-
+_png_hung = []  # set once an export timed out: Chromium is stuck, later exports would hang too
+# Seconds one PNG export may take (a cold Chromium start is about 3 s) before the figure goes
+# on as HTML + JSON only.
+PNG_TIMEOUT = float(os.environ.get("RINGLAB_PNG_TIMEOUT", "60"))
 
 def environment(**extra) -> dict:
     """Where a figure came from: versions, device, time."""
@@ -362,21 +367,46 @@ def environment(**extra) -> dict:
     return env
 
 
+def _export_png(fig, path: pathlib.Path) -> None:
+    import kaleido
+    if not _png_server and shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
+        raise RuntimeError("Chromium is not installed (Debian: apt-get install chromium)")
+    if not _png_server:
+        kaleido.start_sync_server()
+        _png_server.append(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # plotly: "kopts ignored with a server"
+        fig.write_image(path, width=fig.layout.width or 1100, height=fig.layout.height or 500)
+
+
 def _write_png(fig, path: pathlib.Path) -> bool:
-    try:
-        import kaleido
-        if not _png_server and shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
-            raise RuntimeError("Chromium is not installed (Debian: apt-get install chromium)")
-        if not _png_server:
-            kaleido.start_sync_server()
-            _png_server.append(True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # plotly: "kopts ignored with a server"
-            fig.write_image(path, width=fig.layout.width or 1100, height=fig.layout.height or 500)
-        return True
-    except Exception as err:  # noqa: BLE001 - PNGs are optional; say why and go on
-        warnings.warn(f"ringlab: PNG export skipped for {path.name}: {err}. The HTML figure is written.", stacklevel=3)
+    """Export one PNG within PNG_TIMEOUT seconds; on any failure warn and return False."""
+    skip = lambda why: warnings.warn(  # noqa: E731
+        f"ringlab: PNG export skipped for {path.name}: {why}. The HTML and JSON are written.", stacklevel=4)
+    if _png_hung:
+        skip(f"an earlier export hung for {PNG_TIMEOUT:g} s, so PNG export is off in this process")
         return False
+    errors = []
+
+    def run():
+        try:
+            _export_png(fig, path)
+        except Exception as err:  # noqa: BLE001 - PNGs are optional; say why and go on
+            errors.append(err)
+
+    # a daemon thread: a hung Chromium must not keep the notebook (or the interpreter) waiting
+    worker = threading.Thread(target=run, daemon=True, name="ringlab-png-export")
+    worker.start()
+    worker.join(PNG_TIMEOUT)
+    if worker.is_alive():
+        _png_hung.append(True)
+        skip(f"Chromium (kaleido) did not finish within {PNG_TIMEOUT:g} s (set RINGLAB_PNG_TIMEOUT to wait "
+             "longer); PNG export is off for the rest of this process")
+        return False
+    if errors:
+        skip(errors[0])
+        return False
+    return True
 
 
 def save(name: str, figures: dict, *, data=None, params=None, summary=None, out_dir="figures", png: bool = True) -> dict:
