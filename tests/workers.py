@@ -164,3 +164,21 @@ def memory_peaks(problems):
     """Measured peak bytes of each (problem, mode, backward) on this rank's shard."""
     from ringlab.experiments import measure_peak
     return [measure_peak(pb, mode, backward=backward, group=dist.group.WORLD) for pb, mode, backward in problems]
+
+
+def strided_matches_contiguous(_=None):
+    """Shards given with odd strides (head_dim stride 2, an expanded batch) give the same
+    output and gradients as contiguous copies, on this rank of WORLD."""
+    rank, p = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(3)
+    wide = [torch.randn(1, 32, 2, 16, generator=g, dtype=torch.float64) for _ in range(3)]
+    shards = [ringlab.shard(x, rank, p, layout="zigzag") for x in wide]
+    odd = [shards[0][..., ::2], shards[1][..., 1::2], shards[2][..., ::2].expand(2, -1, -1, -1)]
+    results = []
+    for qkv in (odd, [x.contiguous() for x in odd]):
+        leaves = [x.detach().clone().requires_grad_() for x in qkv]
+        ins = [leaves[0].expand(2, -1, -1, -1), leaves[1].expand(2, -1, -1, -1), leaves[2]]
+        out = ringlab.ring_attention(*ins, group=dist.group.WORLD, causal=True, layout="zigzag")
+        out.sum().backward()  # an expanded, all-zero-stride output gradient too
+        results.append([out.detach(), *(x.grad for x in leaves)])
+    return max((a - b).abs().max().item() for a, b in zip(*results))
