@@ -139,8 +139,17 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def default_world_size(device: str = "auto") -> int:
-    """Ranks for multi-rank experiments: one per GPU, or 4 gloo ranks on CPU."""
-    return max(1, torch.cuda.device_count()) if resolve_device(device) == "cuda" else 4
+    """Ranks for multi-rank experiments: one per GPU where there are two or more, else 4 gloo
+    ranks on CPU (a ring of one rank has nothing to rotate)."""
+    gpus = torch.cuda.device_count()
+    return gpus if resolve_device(device) == "cuda" and gpus >= 2 else 4
+
+
+def _rank_device(device: str = "auto") -> str:
+    """This rank's device: its own GPU on an NCCL group, else the CPU (gloo moves CPU tensors)."""
+    if resolve_device(device) == "cuda" and dist.get_backend() == "nccl":
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
 
 
 # ---------------------------------------------------------------- K/V rotation traces
@@ -171,9 +180,7 @@ def _trace_rank(cfg: dict) -> list[dict]:
     """Run on every rank of a launched group: this rank's trace events."""
     import ringlab
     rank, p = dist.get_rank(), dist.get_world_size()
-    device = resolve_device(cfg.get("device", "auto"))
-    if device == "cuda":
-        device = f"cuda:{torch.cuda.current_device()}"
+    device = _rank_device(cfg.get("device", "auto"))
     full = _random_qkv(cfg, cfg["seq_len"], "cpu")
     q, k, v = (ringlab.shard(x, rank, p, cfg["layout"]).contiguous().to(device) for x in full)
     return _traced_call(cfg, q, k, v, group=dist.group.WORLD)
@@ -312,7 +319,8 @@ def rank_times(fn, repeats: int) -> list[float]:
 
 def _time_ring_rank(n: int, heads: int, head_dim: int, causal: bool, repeats: int) -> list[float]:
     import ringlab
-    q, k, v = (torch.randn(1, n // dist.get_world_size(), heads, head_dim) for _ in range(3))
+    q, k, v = (torch.randn(1, n // dist.get_world_size(), heads, head_dim, device=_rank_device())
+               for _ in range(3))
     return rank_times(lambda: ringlab.ring_attention(q, k, v, group=dist.group.WORLD, causal=causal,
                                                      layout="zigzag"), repeats)
 

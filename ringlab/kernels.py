@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -82,14 +83,19 @@ def _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale):
 
 
 # ---------------------------------------------------------------- CUDA cuDNN
+@functools.cache
+def _cudnn_head_dim_limit(device: torch.device) -> int:
+    """cuDNN 9.10+ takes head_dim up to 256 on Hopper (sm 9.0), 128 elsewhere."""
+    if device.type == "cuda" and (torch.backends.cudnn.version() or 0) >= 91000 \
+            and torch.cuda.get_device_capability(device) == (9, 0):
+        return 256
+    return 128
+
+
 def _cudnn_applies(q, k, causal):
     d, b, h = q.shape[-1], q.shape[0], q.shape[2]
-    # cuDNN 9.10+ takes head_dim up to 256 on Hopper (sm 9.0), 128 elsewhere.
-    limit = 128
-    if q.device.type == "cuda" and (torch.backends.cudnn.version() or 0) >= 91000 \
-            and torch.cuda.get_device_capability(q.device) == (9, 0):
-        limit = 256
-    return (_low_precision(q) and d % 8 == 0 and d <= limit and b <= _CUDNN_MAX_DIM and h <= _CUDNN_MAX_DIM
+    return (_low_precision(q) and d % 8 == 0 and d <= _cudnn_head_dim_limit(q.device)
+            and b <= _CUDNN_MAX_DIM and h <= _CUDNN_MAX_DIM
             # cuDNN 9.19 rejects s_q = s_kv = 1 ("not supported"; seen on an H200)
             and min(q.shape[1], k.shape[1]) > 1
             # its causal mask is top-left; we only use it where both alignments agree
@@ -223,11 +229,16 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, causal: bool, mask=None) ->
     device = "cuda" if q.device.type == "meta" else q.device.type  # meta: the dry run models a CUDA rank
     for b in BACKENDS.values():
         if b.device == device and _key(b.name, q) not in _set_aside and b.applies(q, k, causal):
-            if not all(hasattr(torch.ops.aten, op) for op in b.ops):
+            if not _has_ops(b.ops):
                 _set_aside_now(b.name, q, f"this torch ({torch.__version__}) has no {b.ops}")
                 continue
             return b.name
     return "math"
+
+
+@functools.cache
+def _has_ops(ops: tuple[str, ...]) -> bool:
+    return all(hasattr(torch.ops.aten, op) for op in ops)
 
 
 def _transient(err: Exception) -> bool:
