@@ -26,10 +26,11 @@ def machine() -> dict:
     """Facts about this machine that a reader needs to interpret a ratio."""
     cpu = platform.processor() or "unknown"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
     except OSError:
         pass
     info = dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),

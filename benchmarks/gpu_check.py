@@ -191,8 +191,10 @@ def _sdpa(backend):
     return call
 
 
-def _contestants(segs):
-    calls = {name: (_sdpa(b), None, None) for name, b in SDPA_BACKENDS.items()}
+def _contestants(segs, device):
+    # On CPU (the dry run) only the flash backend of SDPA exists.
+    sdpa = SDPA_BACKENDS if torch.device(device).type == "cuda" else {"SDPA flash": SDPBackend.FLASH_ATTENTION}
+    calls = {name: (_sdpa(b), None, None) for name, b in sdpa.items()}
     calls["attention"] = (lambda q, k, v, c: ringlab.attention(q, k, v, causal=c), None, "attention")
     calls["ring P=8 (simulated)"] = (lambda q, k, v, c: ringlab.ring_attention(
         q, k, v, ring_size=8, causal=c, layout="zigzag"), None, None)
@@ -217,7 +219,7 @@ def speed_rows(device, sizes, heads, dim, repeats, scale, peak) -> list[dict]:
                 leaves = [torch.randn(1, n, heads, dim, device=device, dtype=torch.bfloat16).requires_grad_(backward)
                           for _ in range(3)]
                 dout = torch.randn_like(leaves[0]) if backward else None
-                calls = _contestants(segs)
+                calls = _contestants(segs, device)
                 runs, ok = {}, {}
                 for name, (fn, _, _) in calls.items():  # a contestant that fails is dropped, not fatal
                     try:
@@ -273,7 +275,7 @@ def unchunked_rows(device, n, heads, dim, repeats, scale) -> list[dict]:
     leaves = [torch.randn(1, n, heads, dim, device=device, dtype=torch.bfloat16).requires_grad_() for _ in range(3)]
     dout = torch.randn_like(leaves[0])
     rows = []
-    for name, (fn, _, _) in _contestants(segs).items():
+    for name, (fn, _, _) in _contestants(segs, device).items():
         if name.startswith(("SDPA", "attention")):
             continue
         step = _step(fn, leaves, False, dout)
@@ -301,7 +303,7 @@ def capacity_rows(device, sizes_fwd_bwd, sizes_fwd, heads, dim, scale) -> list[d
                 leaves = [torch.randn(1, n, heads, dim, device=device, dtype=torch.bfloat16).requires_grad_(backward)
                           for _ in range(3)]
                 dout = torch.randn_like(leaves[0]) if backward else None
-                fn = _contestants(segs)["dilated (LongNet)"][0]
+                fn = _contestants(segs, device)["dilated (LongNet)"][0]
                 with torch.enable_grad() if backward else torch.no_grad():
                     t0 = time.perf_counter()
                     measured = peak_bytes(_step(fn, leaves, False, dout))

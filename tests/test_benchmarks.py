@@ -13,14 +13,18 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_json(tmp_path):
     summary = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
     assert summary["correctness_ok"], summary["failed_checks"]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
-    correctness, speed, _ = data["sections"]
-    checked = {r["check"].split()[0] for r in correctness["rows"]}
-    assert checked == {"attention", "dilated_attention", "ring_attention", "ring_dilated_attention",
-                       "MultiheadDilatedAttention"}
+    correctness, speed, chunks, capacity, notebooks, _ = data["sections"]
+    checked = {r["check"].split()[0].rstrip(",") for r in correctness["rows"]}
+    assert checked == {"attention", "dilated_attention", "ring_attention", "ring_dilated_attention", "dilated",
+                       "ring", "MultiheadDilatedAttention"}
+    assert all(r["backend"] != "-" for r in correctness["rows"])
     assert all("error" not in r and r["ms"] > 0 and r["TFLOPs"] > 0 for r in speed["rows"])
     assert {r["call"] for r in speed["rows"]} == {"SDPA flash", "attention", "ring P=8 (simulated)",
                                                    "dilated (LongNet)"}
-    assert summary["capacity"]["largest_N"] >= 512
+    assert {r["call"] for r in chunks["rows"]} == {"ring P=8 (simulated)", "dilated (LongNet)"}
+    assert summary["largest_N_fwd+bwd"] >= 512 and summary["largest_N_fwd"] >= 1024
+    assert all(r["fits"] and abs(r["model_over_measured"] - 1) <= 0.1 for r in capacity["rows"])
+    assert notebooks["rows"] == []  # the dry run leaves the notebooks to the CPU tests
     assert (tmp_path / "gpu_check.md").read_text().startswith("# ringlab benchmarks: gpu_check-dry-run")
 
 
