@@ -12,7 +12,6 @@ import numbers
 import torch
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-LAYOUTS = ("contiguous", "zigzag", "striped")
 HEAD_OFFSETS = ("interleaved", "grouped")
 # Beyond these the float32 scores overflow (scale) or index arithmetic reaches int64 limits
 # (segment lengths and rates; a segment longer than the sequence is the whole sequence anyway).
@@ -133,13 +132,3 @@ def check_ring(group, ring_size) -> None:
         if ring_size < 1:
             raise ValueError(f"ring_size must be >= 1, got {ring_size}")
 
-
-def check_layout_split(layout: str, seq_len: int, world_size: int, what: str = "sequence length") -> None:
-    """The layouts need equal shards: N % P == 0 (contiguous, striped), N % 2P == 0 (zigzag)."""
-    check_choice("layout", layout, LAYOUTS)
-    parts = 2 * world_size if layout == "zigzag" else world_size
-    if seq_len % parts:
-        raise ValueError(
-            f"layout {layout!r} cannot split {what} {seq_len} over {world_size} ranks: it "
-            f"needs a multiple of {parts}. Pad the sequence to {-(-seq_len // parts) * parts} "
-            "tokens or choose another world size")

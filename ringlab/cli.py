@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+from .layout import LAYOUTS
+
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
                  "float": "float32", "fp64": "float64", "double": "float64"}
 
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: the fewest that fit)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--no-causal", action="store_true")
-    p.add_argument("--layout", default="zigzag", choices=["contiguous", "zigzag", "striped"])
+    p.add_argument("--layout", default="zigzag", choices=list(LAYOUTS))
     p.add_argument("--head-offsets", default="interleaved", choices=["interleaved", "grouped"])
     p.add_argument("--forward-only", action="store_true", help="inference: no backward")
     p.add_argument("--devices", default=None, help="a JSON file of device profiles to use instead")

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from . import memory
 from .baselines import materialized_attention, sdpa
-from .checks import check_layout_split
+from .layout import LAYOUTS, get, with_pieces
 from .memory_model import Problem, estimate
 
 
@@ -205,7 +205,7 @@ def layout_work(world_size: int = 4, seq_len: int = 1024) -> dict:
     from .trace import Trace
     return {layout: Trace(ring_trace(world_size, seq_len, layout=layout, simulated=True, backward=False,
                                      heads=1, head_dim=8, device="cpu")).work_per_rank()
-            for layout in ("contiguous", "zigzag", "striped")}
+            for layout in LAYOUTS}
 
 
 def overlap_fraction(events) -> float | None:
@@ -257,12 +257,13 @@ def memory_curves(sizes=(1024, 2048, 4096), ring_sizes=(2, 4), *, heads: int = 8
 
 
 # ---------------------------------------------------------------- correctness
-def correctness_grid(seq_len: int = 96, *, world_sizes=(1, 2, 4, 8), layouts=("contiguous", "zigzag", "striped"),
+def correctness_grid(seq_len: int = 96, *, world_sizes=(1, 2, 4, 8), layouts=None,
                      dtypes=("float64", "float32", "bfloat16"), backends=("auto", "math"), heads: int = 4,
                      head_dim: int = 32, dilated=((12, 48, 96), (1, 2, 4)), progress: bool = True) -> list[dict]:
     """Max abs error of outputs and gradients vs the float64 dense reference, over kernels
     (backend), dtypes, world sizes and layouts of the simulated ring (the per-rank code real
-    ranks run), plus dilated and ring-dilated attention."""
+    ranks run), plus dilated and ring-dilated attention. ``layouts``: the ring's (default every
+    registered one); ring-dilated runs every registered layout that it accepts."""
     from tqdm.auto import tqdm
 
     import ringlab
@@ -275,10 +276,13 @@ def correctness_grid(seq_len: int = 96, *, world_sizes=(1, 2, 4, 8), layouts=("c
     g = torch.Generator().manual_seed(0)
     full = [torch.randn(2, seq_len, heads, head_dim, generator=g, dtype=torch.float64) for _ in range(4)]
     segs, rates = dilated
+    layouts = tuple(LAYOUTS) if layouts is None else tuple(layouts)
+    strictest_first = sorted(map(get, dict.fromkeys([*layouts, *with_pieces()])), key=lambda lay: -lay.unit)
     for p in world_sizes:  # every world size asked for is run, or the call says why not
-        check_layout_split("zigzag", seq_len, p, what="seq_len")
+        for lay in strictest_first:
+            lay.check_split(seq_len, p, what="seq_len")
     cases = [("ring", p, lay) for p in world_sizes for lay in layouts]
-    cases += [("ring_dilated", p, lay) for p in world_sizes for lay in ("contiguous", "zigzag")]
+    cases += [("ring_dilated", p, lay) for p in world_sizes for lay in with_pieces()]
     rows = []
     for (kind, p, lay), dtype, backend in tqdm(list(itertools.product(cases, dtypes, backends)),
                                                desc="correctness", disable=not progress):
@@ -345,7 +349,7 @@ def scaling(sizes=(1024, 2048, 4096), *, heads: int = 8, head_dim: int = 64, cau
     from .timing import ratio_spread, side_by_side
     device = resolve_device(device)
     for n in sizes if real_ring else ():  # before any timing: every size runs on the real ring too
-        check_layout_split("zigzag", n, world_size, what="scaling size")
+        LAYOUTS["zigzag"].check_split(n, world_size, what="scaling size")
     rows = []
     for n in tqdm(sizes, desc="scaling", disable=not progress):
         q, k, v = (torch.randn(1, n, heads, head_dim, device=device) for _ in range(3))

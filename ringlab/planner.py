@@ -20,8 +20,9 @@ import math
 import pathlib
 from dataclasses import asdict, dataclass, field
 
-from .checks import HEAD_OFFSETS, LAYOUTS, check_branches, check_choice
+from .checks import HEAD_OFFSETS, check_branches, check_choice
 from .dilation import score_pairs
+from .layout import LAYOUTS
 from .memory_model import DTYPE_BYTES, Problem, estimate
 
 DEVICES_FILE = pathlib.Path(__file__).with_name("devices.json")
@@ -147,7 +148,7 @@ def _problem(tokens, heads, head_dim, dtype, segments, rates, gpus, batch, causa
 
 
 def _splittable(pb: Problem) -> bool:
-    return pb.seq_len % ((2 if pb.layout == "zigzag" else 1) * pb.world_size) == 0
+    return LAYOUTS[pb.layout].splits(pb.seq_len, pb.world_size)
 
 
 def _memory(pb: Problem, backward: bool):
@@ -221,7 +222,7 @@ def _total(pb: Problem, backward: bool) -> int:
 
 def gpu_counts(pb: Problem) -> list[int]:
     """Every GPU count up to MAX_GPUS over which the layout splits pb.seq_len evenly."""
-    unit = 2 if pb.layout == "zigzag" else 1
+    unit = LAYOUTS[pb.layout].unit
     if pb.seq_len % unit:
         return []
     m = pb.seq_len // unit
@@ -238,9 +239,10 @@ def _min_gpus(pb: Problem, dev: Device, backward: bool) -> tuple[int | None, str
     fits = lambda i: _fits(at(counts[i]), dev, backward)  # noqa: E731
     counts = gpu_counts(pb)
     if not counts:
+        unit = LAYOUTS[pb.layout].unit
         return None, (f"layout {pb.layout!r} cannot split {pb.seq_len:,} tokens evenly over any number of GPUs: "
-                      f"it cuts the sequence into 2 x GPUs equal chunks, so it needs an even length. Pad to "
-                      f"{pb.seq_len + 1:,} tokens, or use layout 'contiguous'")
+                      f"it cuts the sequence into {unit} x GPUs equal chunks, so it needs a multiple of {unit}. "
+                      f"Pad to {-(-pb.seq_len // unit) * unit:,} tokens, or use layout 'contiguous'")
     guess = _total(at(1), backward) / dev.capacity
     hi = min(bisect.bisect_left(counts, guess), len(counts) - 1)
     lo = -1  # below hi; -1: nothing below is known not to fit
@@ -271,7 +273,7 @@ def _min_gpus(pb: Problem, dev: Device, backward: bool) -> tuple[int | None, str
 def _max_tokens(pb: Problem, dev: Device, backward: bool) -> int | None:
     """The longest sequence (a multiple of what the layout needs) that fits on pb.world_size
     GPUs. Memory grows about linearly in N at fixed P: scale from the current N, then step."""
-    unit = (2 if pb.layout == "zigzag" else 1) * pb.world_size
+    unit = LAYOUTS[pb.layout].unit * pb.world_size
     at = lambda m: Problem(**{**asdict(pb), "seq_len": m * unit})  # noqa: E731
     m = max(1, pb.seq_len // unit)
     m = max(1, int(m * dev.capacity / _total(at(m), backward)))
@@ -320,7 +322,7 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
     if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1):
         raise ValueError(f"gpus must be a positive int, got {gpus!r}")
     check_choice("dtype", dtype, tuple(DTYPE_BYTES))
-    check_choice("layout", layout, LAYOUTS)
+    check_choice("layout", layout, tuple(LAYOUTS))
     check_choice("head_offsets", head_offsets, HEAD_OFFSETS)
     if segments or rates:
         segments, rates = check_branches(segments, rates)

@@ -20,19 +20,11 @@ import torch.distributed as dist
 
 from . import trace
 from .autograd import exact_attention
-from .checks import (
-    LAYOUTS,
-    check_causal,
-    check_choice,
-    check_layout_split,
-    check_qkv,
-    check_ring,
-    resolve_scale,
-)
+from .checks import check_causal, check_qkv, check_ring, resolve_scale
 from .comm import RingAlgorithm, check_group_agrees
 from .dilated import new_accumulators
 from .kernels import accum_dtype, block_attention, block_attention_backward
-from .layout import ring_tile
+from .layout import LAYOUTS, get
 from .merge import merge
 
 
@@ -54,13 +46,14 @@ def ring_forward_rank(comm, q, k, v, *, layout: str, causal: bool, scale: float,
     """One rank's forward (a generator; see ringlab.comm). Returns (out, lse) accumulators.
     Every head attends alike, so ``heads`` (which of the call's heads q holds) is not needed."""
     p, rank, n = comm.world_size, comm.rank, q.shape[1]
+    lay = get(layout)
     out, lse = new_accumulators(q)
     kv = torch.stack([k, v])  # one buffer, one transfer per step
     for step in range(p):
         src = (rank - step) % p
         if step + 1 < p:
             incoming, pending = comm.pass_on(kv, step=step, label="kv")
-        tile = ring_tile(layout, rank, src, p, n, causal)
+        tile = lay.tile(rank, src, p, n, causal)
         with _traced_tile(rank, step, src, tile):
             if tile is not None:
                 merge(out[:, tile.q], lse[:, :, tile.q],
@@ -76,6 +69,7 @@ def ring_backward_rank(comm, dout, q, k, v, out, lse, dlse, *, layout: str, caus
                        scale: float, heads: slice):
     """One rank's backward (a generator). Returns (dq, dk, dv) in the accumulation dtype."""
     p, rank, n = comm.world_size, comm.rank, q.shape[1]
+    lay = get(layout)
     acc = accum_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])
@@ -89,7 +83,7 @@ def ring_backward_rank(comm, dout, q, k, v, out, lse, dlse, *, layout: str, caus
         else:
             yield from dkv_pending.wait()
             dkv = dkv_incoming
-        tile = ring_tile(layout, rank, src, p, n, causal)
+        tile = lay.tile(rank, src, p, n, causal)
         with _traced_tile(rank, step, src, tile):
             if tile is not None:
                 qr, kr = tile.q, tile.k
@@ -113,10 +107,11 @@ def ring_backward_rank(comm, dout, q, k, v, out, lse, dlse, *, layout: str, caus
 
 def _group_meta(q, causal, layout, scale) -> tuple[list[int], list[str], dict]:
     dtypes = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-    meta = [*q.shape, dtypes.index(q.dtype), int(causal), LAYOUTS.index(layout),
+    layouts = tuple(LAYOUTS)
+    meta = [*q.shape, dtypes.index(q.dtype), int(causal), layouts.index(layout),
             struct.unpack("<q", struct.pack("<d", scale))[0]]
     names = ["batch", "seq (shard length)", "heads", "head_dim", "dtype", "causal", "layout", "scale"]
-    show = dict(dtype=lambda i: str(dtypes[i]).removeprefix("torch."), causal=bool, layout=LAYOUTS.__getitem__,
+    show = dict(dtype=lambda i: str(dtypes[i]).removeprefix("torch."), causal=bool, layout=layouts.__getitem__,
                 scale=lambda b: struct.unpack("<d", struct.pack("<q", b))[0])
     return meta, names, show
 
@@ -125,16 +120,16 @@ def check_ring_args(q, k, v, group, ring_size, causal, layout):
     """Checks shared by ring_attention and ring_dilated_attention (no communication yet)."""
     check_qkv(q, k, v, same_length=True)
     check_causal(causal)
-    check_choice("layout", layout, LAYOUTS)
+    lay = get(layout)
     check_ring(group, ring_size)
     if group is None and ring_size is None:
         raise ValueError("pass group= (a torch.distributed ProcessGroup; q, k, v are this rank's "
                          "shards) or ring_size= (simulate that many ranks on this device)")
     if group is None:
-        check_layout_split(layout, q.shape[1], ring_size)
+        lay.check_split(q.shape[1], ring_size)
     else:
         p = dist.get_world_size(group)
-        check_layout_split(layout, q.shape[1] * p, p, what="sequence length (shard length x ranks)")
+        lay.check_split(q.shape[1] * p, p, what="sequence length (shard length x ranks)")
 
 
 def ring_attention(q, k, v, *, group=None, ring_size: int | None = None, causal: bool = False,
@@ -149,7 +144,8 @@ def ring_attention(q, k, v, *, group=None, ring_size: int | None = None, causal:
 
     Args:
         causal: key k visible to query q only if k <= q (global positions).
-        layout: "contiguous", "zigzag" or "striped"; the last two balance causal work.
+        layout: a name in ringlab.layout.LAYOUTS: "contiguous", "zigzag" or "striped" (the
+            last two balance causal work), or one you registered.
         scale: default 1/sqrt(D).
         return_lse: also return lse (B, H, S) for the same rows as out.
 

@@ -46,10 +46,8 @@ from .dilation import (
     shifted,
 )
 from .kernels import accum_dtype
-from .layout import shard_pieces
+from .layout import get, with_pieces
 from .ring import _group_meta, check_ring_args
-
-LAYOUTS = ("contiguous", "zigzag")
 
 
 @dataclass(frozen=True)
@@ -119,14 +117,12 @@ class RankPlan:
     steps: tuple[int, ...]                     # per branch: the most hops of any sub-ring
 
 
-def _members(seq_len: int, world_size: int, layout: str, w: int, seg: int) -> tuple[int, ...]:
-    """Ranks holding positions of segment ``seg``: the owners of the chunks it overlaps."""
-    chunks = world_size * (2 if layout == "zigzag" else 1)
-    c = seq_len // chunks
+def _members(seq_len: int, owners: tuple[int, ...], w: int, seg: int) -> tuple[int, ...]:
+    """Ranks holding positions of segment ``seg``: the owners of the chunks it overlaps
+    (``owners``: the rank of each chunk, see ringlab.layout.ChunkLayout.owners)."""
+    c = seq_len // len(owners)
     lo, hi = seg * w // c, (min((seg + 1) * w, seq_len) - 1) // c
-    if layout == "contiguous":
-        return tuple(range(lo, hi + 1))
-    return tuple(sorted({i if i < world_size else chunks - 1 - i for i in range(lo, hi + 1)}))
+    return tuple(sorted({owners[i] for i in range(lo, hi + 1)}))
 
 
 @functools.lru_cache(maxsize=64)
@@ -135,7 +131,9 @@ def rank_plan(seq_len: int, world_size: int, rank: int, layout: str, num_heads: 
               heads: tuple[int, int] | None = None) -> RankPlan:
     """Local blocks and sub-rings of ``rank`` (see module doc), for the heads h0 <= h < h1
     of ``heads`` = (h0, h1) (default all), numbered from h0."""
-    pieces_of = [shard_pieces(seq_len, x, world_size, layout) for x in range(world_size)]
+    lay = get(layout)
+    pieces_of = [lay.pieces(seq_len, x, world_size) for x in range(world_size)]
+    owners = lay.owners(world_size)
     own = local_blocks(pieces_of[rank], num_heads, segment_lengths, dilation_rates, mode, causal, heads)
     local = tuple(tuple(x for x in own if x.branch == b) for b in range(len(segment_lengths)))
     subrings, steps = [], []
@@ -146,7 +144,7 @@ def rank_plan(seq_len: int, world_size: int, rank: int, layout: str, num_heads: 
         mine = []
         most = 0
         for seg in edge_segments:
-            members = _members(seq_len, world_size, layout, w, seg)
+            members = _members(seq_len, owners, w, seg)
             if len(members) < 2:
                 continue
             most = max(most, len(members) - 1)
@@ -309,12 +307,13 @@ def ring_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, group=No
     ``ring_size=P`` one process simulates the P ranks on the whole sequence.
 
     Args:
-        layout: "contiguous" or "zigzag" (striped would put every segment on every rank).
+        layout: one whose ranks hold whole chunks: "contiguous", "zigzag" or one you registered
+            (striped would put every segment on every rank).
     """
     segs, rates, scale = check_dilated_args(q, k, v, segment_lengths, dilation_rates, causal,
                                             scale, head_offsets)
     check_ring_args(q, k, v, group, ring_size, causal, layout)
-    check_choice("layout", layout, LAYOUTS)
+    check_choice("layout", layout, with_pieces())
     if group is not None:
         import torch.distributed as dist
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 import ringlab
 from ringlab import memory
+from ringlab.layout import LAYOUTS
 
 
 def parse_args(argv=None):
@@ -35,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=["float64", "float32", "bfloat16", "float16"])
     p.add_argument("--causal", action="store_true")
-    p.add_argument("--layout", default="contiguous", choices=["contiguous", "zigzag", "striped"])
+    p.add_argument("--layout", default="contiguous", choices=list(LAYOUTS))
     p.add_argument("--segments", default="", help="comma-separated segment lengths: ring-dilated")
     p.add_argument("--rates", default="", help="comma-separated dilation rates")
     p.add_argument("--head-offsets", default="interleaved", choices=["interleaved", "grouped"])

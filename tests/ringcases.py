@@ -10,9 +10,10 @@ from conftest import assert_close, max_err
 
 import ringlab
 from ringlab.launch import launch
+from ringlab.layout import LAYOUTS as REGISTRY
 from ringlab.reference import dense_attention, dense_dilated_attention
 
-LAYOUTS = ["contiguous", "zigzag", "striped"]
+LAYOUTS = list(REGISTRY)
 WORLD_SIZES = [1, 2, 3, 4, 8]
 
 

@@ -23,6 +23,7 @@ import torch
 import ringlab
 from ringlab import cli, memory, planner, run, sweep, viz
 from ringlab.launch import RankError, launch
+from ringlab.layout import LAYOUTS
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -247,7 +248,7 @@ def test_plan_command_errors_are_messages(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- 8: shard / unshard
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_shard_and_unshard_take_negative_dims(layout):
     x = torch.randn(4, 8, 4, 8)
     for dim in range(-4, 4):

@@ -6,6 +6,7 @@ from conftest import check_against, rand_qkv
 from ringcases import WORLD_SIZES, check_case, dilated_cases, gathered
 
 import ringlab
+from ringlab.layout import with_pieces
 from ringlab.reference import dense_dilated_attention
 from ringlab.ring_dilated import rank_plan
 from ringlab.trace import record_events
@@ -30,7 +31,7 @@ def _ref(segs, rates, causal, mode, scale=None):
 
 
 @pytest.mark.parametrize("p", range(1, 9))
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("layout", with_pieces())
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("config", range(len(CONFIGS)))
 def test_simulated_f64(p, layout, causal, config):
@@ -51,7 +52,7 @@ def test_simulated_scale(causal, mode):
                   _ref(segs, rates, causal, mode, scale=0.7), inputs, torch.float64, use_lse=True)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("layout", with_pieces())
 def test_simulated_f32_longnet_error_does_not_grow_with_ranks(layout):
     """SPEC §5: within tolerance at 1 and 8 ranks, and the error at 8 within 2x of that at 1."""
     segs, rates = [64, 128, 256, 512], [1, 2, 4, 8]
