@@ -3,9 +3,10 @@
 An algorithm supplies ``forward(q, k, v, heads, into) -> (out, lse)`` (out in the accumulation
 dtype) and ``backward(dout, q, k, v, out, lse, dlse, heads, into) -> (dq, dk, dv)``, where
 q, k, v hold the heads ``heads`` (a slice of the call's heads; dilation needs their global
-index). ``into`` is None or tensors of the result's shape (out and lse; dq, dk and dv; out or
-dq is None when the dtype is narrower than the accumulators) that an algorithm may accumulate
-in and return instead of allocating its own.
+index). ``into`` is None or views of the call's results that an algorithm may accumulate in
+and return instead of allocating its own: (out, lse) in the forward, out None when the input
+dtype is narrower than the accumulators; (dq, dk, dv) in the backward, given only when the
+dtypes match.
 Only q, k, v, out and lse are saved: the backward recomputes scores blockwise from the global
 lse, flash-style, so no (Sq, Sk) matrix outlives the forward. ``dlse`` is None unless the
 caller's loss used lse.
@@ -28,7 +29,7 @@ from .kernels import accum_dtype
 
 # Chunk heads when the float32 accumulators of the backward (dq, dk, dv) for all heads would
 # exceed this; below it one chunk is fastest (on an H200 eight chunks made dilated attention
-# 1.5x slower at 128K tokens) and memory is no question.
+# 1.4-1.5x slower at 128K tokens) and memory is no question.
 ACCUM_BUDGET = {"cuda": 4 << 30, "cpu": 64 << 20}
 # Elements of q per chunk at the least, so each kernel still fills the device.
 MIN_CHUNK_ELEMENTS = {"cuda": 1 << 25, "cpu": 1 << 20}
