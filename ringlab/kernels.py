@@ -263,19 +263,27 @@ def _kernel_layout(x):
     return x.contiguous()
 
 
-def _call(backend: str, pass_: str, q, args):
-    """Run one pass of a fused backend; None if it is set aside for these inputs now."""
-    fn = getattr(BACKENDS[backend], pass_)
-    try:
-        result = fn(*(_kernel_layout(a) if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args))
-    except (RuntimeError, NotImplementedError, TypeError) as err:
-        if _forced != "auto" or _transient(err):
-            raise
-        _set_aside_now(backend, q, f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}")
-        return None
+def _fused(pass_: str, q, k, causal: bool, mask, args):
+    """One pass on the first fused backend that serves these inputs, or None: then the caller
+    runs the math path. A backend that rejects the case is set aside and the next one tried."""
+    while (backend := select_backend(q, k, causal, mask)) != "math":
+        fn = getattr(BACKENDS[backend], pass_)
+        try:
+            result = fn(*(_kernel_layout(a) if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args))
+        except (RuntimeError, NotImplementedError, TypeError) as err:
+            if _forced != "auto" or _transient(err):
+                raise
+            _set_aside_now(backend, q, f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}")
+            continue
+        _count(pass_, backend)
+        return result
+    _count(pass_, "math")
+    return None
+
+
+def _count(pass_: str, backend: str) -> None:
     for counts in _served:
         counts[f"{pass_}/{backend}"] += 1
-    return result
 
 
 def _empty_result(q, v):
@@ -290,13 +298,8 @@ def block_attention(q, k, v, *, causal: bool = False, scale: float, mask=None):
     """Attend q (B, Sq, H, D) to k, v (B, Sk, H, D). Returns out (B, Sq, H, D), lse (B, H, Sq)."""
     if q.shape[1] == 0 or k.shape[1] == 0:
         return _empty_result(q, v)
-    while (backend := select_backend(q, k, causal, mask)) != "math":
-        result = _call(backend, "forward", q, (q, k, v, causal, scale))
-        if result is not None:
-            return result
-    for counts in _served:
-        counts["forward/math"] += 1
-    return _math_forward(q, k, v, causal, scale, mask)
+    result = _fused("forward", q, k, causal, mask, (q, k, v, causal, scale))
+    return result if result is not None else _math_forward(q, k, v, causal, scale, mask)
 
 
 def block_attention_backward(dout, q, k, v, out, lse, *, causal: bool = False, scale: float,
@@ -312,13 +315,8 @@ def block_attention_backward(dout, q, k, v, out, lse, *, causal: bool = False, s
     lse = torch.where(lse == -math.inf, math.inf, lse)
     if dlse is not None and select_backend(q, k, causal, mask) != "math":
         return _backward_with_dlse(dout, q, k, v, out, lse, dlse, causal, scale)
-    while (backend := select_backend(q, k, causal, mask)) != "math":
-        result = _call(backend, "backward", q, (dout, q, k, v, out, lse, causal, scale))
-        if result is not None:
-            return result
-    for counts in _served:
-        counts["backward/math"] += 1
-    return _math_backward(dout, q, k, v, out, lse, dlse, causal, scale, mask)
+    result = _fused("backward", q, k, causal, mask, (dout, q, k, v, out, lse, causal, scale))
+    return result if result is not None else _math_backward(dout, q, k, v, out, lse, dlse, causal, scale, mask)
 
 
 def _backward_with_dlse(dout, q, k, v, out, lse, dlse, causal, scale):
