@@ -2,7 +2,7 @@
 
 Times on shared machines are noise; ratios taken side by side are the figure. Every
 comparison here interleaves its contestants (a, b, a, b, ...) and reports the median of the
-per-round ratios: the helpers live in ringlab.timing, which the scaling notebook uses too.
+per-round ratios: the helpers live in ringlab.workbench.timing, which the scaling notebook uses too.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import platform
 
 import torch
 
-from ringlab import memory
-from ringlab.timing import ratio, side_by_side, sync  # noqa: F401 - the benchmarks' timing helpers
+from ringlab.planning import memory
+from ringlab.workbench.timing import ratio, side_by_side, sync  # noqa: F401 - the benchmarks' timing helpers
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -53,7 +53,7 @@ def best_time(fn, repeats: int, device="cpu") -> float:
 
 
 def peak_bytes(fn) -> int:
-    """Peak live tensor bytes while ``fn()`` runs (ringlab.memory: allocator on CUDA, tracker on CPU)."""
+    """Peak live tensor bytes while ``fn()`` runs (ringlab.planning.memory: allocator on CUDA, tracker on CPU)."""
     with memory.track() as m:
         fn()
     return m.peak

@@ -4,7 +4,7 @@
     python -m benchmarks.gpu_check --dry-run    # the same steps on CPU at toy sizes (CI runs this)
 
 1. correctness: every public function on CUDA (float32 and bf16, small shapes) against the
-   float64 dense reference at the SPEC §5 tolerances, with the ringlab backend that served
+   float64 dense reference at the docs/design.md §7 tolerances, with the ringlab backend that served
    each row: ``attention`` (also causal with Sq != Sk), ``dilated_attention``, the simulated
    ``ring_attention`` and ``ring_dilated_attention`` for several ring sizes and layouts, head
    chunks forced on, and ``nn.MultiheadDilatedAttention`` against its own float64 copy.
@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ringlab
-from ringlab import autograd, kernels
-from ringlab.memory_model import Problem, estimate
-from ringlab.nn import MultiheadDilatedAttention
+from ringlab.engine import autograd, kernels
+from ringlab.planning.memory_model import Problem, estimate
+from ringlab.engine.nn import MultiheadDilatedAttention
 from ringlab.reference import dense_attention, dense_dilated_attention, tolerance
 
 from .common import machine, markdown_table, peak_bytes, record, section, side_by_side
@@ -91,7 +91,7 @@ def _check(name, fn, ref, inputs, dtype, device):
 
 @contextlib.contextmanager
 def _chunks_of(size: int):
-    """Head chunks of ``size`` heads at any N (the policy of ringlab.autograd set aside)."""
+    """Head chunks of ``size`` heads at any N (the policy of ringlab.engine.autograd set aside)."""
     original = autograd.head_chunks
     autograd.head_chunks = lambda b, s, h, d, dtype, device: [slice(i, min(i + size, h)) for i in range(0, h, size)]
     try:
@@ -326,17 +326,17 @@ def notebook_rows(device, out_dir, budget_s: float) -> list[dict]:
         import papermill  # noqa: F401
     except ImportError:
         return [dict(notebook="all", ok=False, error="papermill missing: carry the wheels of tools/gpu-wheels")]
-    from ringlab import workbench
+    from ringlab.workbench import notebooks
 
     rows, end = [], time.monotonic() + budget_s
-    for name in workbench.notebook_names():
+    for name in notebooks.notebook_names():
         t0 = time.perf_counter()
         row = dict(notebook=name)
         if time.monotonic() > end:
             rows.append(row | dict(ok=False, error=f"not run: the {budget_s:.0f} s budget was spent"))
             continue
         try:
-            workbench.execute_path(workbench.NOTEBOOKS / f"{name}.ipynb", os.path.join(out_dir, "notebooks", f"{name}.ipynb"),
+            notebooks.execute_path(notebooks.NOTEBOOKS / f"{name}.ipynb", os.path.join(out_dir, "notebooks", f"{name}.ipynb"),
                                    {"output_dir": os.path.join(out_dir, "figures"), "device": device},
                                    timeout=int(max(30, end - time.monotonic())))
             row.update(ok=True)

@@ -6,7 +6,7 @@ The limit is measured in the same run: the best of a few square matmuls (the ker
 attention implementation is built from) in the benchmark's dtype. An attention call's FLOPs
 are counted from the score pairs it computes: 4 per pair per head dim forward (QK^T and PV),
 3.5x that for forward+backward (five matmuls to the forward's two). Pairs come from
-``ringlab.dilation.score_pairs``, so dilated attention is credited only with the work it does.
+``ringlab.engine.dilation.score_pairs``, so dilated attention is credited only with the work it does.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 import torch
 
 import ringlab
-from ringlab.baselines import sdpa
-from ringlab.dilation import score_pairs
+from ringlab.workbench.baselines import sdpa
+from ringlab.engine.dilation import score_pairs
 
 from .common import best_time, cli, section, sync
 from .single_device import LONGNET, fwd_bwd

@@ -19,11 +19,11 @@ import torch
 import torch.distributed as dist
 
 import ringlab
-from ringlab import memory
-from ringlab.baselines import sdpa
-from ringlab.experiments import overlap_fraction, rank_times
-from ringlab.launch import launch
-from ringlab.trace import record_events
+from ringlab.planning import memory
+from ringlab.workbench.baselines import sdpa
+from ringlab.workbench.experiments import overlap_fraction, rank_times
+from ringlab.engine.launch import launch
+from ringlab.engine.trace import record_events
 
 from .common import cli, ratio, section, side_by_side
 from .peers import peer_ring_attention

@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 import ringlab
-from ringlab import memory
-from ringlab.experiments import rank_times
-from ringlab.launch import launch
-from ringlab.trace import record_events
+from ringlab.planning import memory
+from ringlab.workbench.experiments import rank_times
+from ringlab.engine.launch import launch
+from ringlab.engine.trace import record_events
 
 from .common import cli, section, side_by_side
 

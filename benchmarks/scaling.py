@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 import ringlab
-from ringlab.baselines import sdpa
-from ringlab.launch import launch
+from ringlab.workbench.baselines import sdpa
+from ringlab.engine.launch import launch
 
 from .common import best_time, cli, peak_bytes, section
 from .single_device import LONGNET

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 import ringlab
-from ringlab.baselines import sdpa
-from ringlab.dilation import score_pairs
+from ringlab.workbench.baselines import sdpa
+from ringlab.engine.dilation import score_pairs
 
 from .common import cli, peak_bytes, ratio, section, side_by_side
 
@@ -71,7 +71,7 @@ def run(quick: bool = False) -> dict:
     notes = ("Targets: attention/SDPA <= 1.15 forward, <= 1.3 forward+backward; "
              "dilated/SDPA <= 1.5 x ideal (ideal = score pairs computed / dense pairs). "
              "Times are the best of the rounds; ratio is the median of per-round ratios, "
-             "contestants interleaved. Peaks: measured live tensor bytes (ringlab.memory).")
+             "contestants interleaved. Peaks: measured live tensor bytes (ringlab.planning.memory).")
     return section("single_device", rows,
            ["case", "mode", "causal", "ours_s", "sdpa_s", "ratio", "ideal", "ratio_over_ideal",
             "peak_ours_MiB", "peak_sdpa_MiB", "qkvo_MiB"], notes=notes)

@@ -3,11 +3,12 @@
 Layout everywhere: q, k, v, out (batch, seq, heads, head_dim); lse (batch, heads, seq).
 """
 
-from .attention import attention
-from .dilated import dilated_attention
-from .layout import shard, unshard
-from .ring import ring_attention
-from .ring_dilated import ring_dilated_attention
+from .engine.attention import attention
+from .engine.dilated import dilated_attention
+from .engine.layout import shard, unshard
+from .engine.ring import ring_attention
+from .engine.ring_dilated import ring_dilated_attention
+from .planning import memory_model  # noqa: F401 - lets out-of-memory errors quote the memory model
 
 __all__ = ["attention", "dilated_attention", "ring_attention", "ring_dilated_attention", "shard", "unshard"]
 __version__ = "0.1.0"

@@ -3,7 +3,8 @@
     ringlab plan --tokens 1G --heads 32 --head-dim 128 --dtype bf16 --gpu h100 [--gpus N]
                  [--segments 4096,65536,1G --rates 1,8,64] [--dry-run] [--json]
     ringlab sweep NOTEBOOK -p name v1 v2 ... [-p other ...] [--jobs 2] [--sweep-id ID]
-    ringlab figures [--only NAME ...]      # the main job: execute every notebook, write figures/
+    ringlab figures [NOTEBOOK ...] [--notebooks DIR] [--out DIR]
+                                           # the main job: execute every notebook, write figures/
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ import argparse
 import json
 import sys
 
-from .layout import LAYOUTS
+from .engine.layout import LAYOUTS
 
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
                  "float": "float32", "fp64": "float64", "double": "float64"}
 
 
 def _ints(text: str, what: str) -> list[int]:
-    from .planner import parse_tokens
+    from .planning.planner import parse_tokens
     try:
         return [parse_tokens(x) for x in text.replace(" ", ",").split(",") if x]
     except ValueError:
@@ -27,8 +28,8 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def _plan(args) -> int:
-    from .memory_model import Problem
-    from .planner import devices, plan
+    from .planning.memory_model import Problem
+    from .planning.planner import devices, plan
 
     profiles = devices(args.devices) if args.devices else None
     p = plan(args.tokens, heads=args.heads, head_dim=args.head_dim,
@@ -39,7 +40,7 @@ def _plan(args) -> int:
              backward=not args.forward_only, device_profiles=profiles)
     result = p.to_dict()
     if args.dry_run:
-        from .dryrun import dry_run
+        from .planning.dryrun import dry_run
         pb = Problem(**p.problem)
         result["dry_run"] = dry_run(pb, backward=not args.forward_only)
     if args.json:
@@ -56,7 +57,7 @@ def _plan(args) -> int:
 
 
 def _sweep(args) -> int:
-    from .sweep import run_sweep
+    from .workbench.sweep import run_sweep
     report = run_sweep(args.notebook, [(name, values) for name, *values in args.param], jobs=args.jobs,
                        sweep_id=args.sweep_id, root=args.runs, timeout=args.timeout)
     print(report.summary())
@@ -64,8 +65,10 @@ def _sweep(args) -> int:
 
 
 def _figures(args) -> int:
-    from .workbench import run_notebooks
-    return run_notebooks(only=args.only, timeout=args.timeout)
+    from .workbench.notebooks import run_notebooks
+    from .workbench.notebooks import FIGURES, NOTEBOOKS
+    return run_notebooks(only=[*args.paths, *(args.only or [])], folder=args.notebooks or NOTEBOOKS,
+                         out_dir=args.out or FIGURES, timeout=args.timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32, fp64 (default bf16)")
     p.add_argument("--segments", default="", help="comma-separated segment lengths (ring-dilated)")
     p.add_argument("--rates", default="", help="comma-separated dilation rates, one per segment")
-    p.add_argument("--gpu", default="h100", help="device profile: h100, h200, a100 (see ringlab/devices.json)")
+    p.add_argument("--gpu", default="h100", help="device profile: h100, h200, a100 (see ringlab/planning/devices.json)")
     p.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: the fewest that fit)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--no-causal", action="store_true")
@@ -102,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=_sweep)
 
     f = sub.add_parser("figures", help="execute every notebook and rewrite figures/ (the main job)")
-    f.add_argument("--only", nargs="*", default=None, help="notebook names (default: all)")
+    f.add_argument("paths", nargs="*", help="notebooks (.ipynb paths, or names in --notebooks; default: all)")
+    f.add_argument("--only", nargs="*", default=None, help="notebook names in --notebooks")
+    f.add_argument("--notebooks", default=None, help="folder of notebooks (default: the checkout's notebooks/)")
+    f.add_argument("--out", default=None, help="folder for the figures (default: the checkout's figures/)")
     f.add_argument("--timeout", type=float, default=1800, help="seconds per notebook")
     f.set_defaults(run=_figures)
     return parser

@@ -1,9 +1,9 @@
-"""Dense float64 references (SPEC §3, §5): the ground truth every test compares against.
+"""Dense float64 references (docs/design.md §3, §7): the ground truth every test compares against.
 
 They materialise the (B, H, Sq, Sk) score matrix, so keep N small (a few thousand at most).
 Both are plain differentiable torch code, so autograd gives the reference gradients.
-The dilated mask is built here from the SPEC's rules, written out again and independently of
-:mod:`ringlab.dilation` (which the engine uses), so that one slip cannot hide in both.
+The dilated mask is built here from the rules of docs/design.md §3, written out again and independently of
+:mod:`ringlab.engine.dilation` (which the engine uses), so that one slip cannot hide in both.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import math
 
 import torch
 
-# SPEC §5: max abs error against the float64 dense reference (outputs, gradients).
+# docs/design.md §7: max abs error against the float64 dense reference (outputs, gradients).
 ABS_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 5e-5)}
 # The same errors relative to the largest reference value: a wrong gradient term is O(1) there,
-# however small the atol (a peer's wrong dK/dV hid behind atol 1e-2, SPEC §7).
+# however small the atol (a peer's wrong dK/dV hid behind atol 1e-2, docs/design.md §7).
 REL_TOL = {torch.float64: 1e-11, torch.float32: 2e-5}
-# bf16/fp16 are not in the SPEC. Inputs and results are rounded to 7 (bf16) or 10 (fp16)
+# bf16/fp16 have no fixed absolute limits (see docs/design.md §7). Inputs and results are rounded to 7 (bf16) or 10 (fp16)
 # mantissa bits while the kernels accumulate in float32, so 2 units in the last place of the
 # largest reference value are allowed (measured: at most about 1 ulp).
 LOW_PRECISION_ULPS = 2
@@ -57,7 +57,7 @@ def dense_attention(q, k, v, *, causal: bool = False, scale: float | None = None
 
 
 def spec_offset(head: int, num_heads: int, rate: int, head_offsets: str) -> int:
-    """SPEC §3: offset h % r (interleaved), or h // ceil(H / r) (grouped)."""
+    """docs/design.md §3: offset h % r (interleaved), or h // ceil(H / r) (grouped)."""
     if head_offsets == "interleaved":
         return head % rate
     if head_offsets == "grouped":
@@ -69,7 +69,7 @@ def branch_mask(seq_len: int, num_heads: int, segment: int, rate: int, *, head_o
                 causal: bool = False) -> torch.Tensor:
     """(H, N, N) bool: query q and key k interact in the branch (segment, rate) for head h.
 
-    Literally SPEC §3: same w-segment, both selected by (p - (p // w) * w) % r == o, and
+    The rules of docs/design.md §3, literally: same w-segment, both selected by (p - (p // w) * w) % r == o, and
     k <= q when causal.
     """
     pos = torch.arange(seq_len)
@@ -84,7 +84,7 @@ def branch_mask(seq_len: int, num_heads: int, segment: int, rate: int, *, head_o
 
 def dense_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal: bool = False,
                             scale: float | None = None, head_offsets: str = "interleaved"):
-    """Dilated attention as dense attention with bias log m_h(q, k) (SPEC §3), in float64,
+    """Dilated attention as dense attention with bias log m_h(q, k) (docs/design.md §3), in float64,
     where m counts the branches whose :func:`branch_mask` holds."""
     n, h = q.shape[1], q.shape[2]
     m = sum(branch_mask(n, h, w, r, head_offsets=head_offsets, causal=causal).double()

@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 
 import ringlab
-from ringlab import memory
-from ringlab.layout import LAYOUTS
+from ringlab.planning import memory
+from ringlab.engine.checks import DTYPE_NAMES
+from ringlab.engine.layout import LAYOUTS
 
 
 def parse_args(argv=None):
@@ -34,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=["float64", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--layout", default="contiguous", choices=list(LAYOUTS))
     p.add_argument("--segments", default="", help="comma-separated segment lengths: ring-dilated")
@@ -71,7 +72,7 @@ def _init():
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if cuda else "gloo")
     else:
-        from .launch import free_port
+        from .engine.launch import free_port
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1)
 

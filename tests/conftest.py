@@ -1,4 +1,4 @@
-"""Shared test helpers: random inputs, the SPEC §5 tolerances, comparison against float64."""
+"""Shared test helpers: random inputs, the docs/design.md §7 tolerances, comparison against float64."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def magnitude(expected) -> float:
 
 
 def assert_close(actual, expected, dtype, *, grad=False, name="") -> float:
-    """SPEC §5 for one result (absolute and relative limits in ``tolerance``); returns the error."""
+    """The docs/design.md §7 limit for one result (absolute and relative limits in ``tolerance``); returns the error."""
     err, tol = max_err(actual, expected), tolerance(dtype, magnitude(expected), grad=grad)
     assert err <= tol, f"{name}: max abs error {err:.3g} > {tol:.3g} ({dtype}, reference magnitude {magnitude(expected):.3g})"
     return err

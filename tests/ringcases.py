@@ -9,8 +9,8 @@ import workers
 from conftest import assert_close, max_err
 
 import ringlab
-from ringlab.launch import launch
-from ringlab.layout import LAYOUTS as REGISTRY
+from ringlab.engine.launch import launch
+from ringlab.engine.layout import LAYOUTS as REGISTRY
 from ringlab.reference import dense_attention, dense_dilated_attention
 
 LAYOUTS = list(REGISTRY)
@@ -82,7 +82,7 @@ def reference(case, rounded):
 
 
 def check_case(case, got, per_rank):
-    """Gathered results vs the float64 reference (SPEC §5) and vs the simulated ring."""
+    """Gathered results vs the float64 reference (docs/design.md §7) and vs the simulated ring."""
     dtype = getattr(torch, case["dtype"])
     q, k, v, go, gl = workers.case_inputs(case)
     rounded = [x.to(dtype).double().requires_grad_() for x in (q, k, v)]

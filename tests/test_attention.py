@@ -1,4 +1,4 @@
-"""ringlab.attention against the float64 dense reference (SPEC §5)."""
+"""ringlab.attention against the float64 dense reference (docs/design.md §7)."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 from conftest import check_against, rand_qkv
 
 import ringlab
-from ringlab.kernels import use_backend
+from ringlab.engine.kernels import use_backend
 from ringlab.reference import dense_attention
 
 
@@ -69,7 +69,7 @@ def test_return_shapes_and_default():
 
 def test_math_path_with_masks_and_empty_rows():
     """The math path takes arbitrary boolean masks; rows that see nothing give 0 and -inf."""
-    from ringlab.kernels import block_attention, block_attention_backward
+    from ringlab.engine.kernels import block_attention, block_attention_backward
 
     q, k, v = (x.requires_grad_() for x in rand_qkv(1, 6, 2, 8))
     mask = torch.rand(6, 6, generator=torch.Generator().manual_seed(1)) > 0.5
@@ -90,7 +90,7 @@ def test_merge_is_exact_and_stable():
     """Two partial results over disjoint keys merge into the whole, with lse near 1e3 (exp
     overflows float64 there); a row that has seen no key yet takes the other part, and a row
     that sees none in either stays 0 and -inf."""
-    from ringlab.merge import merge
+    from ringlab.engine.merge import merge
 
     q, k, v = rand_qkv(1, 6, 2, 4, nk=9)
     whole, whole_lse = dense_attention(q, k, v, scale=300.0)
@@ -114,7 +114,7 @@ def test_math_path_in_many_row_chunks(monkeypatch, causal):
     """The math path splits the query rows into chunks of _MATH_CHUNK_ELEMENTS scores; with a
     small limit the same inputs take many chunks, forward and backward (with dlse), and the
     causal mask is cut at chunk edges."""
-    from ringlab import kernels
+    from ringlab.engine import kernels
 
     monkeypatch.setattr(kernels, "_MATH_CHUNK_ELEMENTS", 2 * 3 * 40 * 7)  # 7 rows per chunk
     inputs = rand_qkv(2, 50, 3, 16, nk=40, seed=8)

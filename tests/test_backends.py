@@ -12,10 +12,10 @@ import workers
 from conftest import rand_qkv
 
 import ringlab
-from ringlab import kernels
-from ringlab.launch import launch
-from ringlab.memory import track
-from ringlab.memory_model import Problem, estimate
+from ringlab.engine import kernels
+from ringlab.engine.launch import launch
+from ringlab.planning.memory import track
+from ringlab.planning.memory_model import Problem, estimate
 from ringlab.reference import dense_attention, dense_dilated_attention, tolerance
 
 # What ringlab passes to each private op (positional names, then keywords) and the outputs it reads.

@@ -22,9 +22,9 @@ import nbformat
 import pytest
 from notebook_params import SMALL
 
-from ringlab import experiments
-from ringlab.launch import free_port
-from ringlab.workbench import NOTEBOOKS, notebook_names
+from ringlab.workbench import experiments
+from ringlab.engine.launch import free_port
+from ringlab.workbench.notebooks import NOTEBOOKS, notebook_names
 
 pytestmark = pytest.mark.browser
 

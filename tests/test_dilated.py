@@ -1,4 +1,4 @@
-"""ringlab.dilated_attention against the dense float64 reference with bias log m (SPEC §3)."""
+"""ringlab.dilated_attention against the dense float64 reference with bias log m (docs/design.md §3)."""
 
 import math
 
@@ -7,8 +7,8 @@ import torch
 from conftest import check_against, rand_qkv
 
 import ringlab
-from ringlab.dilation import multiplicity, offset_groups, runs, score_pairs
-from ringlab.kernels import use_backend
+from ringlab.engine.dilation import multiplicity, offset_groups, runs, score_pairs
+from ringlab.engine.kernels import use_backend
 from ringlab.reference import dense_dilated_attention
 
 CONFIGS = [

@@ -1,4 +1,4 @@
-"""Every bad input of SPEC §2 raises a clear ValueError/TypeError naming the argument."""
+"""Every bad input listed in docs/design.md §1 raises a clear ValueError/TypeError naming the argument."""
 
 import pytest
 import torch

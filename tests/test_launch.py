@@ -1,4 +1,4 @@
-"""ringlab.launch: results in rank order, and no silent hang or orphan when a rank fails."""
+"""ringlab.engine.launch: results in rank order, and no silent hang or orphan when a rank fails."""
 
 import multiprocessing
 import time
@@ -6,7 +6,7 @@ import time
 import pytest
 import workers
 
-from ringlab.launch import RankError, launch
+from ringlab.engine.launch import RankError, launch
 
 pytestmark = pytest.mark.distributed
 

@@ -5,7 +5,7 @@ import torch
 from conftest import check_against, rand_qkv
 
 import ringlab
-from ringlab.layout import LAYOUTS, ChunkLayout, Tile, register
+from ringlab.engine.layout import LAYOUTS, ChunkLayout, Tile, register
 from ringlab.reference import dense_attention, dense_dilated_attention
 
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 import workers
 
-from ringlab import memory
-from ringlab.dryrun import dry_run
-from ringlab.experiments import measure_peak, ring_rank_peak, seed_memory_table
-from ringlab.launch import launch
-from ringlab.memory_model import MODES, Problem, estimate
-from ringlab.planner import plan
+from ringlab.planning import memory
+from ringlab.planning.dryrun import dry_run
+from ringlab.workbench.experiments import measure_peak, ring_rank_peak, seed_memory_table
+from ringlab.engine.launch import launch
+from ringlab.planning.memory_model import MODES, Problem, estimate
+from ringlab.planning.planner import plan
 
 MiB = 2**20
 
@@ -84,7 +84,7 @@ def test_ring_memory_per_rank_falls_as_one_over_p(monkeypatch):
     def at(p, n=1 << 20):
         return estimate(Problem(n, 8, 64, dtype="bfloat16", world_size=p, device="cuda"), "ring", backward=True).total
     chunked = at(2, 1 << 22)  # 12 GiB of float32 accumulators: the heads run in chunks
-    monkeypatch.setattr("ringlab.autograd.ACCUM_BUDGET", {"cuda": float("inf"), "cpu": float("inf")})
+    monkeypatch.setattr("ringlab.engine.autograd.ACCUM_BUDGET", {"cuda": float("inf"), "cpu": float("inf")})
     for p in (4, 8, 16, 64):  # from 2 ranks on, every term is a multiple of the shard
         assert at(p) == pytest.approx(at(2) * 2 / p, rel=0.01, abs=0)
     assert chunked < 0.6 * at(2, 1 << 22)  # head chunks cut the per-rank peak

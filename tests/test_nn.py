@@ -1,4 +1,4 @@
-"""ringlab.nn against a float64 einsum re-implementation written here (explicit projections,
+"""ringlab.engine.nn against a float64 einsum re-implementation written here (explicit projections,
 explicit layer norm), checkpointing, and 2-rank training equal to 1 rank."""
 
 import math
@@ -10,8 +10,8 @@ from conftest import rand_qkv
 from ringcases import check_case, dilated_cases, ring_cases, unsharded
 
 import ringlab
-from ringlab.launch import launch
-from ringlab.nn import (
+from ringlab.engine.launch import launch
+from ringlab.engine.nn import (
     DilatedAttention,
     LongNetLM,
     MultiheadDilatedAttention,
@@ -22,7 +22,7 @@ from ringlab.nn import (
 # The modules are compared in float64 with atol 1e-12 and rtol 0: only summation order differs.
 def einsum_attention(q, k, v, *, causal=False, scale=None, segments=None, rates=None,
                      head_offsets="interleaved"):
-    """softmax(scale q k^T + log m) v over (B, N, H, D), every branch's mask spelled out (SPEC §3).
+    """softmax(scale q k^T + log m) v over (B, N, H, D), every branch's mask spelled out (docs/design.md §3).
     Dense attention when ``segments`` is None. Every row must see some key (a rate-1 branch)."""
     n, h, d = q.shape[1], q.shape[2], q.shape[3]
     pos = torch.arange(n)

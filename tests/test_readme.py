@@ -9,8 +9,8 @@ import pytest
 import reliability_workers as rw
 
 from ringlab import cli, run
-from ringlab.launch import launch
-from ringlab.sweep import notebook_parameters
+from ringlab.engine.launch import launch
+from ringlab.workbench.sweep import notebook_parameters
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BLOCKS = re.findall(r"^```(\w*)\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)

@@ -1,11 +1,11 @@
-"""The reference itself: the SPEC §3 rules by hand, LongNet's branch merge, the SPEC §5 numbers."""
+"""The reference itself: the docs/design.md §3 rules by hand, LongNet's branch merge, the docs/design.md §7 numbers."""
 
 import pytest
 import torch
 from conftest import check_against, rand_qkv
 
 import ringlab
-from ringlab.dilation import head_offset, offset_groups
+from ringlab.engine.dilation import head_offset, offset_groups
 from ringlab.reference import (
     ABS_TOL,
     REL_TOL,
@@ -16,7 +16,7 @@ from ringlab.reference import (
     tolerance,
 )
 
-# (heads, rate) -> offset of each head, worked out by hand from SPEC §3.
+# (heads, rate) -> offset of each head, worked out by hand from docs/design.md §3.
 # interleaved: h % r. grouped: h // ceil(H / r) (torchscale's contiguous groups).
 OFFSETS = {
     (6, 4): ([0, 1, 2, 3, 0, 1], [0, 0, 1, 1, 2, 2]),
@@ -68,7 +68,7 @@ def _per_branch_lse_merge(q, k, v, segs, rates, causal, mode):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("mode", ["interleaved", "grouped"])
 def test_log_m_bias_is_the_lse_weighted_branch_merge(causal, mode):
-    """SPEC §3: the bias log m equals the per-branch softmaxes merged by their LSE weights, outputs
+    """docs/design.md §3: the bias log m equals the per-branch softmaxes merged by their LSE weights, outputs
     and gradients (the weights are differentiated, not held constant as in torchscale)."""
     segs, rates = [6, 12, 40], [1, 2, 4]  # rate 1 first: every row reaches some key
     inputs = rand_qkv(2, 29, 5, 8, seed=11)
@@ -82,10 +82,10 @@ def test_log_m_bias_is_the_lse_weighted_branch_merge(causal, mode):
 
 
 def test_tolerances_are_the_documented_numbers():
-    """SPEC §5, pinned: a change to the limits must change this test too."""
+    """docs/design.md §7, pinned: a change to the limits must change this test too."""
     assert ABS_TOL == {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 5e-5)}
     assert REL_TOL == {torch.float64: 1e-11, torch.float32: 2e-5}
-    # The limit is the SPEC's max abs error, tightened to REL_TOL times the reference's magnitude
+    # The limit is the absolute limit in ABS_TOL (docs/design.md §7), tightened to REL_TOL times the reference's magnitude
     # (at least 1) where that is smaller.
     assert tolerance(torch.float64, 0.5) == 1e-11 and tolerance(torch.float64, 1e3, grad=True) == 1e-10
     assert tolerance(torch.float32, 1.0) == 2e-5 and tolerance(torch.float32, 10.0) == 2e-5

@@ -21,9 +21,11 @@ import reliability_workers as rw
 import torch
 
 import ringlab
-from ringlab import cli, memory, planner, run, sweep, viz
-from ringlab.launch import RankError, launch
-from ringlab.layout import LAYOUTS
+from ringlab import cli, run
+from ringlab.planning import memory, planner
+from ringlab.workbench import sweep, viz
+from ringlab.engine.launch import RankError, launch
+from ringlab.engine.layout import LAYOUTS
 
 TESTS = pathlib.Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -116,7 +118,7 @@ def _alive(pid):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killing_the_caller_of_launch_leaves_no_rank_and_no_folder(tmp_path, sig):
     script = tmp_path / "caller.py"
-    script.write_text("import reliability_workers\nfrom ringlab.launch import launch\n"
+    script.write_text("import reliability_workers\nfrom ringlab.engine.launch import launch\n"
                       "if __name__ == '__main__':\n"
                       "    launch(reliability_workers.hang_in_collective, 2, timeout=600)\n")
     parent = subprocess.Popen([sys.executable, str(script)], env=ENV)
@@ -175,7 +177,7 @@ def test_launch_timeout_must_be_a_finite_positive_number(bad):
 
 def test_launch_at_the_top_level_of_an_unguarded_script_says_to_guard_it(tmp_path):
     script = tmp_path / "unguarded.py"
-    script.write_text("from ringlab.experiments import ring_trace\n"
+    script.write_text("from ringlab.workbench.experiments import ring_trace\n"
                       "events = ring_trace(world_size=2, seq_len=64, layout='zigzag')\n")
     t0 = time.monotonic()
     done = subprocess.run([sys.executable, str(script)], env=ENV, capture_output=True, text=True, timeout=120)
@@ -299,7 +301,7 @@ def test_nested_or_concurrent_memory_regions_raise():
 
 # ---------------------------------------------------------------- 10: other messages
 def test_modules_check_their_arguments():
-    from ringlab.nn import LongNetLM, MultiheadDilatedAttention
+    from ringlab.engine.nn import LongNetLM, MultiheadDilatedAttention
 
     with pytest.raises(ValueError, match="num_heads must be a positive int"):
         MultiheadDilatedAttention(8, 0, [4], [1])

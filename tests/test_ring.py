@@ -4,14 +4,15 @@ import itertools
 
 import pytest
 import torch
+import torch.distributed as dist
 import workers
 from conftest import check_against, rand_qkv
 from ringcases import LAYOUTS, WORLD_SIZES, check_case, gathered, ring_cases
 
 import ringlab
-from ringlab.launch import launch
+from ringlab.engine.launch import RankError, launch
 from ringlab.reference import dense_attention
-from ringlab.trace import record_events
+from ringlab.engine.trace import record_events
 
 
 def _fn(p, causal, layout, scale=None):
@@ -42,7 +43,7 @@ def test_simulated_ring_scale(layout, causal):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_simulated_ring_f32_error_does_not_grow_with_ranks(layout):
-    """SPEC §5: the float32 error (outputs, lse, gradients) at 8 ranks stays within 2x of the
+    """docs/design.md §7: the float32 error (outputs, lse, gradients) at 8 ranks stays within 2x of the
     error at 1 rank."""
     inputs = rand_qkv(1, 512, 4, 64, seed=7)
     errs = {p: check_against(_fn(p, True, layout), _ref(True), inputs, torch.float32) for p in (1, 8)}
@@ -102,7 +103,7 @@ def test_ring_skips_future_blocks():
 
 def test_no_events_when_not_recording(monkeypatch):
     """Outside record_events the engines never record (and a closed recorder gets nothing)."""
-    from ringlab import trace
+    from ringlab.engine import trace
 
     with record_events() as closed:
         pass
@@ -139,6 +140,42 @@ def test_distributed_mismatched_shapes_raise_before_any_send():
     for msg, events in res:
         assert msg is not None and "disagree on seq (shard length)" in msg
         assert not [e for e in events if e["kind"] == "post"]
+
+
+@pytest.mark.distributed
+def test_distributed_rank_that_alone_changes_shape_raises_naming_it():
+    with pytest.raises(RankError, match="rank 1") as err:
+        launch(workers.diverged_shapes, 2, timeout=120)
+    assert "'seq (shard length)': 6" in str(err.value) and "did not join the check within 2 s" in str(err.value)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo group of this process alone, as the default group while the test runs."""
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def test_group_check_runs_once_per_group_and_call(one_rank_group, monkeypatch):
+    gathers = []
+    all_gather = dist.all_gather
+    monkeypatch.setattr(dist, "all_gather", lambda *a, **kw: gathers.append(1) or all_gather(*a, **kw))
+    q, k, v = rand_qkv(1, 8, 2, 4)
+    calls = [lambda g: ringlab.ring_attention(q, k, v, group=g),
+             lambda g: ringlab.ring_attention(q, k, v, group=g),                          # agreed: nothing
+             lambda g: ringlab.ring_attention(q, k, v, group=g, causal=True),             # new options
+             lambda g: ringlab.ring_attention(q[:, :4], k[:, :4], v[:, :4], group=g),     # new shapes
+             lambda g: ringlab.ring_dilated_attention(q, k, v, [4], [2], group=g),
+             lambda g: ringlab.ring_dilated_attention(q, k, v, [4], [2], group=g)]
+    counts = []
+    for call in calls:
+        call(one_rank_group)
+        counts.append(len(gathers))
+    assert counts == [2, 2, 4, 6, 8, 8]
+    calls[0](dist.new_group([0]))  # another group has agreed on nothing yet
+    assert len(gathers) == 10
 
 
 @pytest.mark.distributed

@@ -6,10 +6,11 @@ from conftest import check_against, rand_qkv
 from ringcases import WORLD_SIZES, check_case, dilated_cases, gathered
 
 import ringlab
-from ringlab.layout import with_pieces
+from ringlab.engine.layout import with_pieces
 from ringlab.reference import dense_dilated_attention
-from ringlab.ring_dilated import rank_plan
-from ringlab.trace import record_events
+from ringlab.engine.config import RingConfig
+from ringlab.engine.ring_dilated import rank_plan
+from ringlab.engine.trace import record_events
 
 CONFIGS = [
     ([8, 24], [1, 2]),           # shard 12: one local, one spanning two ranks (unaligned)
@@ -54,7 +55,7 @@ def test_simulated_scale(causal, mode):
 
 @pytest.mark.parametrize("layout", with_pieces())
 def test_simulated_f32_longnet_error_does_not_grow_with_ranks(layout):
-    """SPEC §5: within tolerance at 1 and 8 ranks, and the error at 8 within 2x of that at 1."""
+    """docs/design.md §7: within tolerance at 1 and 8 ranks, and the error at 8 within 2x of that at 1."""
     segs, rates = [64, 128, 256, 512], [1, 2, 4, 8]
     inputs = rand_qkv(1, 512, 8, 32, seed=3)
     errs = {p: check_against(_fn(p, segs, rates, True, layout, "interleaved"),
@@ -100,7 +101,7 @@ def test_segments_inside_shards_communicate_nothing():
 
 def test_plan_subrings_for_unaligned_segments():
     # N=72 over 3 ranks (shard 24); w=30: segments [0,30) on ranks {0,1}, [30,60) on {1,2}, [60,72) on {2}
-    plan = rank_plan(72, 3, 1, "contiguous", 2, (30,), (1,), "interleaved", False)
+    plan = rank_plan(RingConfig(72, 3, heads=2, scale=1.0, segments=(30,), rates=(1,)), 1)
     assert [s.members for s in plan.subrings[0]] == [(0, 1), (1, 2)]
     assert plan.steps == (1,)
 

@@ -11,16 +11,16 @@ import nbformat
 import pytest
 from notebook_params import SMALL
 
-from ringlab import experiments, viz
-from ringlab.memory_model import Problem, estimate
-from ringlab.sweep import run_sweep
-from ringlab.workbench import NOTEBOOKS, execute_path, notebook_names
+from ringlab.workbench import experiments, viz
+from ringlab.planning.memory_model import Problem, estimate
+from ringlab.workbench.sweep import run_sweep
+from ringlab.workbench.notebooks import NOTEBOOKS, execute_path, notebook_names
 
 pytestmark = pytest.mark.notebooks
 
 # What each notebook's own summary must say at the small parameters (its figures' claims).
 CLAIMS = {
-    "correctness": lambda s: 0 < s["worst_error_over_tolerance"] <= 1,   # every error within SPEC §5
+    "correctness": lambda s: 0 < s["worst_error_over_tolerance"] <= 1,   # every error within docs/design.md §7
     "memory": lambda s: s["max_model_error"] <= 0.1,                     # the model within 10% of measured
     "billion_tokens": lambda s: abs(s["dry_run_ratio"] - 1) <= 0.1,      # dry run within 10% of the planner
     "kv_rotation": lambda s: s["imbalance"]["zigzag"] <= 1.1 < s["imbalance"]["contiguous"]

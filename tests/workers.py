@@ -1,4 +1,4 @@
-"""Functions the multi-rank tests run on every rank through ringlab.launch.
+"""Functions the multi-rank tests run on every rank through ringlab.engine.launch.
 
 They live in a module (not in the test files) because spawned ranks import them by name.
 """
@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import ringlab
-from ringlab.trace import record_events
+from ringlab.engine.trace import record_events
 
 
 def case_inputs(case):
@@ -66,7 +66,7 @@ def nn_inputs(layout, rank, p):
 
 def nn_modules(group, layout, scale):
     """The nn modules sequence parallel over ``group``: this rank's output shards (causal)."""
-    from ringlab.nn import DilatedAttention, MultiheadDilatedAttention, RingAttention
+    from ringlab.engine.nn import DilatedAttention, MultiheadDilatedAttention, RingAttention
     q, k, v, x = nn_inputs(layout, dist.get_rank(group), dist.get_world_size(group))
     torch.manual_seed(0)
     mha = MultiheadDilatedAttention(24, 6, [8, 24], [1, 3], group=group, layout=layout, dtype=torch.float64)
@@ -107,7 +107,9 @@ def hang_on(rank):
 
 
 def mismatched_shapes():
-    """Rank 1 passes a longer shard; every rank must raise before any K/V moves."""
+    """Rank 1 passes a longer shard; every rank must raise before any K/V moves, also after an
+    earlier call agreed on other shapes (and was remembered)."""
+    ringlab.ring_attention(*(torch.randn(1, 4, 2, 4) for _ in range(3)), group=dist.group.WORLD)
     rank = dist.get_rank()
     n = 8 if rank == 0 else 12
     q, k, v = (torch.randn(1, n, 2, 4) for _ in range(3))
@@ -117,6 +119,18 @@ def mismatched_shapes():
         except ValueError as err:
             return str(err), tr.events
     return None, tr.events
+
+
+def diverged_shapes():
+    """Both ranks agree on one call; then rank 0 repeats it and rank 1 alone passes a longer
+    shard: rank 1 must raise, naming its shapes, instead of waiting for ever."""
+    from ringlab.engine import comm
+
+    comm.AGREE_TIMEOUT_S = 2.0
+    group = dist.group.WORLD
+    ringlab.ring_attention(*(torch.randn(1, 4, 2, 4) for _ in range(3)), group=group)
+    n = 4 if dist.get_rank() == 0 else 6
+    ringlab.ring_attention(*(torch.randn(1, n, 2, 4) for _ in range(3)), group=group)
 
 
 def odd_zigzag_shard():
@@ -134,7 +148,7 @@ def rank_and_size():
 
 def train_longnet(steps, seed, layout):
     """A few SGD steps of a float64 LongNetLM on this rank's shard; returns losses and params."""
-    from ringlab.nn import LongNetLM, all_reduce_grads
+    from ringlab.engine.nn import LongNetLM, all_reduce_grads
 
     group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
     rank, p = (dist.get_rank(), dist.get_world_size()) if group is not None else (0, 1)
@@ -162,7 +176,7 @@ def train_longnet(steps, seed, layout):
 
 def memory_peaks(problems):
     """Measured peak bytes of each (problem, mode, backward) on this rank's shard."""
-    from ringlab.experiments import measure_peak
+    from ringlab.workbench.experiments import measure_peak
     return [measure_peak(pb, mode, backward=backward, group=dist.group.WORLD) for pb, mode, backward in problems]
 
 

@@ -7,7 +7,7 @@ ProcessGroup) and it becomes sequence parallel: inputs are this rank's shard of 
 ``DilatedAttention`` takes the same call as dilated-attention-pytorch's class, so switching is
 an import change. The semantics differ on purpose: ringlab computes exact softmax attention
 with every head in every branch and the branches merged by their softmax denominators
-(SPEC §3); dilated-attention-pytorch gives each branch a slice of the heads and normalises
+(docs/design.md §3); dilated-attention-pytorch gives each branch a slice of the heads and normalises
 outputs by a sum over the sequence.
 """
 

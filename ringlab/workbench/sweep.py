@@ -6,7 +6,7 @@ Each run executes in runs/<sweep-id>/<run>/ (the executed notebook, the figures 
 status.json). The sweep id is derived from the notebook and the grid, so running the same
 command again resumes: finished runs are skipped, failed and missing ones run again. A run
 that fails is recorded and reported; the others go on. At the end every finished run's
-``summary`` scalars (what the notebook passes to ringlab.viz.save) are collected into
+``summary`` scalars (what the notebook passes to ringlab.workbench.viz.save) are collected into
 results.csv (and results.parquet when pandas and pyarrow are installed) with a summary figure.
 """
 
@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-from .workbench import NOTEBOOKS
+from .notebooks import find_notebook
 
 
 def parse_value(text):
@@ -35,15 +35,6 @@ def parse_value(text):
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return {"true": True, "false": False}.get(text.lower(), text)
-
-
-def _notebook_path(notebook) -> pathlib.Path:
-    path = pathlib.Path(notebook)
-    if not path.exists() and (NOTEBOOKS / f"{path.stem}.ipynb").exists():
-        path = NOTEBOOKS / f"{path.stem}.ipynb"
-    if not path.exists():
-        raise ValueError(f"no such notebook: {notebook}")
-    return path
 
 
 def notebook_parameters(path) -> list[str]:
@@ -102,7 +93,7 @@ class SweepReport:
 
 
 def _execute(notebook: pathlib.Path, run_dir: pathlib.Path, point: dict, timeout: float) -> dict:
-    from .workbench import execute_path
+    from .notebooks import execute_path
     status_file = run_dir / "status.json"
     t0 = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +117,7 @@ def run_sweep(notebook, params, *, jobs: int = 1, sweep_id: str | None = None, r
     """Execute ``notebook`` for every point of the grid ``params`` = [(name, [values...]), ...]."""
     from tqdm.auto import tqdm
 
-    path = _notebook_path(notebook)
+    path = find_notebook(notebook)
     grid = [(name, [parse_value(v) for v in values]) for name, values in params]
     known = notebook_parameters(path)
     unknown = [name for name, _ in grid if name not in known]

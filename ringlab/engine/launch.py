@@ -1,6 +1,6 @@
 """Run a function on P ranks of a fresh torch.distributed group, from Python or a notebook.
 
-    results = ringlab.launch(my_module.my_fn, world_size=4, args=(cfg,))
+    results = launch(my_module.my_fn, world_size=4, args=(cfg,))   # from ringlab.engine.launch
 
 Each rank is a spawned process that joins a group (gloo on CPU; NCCL when there is a GPU for
 every rank), calls ``fn(*args, **kwargs)`` and sends back its return value. ``launch`` returns
@@ -47,7 +47,7 @@ class RankError(RuntimeError):
 
 
 def free_port() -> int:
-    """A TCP port nobody is listening on now (bind port 0, SPEC §6)."""
+    """A TCP port nobody is listening on now (bind port 0, docs/design.md §9)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -151,7 +151,7 @@ def _worker(rank, world_size, port, backend, fn, args, kwargs, outdir, timeout, 
     _die_with_parent(parent)
     try:
         if backend == "gloo":
-            torch.set_num_threads(1)  # P ranks share the cores (SPEC §6)
+            torch.set_num_threads(1)  # P ranks share the cores (docs/design.md §9)
         else:
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import functools
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -168,6 +169,12 @@ def run_lockstep(gens, mailbox: "Mailbox") -> list:
     return results
 
 
+# Per group, the metadata all its ranks agreed on (weak keys: an entry goes with its group).
+_AGREED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+MAX_AGREED = 256       # distinct calls remembered per group; beyond, every rank starts over alike
+AGREE_TIMEOUT_S = 300.0  # how long a rank with new metadata waits for the others to check too
+
+
 def check_group_agrees(group, device, meta: list[int], names: list[str], show: dict | None = None) -> None:
     """All ranks of ``group`` must pass the same ``meta`` ints; raise on every rank otherwise.
 
@@ -175,16 +182,23 @@ def check_group_agrees(group, device, meta: list[int], names: list[str], show: d
     a readable value (a dtype name, a float). Ranks may pass lists of different lengths (a
     different number of branches): they agree on the lengths first, then compare the values
     all of them have. Two small all_gathers, before any K/V moves.
+
+    Agreed metadata is remembered per group, so a repeated call (every layer, every step)
+    communicates nothing. A rank that alone passes new metadata while the others repeat an
+    agreed call waits in the check for them; after ``AGREE_TIMEOUT_S`` it raises, naming what
+    it passed (the others then fail on their transfers to it).
     """
-    world = dist.get_world_size(group)
+    agreed = _AGREED.setdefault(group, set())
+    if tuple(meta) in agreed:
+        return
+    world, me = dist.get_world_size(group), dist.get_rank(group)
     counts = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor([len(meta)], dtype=torch.int64, device=device), group=group)
+    _gather(counts, torch.tensor([len(meta)], dtype=torch.int64, device=device), group, meta, names, show)
     counts = [int(c) for c in counts]
     common = min(counts)
     mine = torch.tensor(meta[:common], dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(everyone, mine, group=group)
-    readable = lambda values: {n: (show or {}).get(n, int)(x) for n, x in zip(names, values)}  # noqa: E731
+    _gather(everyone, mine, group, meta, names, show)
     for r, theirs in enumerate(everyone):
         theirs = theirs.tolist()
         bad = [n for n, a, b in zip(names, meta, theirs) if a != b]
@@ -192,10 +206,32 @@ def check_group_agrees(group, device, meta: list[int], names: list[str], show: d
             bad = [f"the number of values ({len(meta)} here, {counts[r]} on rank {r})"]
         if bad:
             raise ValueError(
-                f"ranks of the group disagree on {', '.join(bad)}: rank {dist.get_rank(group)} has "
-                f"{readable(meta)}, rank {r} has {readable(theirs)}"
+                f"ranks of the group disagree on {', '.join(bad)}: rank {me} has "
+                f"{_readable(meta, names, show)}, rank {r} has {_readable(theirs, names, show)}"
                 + (" (and more)" if counts[r] > common else "")
                 + ". Every rank must pass shards of the same shape, dtype and options")
+    if len(agreed) >= MAX_AGREED:
+        agreed.clear()
+    agreed.add(tuple(meta))
+
+
+def _readable(values, names, show) -> dict:
+    return {n: (show or {}).get(n, int)(x) for n, x in zip(names, values)}
+
+
+def _gather(outputs, tensor, group, meta, names, show) -> None:
+    """all_gather, but a rank whose peers never join (they repeat an agreed call) raises."""
+    work = dist.all_gather(outputs, tensor, group=group, async_op=True)
+    deadline = time.monotonic() + AGREE_TIMEOUT_S
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            raise ValueError(
+                f"rank {dist.get_rank(group)} passes {_readable(meta, names, show)}, which the ranks of its "
+                f"group have not agreed on, and they did not join the check within {AGREE_TIMEOUT_S:g} s: "
+                "they are probably repeating an earlier call with other shapes or options. Every rank must "
+                "pass shards of the same shape, dtype and options")
+        time.sleep(0.0005)
+    work.wait()
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,4 +1,4 @@
-"""Ring-dilated attention: LongNet dilation with the sequence sharded over a ring (SPEC §4).
+"""Ring-dilated attention: LongNet dilation with the sequence sharded over a ring (docs/design.md §6).
 
 For each branch (segment w, rate r):
   * a segment that lies inside one rank's shard is computed locally, with no communication;
@@ -10,7 +10,7 @@ Every block's (out, lse) merges into the one accumulator through the LSE, across
 branches. The backward rotates the messages again with their dK/dV accumulators riding along,
 recomputing each block from the global lse, and a last hop brings each accumulator home.
 
-The per-rank plan is pure geometry (ringlab.dilation, ringlab.layout): every rank computes the
+The per-rank plan is pure geometry (ringlab.engine.dilation, ringlab.engine.layout): every rank computes the
 same plan for every other rank, so message sizes need no handshake.
 """
 
@@ -22,19 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from . import trace
-from .autograd import exact_attention
-from .checks import HEAD_OFFSETS, check_choice
-from .comm import RingAlgorithm, check_group_agrees
-from .dilated import (
-    attend,
-    attend_backward,
-    blocks_backward,
-    blocks_forward,
-    check_dilated_args,
-    lse_view,
-    new_accumulators,
-    rows_view,
-)
+from .config import RingConfig, ring_config, run_ring
+from .dilated import attend, attend_backward, blocks_backward, blocks_forward, lse_view, rows_view
 from .dilation import (
     Block,
     Rows,
@@ -46,8 +35,8 @@ from .dilation import (
     shifted,
 )
 from .kernels import accum_dtype
-from .layout import get, with_pieces
-from .ring import _group_meta, check_ring_args
+from .layout import get
+from .merge import new_accumulators
 
 
 @dataclass(frozen=True)
@@ -55,7 +44,7 @@ class Part:
     """One slice of a message: a sender's rows ``rows`` of segment s for the heads ``heads`` of
     offset group ``group``, at message slots [start, start + size) where a slot is one
     (row, head). ``groups`` > 1 fuses consecutive offset groups, each a shift of the first
-    (see ringlab.dilation.Block), stored one after the other."""
+    (see ringlab.engine.dilation.Block), stored one after the other."""
     group: int
     heads: slice
     rows: Rows
@@ -119,26 +108,26 @@ class RankPlan:
 
 def _members(seq_len: int, owners: tuple[int, ...], w: int, seg: int) -> tuple[int, ...]:
     """Ranks holding positions of segment ``seg``: the owners of the chunks it overlaps
-    (``owners``: the rank of each chunk, see ringlab.layout.ChunkLayout.owners)."""
+    (``owners``: the rank of each chunk, see ringlab.engine.layout.ChunkLayout.owners)."""
     c = seq_len // len(owners)
     lo, hi = seg * w // c, (min((seg + 1) * w, seq_len) - 1) // c
     return tuple(sorted({owners[i] for i in range(lo, hi + 1)}))
 
 
 @functools.lru_cache(maxsize=64)
-def rank_plan(seq_len: int, world_size: int, rank: int, layout: str, num_heads: int,
-              segment_lengths: tuple, dilation_rates: tuple, mode: str, causal: bool,
-              heads: tuple[int, int] | None = None) -> RankPlan:
+def rank_plan(config: RingConfig, rank: int, heads: tuple[int, int] | None = None) -> RankPlan:
     """Local blocks and sub-rings of ``rank`` (see module doc), for the heads h0 <= h < h1
     of ``heads`` = (h0, h1) (default all), numbered from h0."""
-    lay = get(layout)
+    seq_len, world_size, num_heads = config.seq_len, config.world_size, config.heads
+    lay = get(config.layout)
     pieces_of = [lay.pieces(seq_len, x, world_size) for x in range(world_size)]
     owners = lay.owners(world_size)
-    own = local_blocks(pieces_of[rank], num_heads, segment_lengths, dilation_rates, mode, causal, heads)
-    local = tuple(tuple(x for x in own if x.branch == b) for b in range(len(segment_lengths)))
+    own = local_blocks(pieces_of[rank], num_heads, config.segments, config.rates, config.head_offsets,
+                       config.causal, heads)
+    local = tuple(tuple(x for x in own if x.branch == b) for b in range(len(config.segments)))
     subrings, steps = [], []
-    for b, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
-        groups = offset_groups(num_heads, r, mode, heads)
+    for b, (w, r) in enumerate(zip(config.segments, config.rates)):
+        groups = offset_groups(num_heads, r, config.head_offsets, heads)
         # Only a piece's first and last segments can reach another rank.
         edge_segments = sorted({s for pieces in pieces_of for a, e in pieces for s in (a // w, (e - 1) // w)})
         mine = []
@@ -172,7 +161,7 @@ def _pack(k, v, parts, slots) -> torch.Tensor:
     return msg
 
 
-def _cross_blocks(mine, theirs, causal):
+def cross_blocks(mine, theirs, causal):
     """(my part, their part) pairs of one segment that interact, cut to their common offset
     groups: all of them, or under the causal mask only keys before the queries (runs of two
     ranks never interleave)."""
@@ -190,11 +179,11 @@ def _rotate(comm, subs, idx, held, step):
     pending = []
     for j, (s, i) in enumerate(zip(subs, idx)):
         if step < s.hops():
-            g = len(s.members)
+            members = len(s.members)
             b, _, d = held[j].shape[1:]
-            incoming = held[j].new_empty(2, b, s.sizes[(i - step - 1) % g], d)
+            incoming = held[j].new_empty(2, b, s.sizes[(i - step - 1) % members], d)
             pending.append((j, incoming, comm.exchange(
-                [(s.members[(i + 1) % g], held[j])], [(s.members[(i - 1) % g], incoming)],
+                [(s.members[(i + 1) % members], held[j])], [(s.members[(i - 1) % members], incoming)],
                 step=step, label=f"kv/b{s.branch}/s{s.segment}", tag=_tag(s, False))))
     return pending
 
@@ -210,10 +199,10 @@ def _event(comm, step, sub, src, q_part, k_part):
                 * q_part.groups)
 
 
-def ring_dilated_forward_rank(comm, q, k, v, *, plan_args: tuple, scale: float, heads: slice):
-    """One rank's forward (a generator; see ringlab.comm). Returns (out, lse) accumulators."""
-    plan = rank_plan(*plan_args[:2], comm.rank, *plan_args[2:], (heads.start, heads.stop))
-    causal = plan_args[-1]
+def forward_rank(comm, q, k, v, *, config: RingConfig, heads: slice):
+    """One rank's forward (a generator; see ringlab.engine.comm). Returns (out, lse) accumulators."""
+    plan = rank_plan(config, comm.rank, (heads.start, heads.stop))
+    causal, scale = config.causal, config.scale
     out, lse = new_accumulators(q)
     for b, subs in enumerate(plan.subrings):
         idx = [s.members.index(comm.rank) for s in subs]
@@ -228,23 +217,22 @@ def ring_dilated_forward_rank(comm, q, k, v, *, plan_args: tuple, scale: float, 
                 for j, (s, i) in enumerate(zip(subs, idx)):
                     if step <= s.hops():
                         src_i = (i - step) % len(s.members)
-                        for qp, kp in _cross_blocks(s.parts[i], s.parts[src_i], causal):
-                            with trace.span(**_event(comm, step, s, s.members[src_i], qp, kp)):
-                                va = qp.view_args()
-                                attend(rows_view(q, qp.rows, *va), _part_view(held[j][0], kp),
-                                       _part_view(held[j][1], kp), rows_view(out, qp.rows, *va),
-                                       lse_view(lse, qp.rows, *va), causal=False, scale=scale)
+                        for q_part, k_part in cross_blocks(s.parts[i], s.parts[src_i], causal):
+                            with trace.span(**_event(comm, step, s, s.members[src_i], q_part, k_part)):
+                                at = q_part.view_args()
+                                attend(rows_view(q, q_part.rows, *at), _part_view(held[j][0], k_part),
+                                       _part_view(held[j][1], k_part), rows_view(out, q_part.rows, *at),
+                                       lse_view(lse, q_part.rows, *at), causal=False, scale=scale)
             for j, incoming, p in pending:
                 yield from p.wait()
                 held[j] = incoming
     return out, lse
 
 
-def ring_dilated_backward_rank(comm, dout, q, k, v, out, lse, dlse, *, plan_args: tuple, scale: float,
-                               heads: slice):
+def backward_rank(comm, dout, q, k, v, out, lse, dlse, *, config: RingConfig, heads: slice):
     """One rank's backward (a generator). Returns (dq, dk, dv) in the accumulation dtype."""
-    plan = rank_plan(*plan_args[:2], comm.rank, *plan_args[2:], (heads.start, heads.stop))
-    causal = plan_args[-1]
+    plan = rank_plan(config, comm.rank, (heads.start, heads.stop))
+    causal, scale = config.causal, config.scale
     acc = accum_dtype(q.dtype)
     dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
     for b, subs in enumerate(plan.subrings):
@@ -259,25 +247,25 @@ def ring_dilated_backward_rank(comm, dout, q, k, v, out, lse, dlse, *, plan_args
             for j, (s, i) in enumerate(zip(subs, idx)):
                 if not 1 <= step <= s.hops():
                     continue
-                g = len(s.members)
-                src_i = (i - step) % g
+                members = len(s.members)
+                src_i = (i - step) % members
                 if step == 1:
                     dkv = torch.zeros(held[j].shape, dtype=acc, device=q.device)
                 else:
                     buf, p = grads[j]
                     yield from p.wait()
                     dkv = buf
-                for qp, kp in _cross_blocks(s.parts[i], s.parts[src_i], causal):
-                    with trace.span(**_event(comm, step, s, s.members[src_i], qp, kp)):
-                        va, rows = qp.view_args(), qp.rows
+                for q_part, k_part in cross_blocks(s.parts[i], s.parts[src_i], causal):
+                    with trace.span(**_event(comm, step, s, s.members[src_i], q_part, k_part)):
+                        at, rows = q_part.view_args(), q_part.rows
                         attend_backward(
-                            rows_view(dout, rows, *va), rows_view(q, rows, *va), _part_view(held[j][0], kp),
-                            _part_view(held[j][1], kp), rows_view(out, rows, *va), lse_view(lse, rows, *va),
-                            None if dlse is None else lse_view(dlse, rows, *va), rows_view(dq, rows, *va),
-                            _part_view(dkv[0], kp), _part_view(dkv[1], kp), causal=False, scale=scale)
+                            rows_view(dout, rows, *at), rows_view(q, rows, *at), _part_view(held[j][0], k_part),
+                            _part_view(held[j][1], k_part), rows_view(out, rows, *at), lse_view(lse, rows, *at),
+                            None if dlse is None else lse_view(dlse, rows, *at), rows_view(dq, rows, *at),
+                            _part_view(dkv[0], k_part), _part_view(dkv[1], k_part), causal=False, scale=scale)
                 # Pass the accumulator on; from the last holder, that is home to its owner.
-                incoming = dkv.new_empty(2, q.shape[0], s.sizes[(src_i - 1) % g], q.shape[-1])
-                p = comm.exchange([(s.members[(i + 1) % g], dkv)], [(s.members[(i - 1) % g], incoming)],
+                incoming = dkv.new_empty(2, q.shape[0], s.sizes[(src_i - 1) % members], q.shape[-1])
+                p = comm.exchange([(s.members[(i + 1) % members], dkv)], [(s.members[(i - 1) % members], incoming)],
                                   step=step, label=f"dkv/b{b}/s{s.segment}", tag=_tag(s, True))
                 if step == s.hops():
                     homecoming[j] = (incoming, p)
@@ -310,30 +298,7 @@ def ring_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, group=No
         layout: one whose ranks hold whole chunks: "contiguous", "zigzag" or one you registered
             (striped would put every segment on every rank).
     """
-    segs, rates, scale = check_dilated_args(q, k, v, segment_lengths, dilation_rates, causal,
-                                            scale, head_offsets)
-    check_ring_args(q, k, v, group, ring_size, causal, layout)
-    check_choice("layout", layout, with_pieces())
-    if group is not None:
-        import torch.distributed as dist
-
-        p = dist.get_world_size(group)
-        meta, names, show = _group_meta(q, causal, layout, scale)
-        # the branch count comes before the per-branch values, so ranks with different
-        # counts disagree on it first
-        check_group_agrees(group, q.device, meta + [len(segs), HEAD_OFFSETS.index(head_offsets), *segs, *rates],
-                           names + ["branches", "head_offsets"] + [f"segment_lengths[{i}]" for i in range(len(segs))]
-                           + [f"dilation_rates[{i}]" for i in range(len(rates))],
-                           {**show, "head_offsets": HEAD_OFFSETS.__getitem__})
-    else:
-        p = ring_size
-    seq_len = q.shape[1] * (p if group is not None else 1)
-    plan_args = (seq_len, p, layout, q.shape[2], segs, rates, head_offsets, causal)
-    opts = dict(plan_args=plan_args, scale=scale)
-    algorithm = RingAlgorithm(functools.partial(ring_dilated_forward_rank, **opts),
-                              functools.partial(ring_dilated_backward_rank, **opts), group, ring_size,
-                              layout)
-    model = ("ring_dilated", dict(seq_len=seq_len, world_size=p, causal=causal, layout=layout, segments=segs,
-                                  rates=rates, head_offsets=head_offsets))
-    out, lse = exact_attention(q, k, v, algorithm, model)
+    config = ring_config(q, k, v, group=group, ring_size=ring_size, causal=causal, layout=layout, scale=scale,
+                         segment_lengths=segment_lengths, dilation_rates=dilation_rates, head_offsets=head_offsets)
+    out, lse = run_ring(config, q, k, v, group=group, ring_size=ring_size)
     return (out, lse) if return_lse else out

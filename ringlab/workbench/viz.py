@@ -1,5 +1,5 @@
 """Plotly figures of ringlab's data: traces of real runs, dilation geometry, memory, errors,
-scaling and plans. Each builder takes plain data (from ringlab.trace or ringlab.experiments)
+scaling and plans. Each builder takes plain data (from ringlab.engine.trace or ringlab.workbench.experiments)
 and returns a ``plotly.graph_objects.Figure``; :func:`save` writes them to figures/."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Geometry of LongNet dilation (SPEC §3), shared by the engine, the reference, tests and plots.
+"""Geometry of LongNet dilation (docs/design.md §3), shared by the engine, the reference, tests and plots.
 
 Branch i has segment length w and dilation rate r. Head h reads offset o(h) = h % r
 ("interleaved", the paper's s_j = j mod r) or h // ceil(H / r) ("grouped", torchscale's
@@ -18,14 +18,14 @@ import torch
 Pieces = tuple[tuple[int, int], ...]  # sorted, disjoint [start, stop) ranges of positions
 
 
-def head_offset(head: int, num_heads: int, rate: int, mode: str) -> int:
+def head_offset(head: int, num_heads: int, rate: int, head_offsets: str) -> int:
     """Offset o(h) of one head in a branch with dilation ``rate``."""
-    if mode == "interleaved":
+    if head_offsets == "interleaved":
         return head % rate
     return head // math.ceil(num_heads / rate)
 
 
-def offset_groups(num_heads: int, rate: int, mode: str, heads: tuple[int, int] | None = None
+def offset_groups(num_heads: int, rate: int, head_offsets: str, heads: tuple[int, int] | None = None
                   ) -> tuple[tuple[int, slice], ...]:
     """The heads sharing each offset, as (offset, slice of heads); offsets no head uses are absent.
 
@@ -33,7 +33,7 @@ def offset_groups(num_heads: int, rate: int, mode: str, heads: tuple[int, int] |
     ceil(H / r) heads per offset. ``heads`` = (h0, h1) keeps the heads h0 <= h < h1 of the H
     (a chunk of a call) and numbers the slices from h0.
     """
-    if mode == "interleaved":
+    if head_offsets == "interleaved":
         groups = tuple((o, slice(o, num_heads, rate)) for o in range(min(rate, num_heads)))
     else:
         size = math.ceil(num_heads / rate)
@@ -48,11 +48,6 @@ def offset_groups(num_heads: int, rate: int, mode: str, heads: tuple[int, int] |
         if inside:
             kept.append((o, slice(inside[0] - h0, inside[-1] - h0 + 1, s.step)))
     return tuple(kept)
-
-
-def selected(pos: torch.Tensor, segment: int, rate: int, offset: int) -> torch.Tensor:
-    """Boolean mask over positions ``pos``: which ones this (branch, offset) selects."""
-    return (pos % segment) % rate == offset
 
 
 @dataclass(frozen=True)
@@ -74,10 +69,6 @@ class Rows:
     @property
     def num_rows(self) -> int:
         return self.nseg * self.count
-
-    @property
-    def last_pos(self) -> int:
-        return self.pos + (self.nseg - 1) * self.seg_stride + (self.count - 1) * self.stride
 
 
 def _segment_run(lo: int, hi: int, seg: int, local0: int, a: int, w: int, r: int, o: int):
@@ -204,12 +195,12 @@ def _fuse_blocks(numbered) -> list[Block]:
 
 @functools.lru_cache(maxsize=256)
 def local_blocks(pieces: Pieces, num_heads: int, segment_lengths: tuple, dilation_rates: tuple,
-                 mode: str, causal: bool, heads: tuple[int, int] | None = None) -> tuple[Block, ...]:
+                 head_offsets: str, causal: bool, heads: tuple[int, int] | None = None) -> tuple[Block, ...]:
     """Every block of dilated attention among the rows in ``pieces`` (one rank's own work),
     for the heads ``heads`` (see :func:`offset_groups`; default all)."""
     blocks = []
     for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
-        blocks += _fuse_blocks((o, blk) for o, hs in offset_groups(num_heads, r, mode, heads)
+        blocks += _fuse_blocks((o, blk) for o, hs in offset_groups(num_heads, r, head_offsets, heads)
                                for blk in pair_blocks(i, hs, runs(pieces, w, r, o), runs(pieces, w, r, o),
                                                       causal, same_rank=True))
     # A kernel's temporaries (its output, or dq, dk, dv in the backward) are the size of its

@@ -1,4 +1,4 @@
-"""Exact softmax attention on one device (SPEC §2), flash-style: the backward recomputes the
+"""Exact softmax attention on one device (docs/design.md §2), flash-style: the backward recomputes the
 scores from the saved lse, so no (Sq, Sk) matrix is kept between forward and backward."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Block attention kernels: one Q block against one K/V block, returning (out, lse).
 
 Every algorithm in ringlab (single device, dilated, ring, ring-dilated) is a set of such
-blocks whose partial results are combined by :func:`ringlab.merge.merge`, and whose backward
+blocks whose partial results are combined by :func:`ringlab.engine.merge.merge`, and whose backward
 calls :func:`block_attention_backward` with the *global* out and lse of the query rows. That is
 the flash-attention identity that makes blockwise gradients exact:
 
@@ -9,7 +9,7 @@ the flash-attention identity that makes blockwise gradients exact:
 
 where O and lse are the final merged values, not the block's own.
 
-Layout at this boundary (SPEC §1): q (B, Sq, H, D); k, v (B, Sk, H, D); out (B, Sq, H, D);
+Layout at this boundary (docs/design.md §1): q (B, Sq, H, D); k, v (B, Sk, H, D); out (B, Sq, H, D);
 lse (B, H, Sq), float32 (float64 for float64 inputs). ``causal`` masks key j from query i when
 j > i (top-left aligned, as torch's SDPA). ``mask`` is an optional boolean tensor broadcastable
 to (B, H, Sq, Sk), True where a query may attend a key; it forces the math path.

@@ -12,6 +12,7 @@ import numbers
 import torch
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+DTYPE_NAMES = tuple(str(d).removeprefix("torch.") for d in DTYPES)
 HEAD_OFFSETS = ("interleaved", "grouped")
 # Beyond these the float32 scores overflow (scale) or index arithmetic reaches int64 limits
 # (segment lengths and rates; a segment longer than the sequence is the whole sequence anyway).
@@ -101,18 +102,16 @@ def check_branches(segment_lengths, dilation_rates) -> tuple[tuple[int, ...], tu
         raise ValueError(f"segment_lengths and dilation_rates must have the same length (one "
                          f"rate per segment); got {len(segs)} segments {segs} and {len(rates)} "
                          f"rates {rates}")
-    for w in segs:
-        if w < 1:
-            raise ValueError(f"segment_lengths must be >= 1; got {segs}")
-        if w > MAX_BRANCH_VALUE:
-            raise ValueError(f"segment_lengths must be <= 2**40; got {w}. A segment longer than the sequence "
-                             "is the whole sequence: use the sequence length")
-    for r in rates:
-        if r < 1:
-            raise ValueError(f"dilation_rates must be >= 1 (1 means no dilation); got {rates}")
-        if r > MAX_BRANCH_VALUE:
-            raise ValueError(f"dilation_rates must be <= 2**40; got {r}. A rate at least the segment length "
-                             "selects one row per segment: use the segment length")
+    limits = (("segment_lengths", segs, "", "A segment longer than the sequence is the whole sequence: use "
+               "the sequence length"),
+              ("dilation_rates", rates, " (1 means no dilation)", "A rate at least the segment length selects "
+               "one row per segment: use the segment length"))
+    for name, values, meaning, too_large in limits:
+        for x in values:
+            if x < 1:
+                raise ValueError(f"{name} must be >= 1{meaning}; got {values}")
+            if x > MAX_BRANCH_VALUE:
+                raise ValueError(f"{name} must be <= 2**40; got {x}. {too_large}")
     return segs, rates
 
 

@@ -1,6 +1,6 @@
 """Run one rank's real engine code at any scale without the memory: the dry run.
 
-    report = ringlab.dryrun.dry_run(Problem(2**30, heads=32, head_dim=128, dtype="bfloat16",
+    report = ringlab.planning.dryrun.dry_run(Problem(2**30, heads=32, head_dim=128, dtype="bfloat16",
                                             world_size=256, causal=True, layout="zigzag"))
 
 One rank's forward and backward generators (the same code a real rank runs) execute on
@@ -12,25 +12,23 @@ would reach.
 Kernels: on ``meta`` the engine dispatches as on CUDA (flash for 16-bit dtypes, else the
 efficient kernel), and torch's meta registrations of those ops give output shapes. Their
 internal workspace is not allocated on meta; the report adds the CUDA kernel-scratch term of
-:mod:`ringlab.memory_model` to compare with the planner.
+:mod:`ringlab.planning.memory_model` to compare with the planner.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..engine.autograd import exact_attention
+from ..engine.comm import RingComm, run_rank
+from ..engine.config import rank_functions
 from . import memory
-from .comm import RingComm, run_rank
-from .autograd import exact_attention
 from .memory_model import Problem, estimate
-from .ring import ring_backward_rank, ring_forward_rank
-from .ring_dilated import ring_dilated_backward_rank, ring_dilated_forward_rank
 
 
 class AllocationTracker(TorchDispatchMode):
@@ -75,22 +73,9 @@ class InstantComm(RingComm):
         pass
 
 
-def rank_generators(pb: Problem, rank: int):
-    """(forward, backward) per-rank generator functions of the ring or ring-dilated engine."""
-    scale = pb.head_dim ** -0.5
-    if pb.segments:
-        plan_args = (pb.seq_len, pb.world_size, pb.layout, pb.heads, tuple(pb.segments), tuple(pb.rates),
-                     pb.head_offsets, pb.causal)
-        opts = dict(plan_args=plan_args, scale=scale)
-        return (functools.partial(ring_dilated_forward_rank, **opts),
-                functools.partial(ring_dilated_backward_rank, **opts))
-    opts = dict(layout=pb.layout, causal=pb.causal, scale=scale)
-    return functools.partial(ring_forward_rank, **opts), functools.partial(ring_backward_rank, **opts)
-
-
 @dataclasses.dataclass(frozen=True)
 class _OneRank:
-    """One rank's generators as an algorithm for ringlab.autograd, which runs them per head
+    """One rank's generators as an algorithm for ringlab.engine.autograd, which runs them per head
     chunk exactly as a real call does."""
     forward_rank: object
     backward_rank: object
@@ -106,16 +91,16 @@ class _OneRank:
 def run_one_rank(pb: Problem, rank: int = 0, *, backward: bool = True, device="meta") -> int:
     """Run ``rank``'s forward (and backward) on ``device`` with instant transfers and return
     the peak bytes the call allocated (inputs and output gradient exist before it starts, as
-    in ringlab.memory measurements). On meta the AllocationTracker counts; on a real device
-    ringlab.memory.track does."""
+    in ringlab.planning.memory measurements). On meta the AllocationTracker counts; on a real device
+    ringlab.planning.memory.track does."""
     dtype = getattr(torch, pb.dtype)
     shape = (pb.batch, pb.local, pb.heads, pb.head_dim)
     q, k, v, dout = (torch.empty(shape, dtype=dtype, device=device).requires_grad_(backward) for _ in range(4))
-    algorithm = _OneRank(*rank_generators(pb, rank), InstantComm(rank, pb.world_size))
+    algorithm = _OneRank(*rank_functions(pb.ring_config()), InstantComm(rank, pb.world_size))
     meta = torch.device(device).type == "meta"
     tracker = AllocationTracker(existing=(q, k, v, dout)) if meta else memory.track(device)
     with tracker as report, torch.enable_grad():
-        out, lse = exact_attention(q, k, v, algorithm, ("ring", dataclasses.asdict(pb)))
+        out, lse = exact_attention(q, k, v, algorithm, pb.ring_config().model(simulated=False))
         if backward:
             out.backward(dout.detach())
         del out, lse
@@ -131,7 +116,7 @@ def dry_run(pb: Problem, *, backward: bool = True, rank: int = 0) -> dict:
     """
     pb_cuda = dataclasses.replace(pb, device="cuda")
     measured = run_one_rank(pb_cuda, rank, backward=backward, device="meta")
-    mode = "ring_dilated" if pb.segments else "ring"
+    mode, _ = pb.ring_config().model(simulated=False)
     est = estimate(dataclasses.replace(pb_cuda, scratch=False), mode, backward=backward, rank=rank)
     planned = estimate(pb_cuda, mode, backward=backward, rank=rank)
     return dict(problem=dataclasses.asdict(pb_cuda), rank=rank, backward=backward, measured=measured,

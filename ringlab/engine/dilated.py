@@ -1,6 +1,6 @@
-"""LongNet dilated attention on one device, with the exact LSE merge of branches (SPEC §3).
+"""LongNet dilated attention on one device, with the exact LSE merge of branches (docs/design.md §3).
 
-Each :class:`ringlab.dilation.Block` gathers the selected rows of equal-length segments for
+Each :class:`ringlab.engine.dilation.Block` gathers the selected rows of equal-length segments for
 the heads of one offset group, folds the segments into the batch dimension, runs one block
 kernel and merges the result into the running (out, lse) of those rows. The backward reruns
 the same blocks with the global out and lse, which is the exact gradient of the merged
@@ -11,7 +11,6 @@ The block functions here also serve the ring-dilated engine for the rows a rank 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,7 @@ from .checks import (
 )
 from .dilation import Rows, local_blocks
 from .kernels import accum_dtype, block_attention, block_attention_backward
-from .merge import merge
+from .merge import merge, new_accumulators
 
 
 def rows_view(x: torch.Tensor, rows: Rows, heads: slice, groups: int = 1, head_step: int = 0) -> torch.Tensor:
@@ -69,16 +68,6 @@ def attend_backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, *, causal: bool, 
     dq += gq.view(dq.shape)
     dk += gk.view(dk.shape)
     dv += gv.view(dv.shape)
-
-
-def new_accumulators(q: torch.Tensor, into=None):
-    """Running (out, lse) for the rows of q: zeros and -inf, float32 (float64 for float64).
-    ``into`` = (out or None, lse): tensors to reset and use instead of allocating."""
-    b, n, h, d = q.shape
-    acc = accum_dtype(q.dtype)
-    out, lse = into or (None, None)
-    return (torch.zeros(b, n, h, d, dtype=acc, device=q.device) if out is None else out.zero_(),
-            torch.full((b, h, n), -math.inf, dtype=acc, device=q.device) if lse is None else lse.fill_(-math.inf))
 
 
 def blocks_forward(q, k, v, blocks, out, lse, *, scale: float) -> None:
@@ -155,7 +144,7 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal: bool 
 
     Returns:
         out (B, N, H, D), or (out, lse) with lse (B, H, N). Equals softmax attention with the
-        additive bias log m_h(q, k) of :func:`ringlab.dilation.multiplicity`.
+        additive bias log m_h(q, k) of :func:`ringlab.engine.dilation.multiplicity`.
     """
     segs, rates, scale = check_dilated_args(q, k, v, segment_lengths, dilation_rates, causal,
                                             scale, head_offsets)

@@ -1,6 +1,6 @@
 """Opt-in recorder of what each rank does at each ring step.
 
-    with ringlab.trace.record_events() as tr:
+    with ringlab.engine.trace.record_events() as tr:
         ringlab.ring_attention(q, k, v, ring_size=4, causal=True)
     tr.events  # list of dicts, one per event
 

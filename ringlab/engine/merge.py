@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from .kernels import accum_dtype
+
 
 def merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
           block_lse: torch.Tensor) -> None:
@@ -29,3 +31,13 @@ def merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
     w_block = torch.exp(block_lse - shift).transpose(-1, -2).unsqueeze(-1)
     out.mul_(w_old).addcmul_(block_out, w_block)
     lse.copy_(new_lse)
+
+
+def new_accumulators(q: torch.Tensor, into=None):
+    """Running (out, lse) for the rows of q: zeros and -inf, float32 (float64 for float64).
+    ``into`` = (out or None, lse): tensors to reset and use instead of allocating."""
+    b, n, h, d = q.shape
+    acc = accum_dtype(q.dtype)
+    out, lse = into or (None, None)
+    return (torch.zeros(b, n, h, d, dtype=acc, device=q.device) if out is None else out.zero_(),
+            torch.full((b, h, n), -math.inf, dtype=acc, device=q.device) if lse is None else lse.fill_(-math.inf))

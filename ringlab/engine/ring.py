@@ -1,4 +1,4 @@
-"""Ring attention (Liu et al. 2023; SPEC §4): Q, K and V sharded, K/V blocks rotating.
+"""Ring attention (Liu et al. 2023; docs/design.md §4): Q, K and V sharded, K/V blocks rotating.
 
 Each rank keeps its Q block and output accumulator. At step t it holds the K/V block of rank
 (rank - t) mod P, posts the transfer of that block to rank+1 (and the receive of the next one
@@ -12,20 +12,14 @@ delivers it.
 from __future__ import annotations
 
 import contextlib
-import functools
-import struct
 
 import torch
-import torch.distributed as dist
 
 from . import trace
-from .autograd import exact_attention
-from .checks import check_causal, check_qkv, check_ring, resolve_scale
-from .comm import RingAlgorithm, check_group_agrees
-from .dilated import new_accumulators
+from .config import RingConfig, ring_config, run_ring
 from .kernels import accum_dtype, block_attention, block_attention_backward
-from .layout import LAYOUTS, get
-from .merge import merge
+from .layout import get
+from .merge import merge, new_accumulators
 
 
 @contextlib.contextmanager
@@ -42,11 +36,11 @@ def _traced_tile(rank, step, src, tile):
         yield
 
 
-def ring_forward_rank(comm, q, k, v, *, layout: str, causal: bool, scale: float, heads: slice):
-    """One rank's forward (a generator; see ringlab.comm). Returns (out, lse) accumulators.
+def forward_rank(comm, q, k, v, *, config: RingConfig, heads: slice):
+    """One rank's forward (a generator; see ringlab.engine.comm). Returns (out, lse) accumulators.
     Every head attends alike, so ``heads`` (which of the call's heads q holds) is not needed."""
     p, rank, n = comm.world_size, comm.rank, q.shape[1]
-    lay = get(layout)
+    lay, causal, scale = get(config.layout), config.causal, config.scale
     out, lse = new_accumulators(q)
     kv = torch.stack([k, v])  # one buffer, one transfer per step
     for step in range(p):
@@ -65,11 +59,10 @@ def ring_forward_rank(comm, q, k, v, *, layout: str, causal: bool, scale: float,
     return out, lse
 
 
-def ring_backward_rank(comm, dout, q, k, v, out, lse, dlse, *, layout: str, causal: bool,
-                       scale: float, heads: slice):
+def backward_rank(comm, dout, q, k, v, out, lse, dlse, *, config: RingConfig, heads: slice):
     """One rank's backward (a generator). Returns (dq, dk, dv) in the accumulation dtype."""
     p, rank, n = comm.world_size, comm.rank, q.shape[1]
-    lay = get(layout)
+    lay, causal, scale = get(config.layout), config.causal, config.scale
     acc = accum_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])
@@ -105,33 +98,6 @@ def ring_backward_rank(comm, dout, q, k, v, out, lse, dlse, *, layout: str, caus
     return dq, dkv_incoming[0], dkv_incoming[1]
 
 
-def _group_meta(q, causal, layout, scale) -> tuple[list[int], list[str], dict]:
-    dtypes = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-    layouts = tuple(LAYOUTS)
-    meta = [*q.shape, dtypes.index(q.dtype), int(causal), layouts.index(layout),
-            struct.unpack("<q", struct.pack("<d", scale))[0]]
-    names = ["batch", "seq (shard length)", "heads", "head_dim", "dtype", "causal", "layout", "scale"]
-    show = dict(dtype=lambda i: str(dtypes[i]).removeprefix("torch."), causal=bool, layout=layouts.__getitem__,
-                scale=lambda b: struct.unpack("<d", struct.pack("<q", b))[0])
-    return meta, names, show
-
-
-def check_ring_args(q, k, v, group, ring_size, causal, layout):
-    """Checks shared by ring_attention and ring_dilated_attention (no communication yet)."""
-    check_qkv(q, k, v, same_length=True)
-    check_causal(causal)
-    lay = get(layout)
-    check_ring(group, ring_size)
-    if group is None and ring_size is None:
-        raise ValueError("pass group= (a torch.distributed ProcessGroup; q, k, v are this rank's "
-                         "shards) or ring_size= (simulate that many ranks on this device)")
-    if group is None:
-        lay.check_split(q.shape[1], ring_size)
-    else:
-        p = dist.get_world_size(group)
-        lay.check_split(q.shape[1] * p, p, what="sequence length (shard length x ranks)")
-
-
 def ring_attention(q, k, v, *, group=None, ring_size: int | None = None, causal: bool = False,
                    layout: str = "contiguous", scale: float | None = None,
                    return_lse: bool = False):
@@ -144,22 +110,13 @@ def ring_attention(q, k, v, *, group=None, ring_size: int | None = None, causal:
 
     Args:
         causal: key k visible to query q only if k <= q (global positions).
-        layout: a name in ringlab.layout.LAYOUTS: "contiguous", "zigzag" or "striped" (the
+        layout: a name in ringlab.engine.layout.LAYOUTS: "contiguous", "zigzag" or "striped" (the
             last two balance causal work), or one you registered.
         scale: default 1/sqrt(D).
         return_lse: also return lse (B, H, S) for the same rows as out.
 
     Equals ``ringlab.attention`` on the whole sequence, outputs and gradients.
     """
-    check_ring_args(q, k, v, group, ring_size, causal, layout)
-    scale = resolve_scale(scale, q.shape[-1])
-    if group is not None:
-        check_group_agrees(group, q.device, *_group_meta(q, causal, layout, scale))
-    opts = dict(layout=layout, causal=causal, scale=scale)
-    algorithm = RingAlgorithm(functools.partial(ring_forward_rank, **opts),
-                              functools.partial(ring_backward_rank, **opts), group, ring_size, layout)
-    p = ring_size or dist.get_world_size(group)
-    model = ("simulated_ring" if group is None else "ring",
-             dict(seq_len=q.shape[1] * (1 if group is None else p), world_size=p, causal=causal, layout=layout))
-    out, lse = exact_attention(q, k, v, algorithm, model)
+    config = ring_config(q, k, v, group=group, ring_size=ring_size, causal=causal, layout=layout, scale=scale)
+    out, lse = run_ring(config, q, k, v, group=group, ring_size=ring_size)
     return (out, lse) if return_lse else out

@@ -1,15 +1,15 @@
 """What an N-token run of ring (or ring-dilated) attention needs, per GPU.
 
-    plan = ringlab.plan(2**30, heads=32, head_dim=128, dtype="bfloat16", gpu="h100",
+    plan = planner.plan(2**30, heads=32, head_dim=128, dtype="bfloat16", gpu="h100",
                         segments=[4096, 65536, 2**30], rates=[1, 8, 64])
     print(plan.table());  plan.to_dict()
 
-It answers: memory per rank by term (from :mod:`ringlab.memory_model`, CUDA kernels), bytes
+It answers: memory per rank by term (from :mod:`ringlab.planning.memory_model`, CUDA kernels), bytes
 each rank sends per ring step and in total, FLOPs per step, whether a step's transfer hides
 behind its compute on the device's links (NVLink inside a node, InfiniBand across nodes), the
 smallest number of GPUs that fits N tokens, the largest N that fits a given number of GPUs,
 and the shard size a ring step needs for its transfer to hide. Device profiles are editable
-data in ``ringlab/devices.json``.
+data in ``ringlab/planning/devices.json``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import math
 import pathlib
 from dataclasses import asdict, dataclass, field
 
-from .checks import HEAD_OFFSETS, check_branches, check_choice
-from .dilation import score_pairs
-from .layout import LAYOUTS
+from ..engine.checks import HEAD_OFFSETS, check_branches, check_choice
+from ..engine.dilation import score_pairs
+from ..engine.layout import LAYOUTS
+from ..engine.ring_dilated import rank_plan
 from .memory_model import DTYPE_BYTES, Problem, estimate
 
 DEVICES_FILE = pathlib.Path(__file__).with_name("devices.json")
@@ -152,7 +153,7 @@ def _splittable(pb: Problem) -> bool:
 
 
 def _memory(pb: Problem, backward: bool):
-    mode = "ring_dilated" if pb.segments else "ring"
+    mode, _ = pb.ring_config().model(simulated=False)
     return estimate(pb, mode, backward=backward)
 
 
@@ -173,16 +174,14 @@ def _pairs_per_rank(pb: Problem) -> float:
 
 def _communication(pb: Problem, backward: bool) -> dict:
     """Bytes one rank sends: per ring step (hop) and in total."""
-    n, p, e = pb.local, pb.world_size, pb.e
+    n, p, e = pb.local, pb.world_size, pb.item_bytes
     row = pb.batch * pb.head_dim
     per_step, fwd = {}, 0
     if not pb.segments:
         per_step[f"K/V block, each of {p - 1} steps"] = 2 * n * pb.heads * row * e
         fwd = (p - 1) * 2 * n * pb.heads * row * e
     else:
-        from .ring_dilated import rank_plan
-        plan = rank_plan(pb.seq_len, p, 0, pb.layout, pb.heads, tuple(pb.segments), tuple(pb.rates),
-                         pb.head_offsets, pb.causal)
+        plan = rank_plan(pb.ring_config(), 0)
         for b, ((w, r), subs) in enumerate(zip(zip(pb.segments, pb.rates), plan.subrings)):
             hop = sum(2 * s.sizes[s.members.index(0)] * row * e for s in subs)
             hops = max((s.hops() for s in subs), default=0)
@@ -198,7 +197,7 @@ def _overlap(pb: Problem, dev: Device) -> dict:
     """Per link: one ring step's compute vs its transfer (for ring-dilated, the branch whose
     transfer is hardest to hide). A step attends n/r selected rows to n/r rows, so compute
     falls as r^2 while the transfer falls as r: dilation needs larger shards to overlap."""
-    n, e, rate = pb.local, pb.e, dev.flops(pb.dtype)
+    n, e, rate = pb.local, pb.item_bytes, dev.flops(pb.dtype)
     row = pb.batch * pb.heads * pb.head_dim
     tile = 0.5 if pb.causal else 1.0  # balanced causal layouts compute half a tile per step
     rates = [1] if not pb.segments else [r for w, r in zip(pb.segments, pb.rates) if w > n or n % w]
@@ -214,10 +213,6 @@ def _overlap(pb: Problem, dev: Device) -> dict:
             out[link] = dict(compute_s=compute, transfer_s=transfer, hides=compute >= transfer, rate=r,
                              tokens_per_gpu_needed=math.ceil(r * e * rate / (2 * bw * tile)))
     return out
-
-
-def _total(pb: Problem, backward: bool) -> int:
-    return _memory(pb, backward).total
 
 
 def gpu_counts(pb: Problem) -> list[int]:
@@ -243,12 +238,12 @@ def _min_gpus(pb: Problem, dev: Device, backward: bool) -> tuple[int | None, str
         return None, (f"layout {pb.layout!r} cannot split {pb.seq_len:,} tokens evenly over any number of GPUs: "
                       f"it cuts the sequence into {unit} x GPUs equal chunks, so it needs a multiple of {unit}. "
                       f"Pad to {-(-pb.seq_len // unit) * unit:,} tokens, or use layout 'contiguous'")
-    guess = _total(at(1), backward) / dev.capacity
+    guess = _memory(at(1), backward).total / dev.capacity
     hi = min(bisect.bisect_left(counts, guess), len(counts) - 1)
     lo = -1  # below hi; -1: nothing below is known not to fit
     while not fits(hi):
         if hi == len(counts) - 1:
-            need = _total(at(counts[-1]), backward)
+            need = _memory(at(counts[-1]), backward).total
             return None, (f"{pb.seq_len:,} tokens do not fit in memory on any GPU count up to {MAX_GPUS:,} "
                           f"that layout {pb.layout!r} can split them over ({len(counts)} counts; the largest, "
                           f"{counts[-1]:,} {dev.name}s, needs {need / 2**30:,.2f} GiB per GPU of "
@@ -276,7 +271,7 @@ def _max_tokens(pb: Problem, dev: Device, backward: bool) -> int | None:
     unit = LAYOUTS[pb.layout].unit * pb.world_size
     at = lambda m: Problem(**{**asdict(pb), "seq_len": m * unit})  # noqa: E731
     m = max(1, pb.seq_len // unit)
-    m = max(1, int(m * dev.capacity / _total(at(m), backward)))
+    m = max(1, int(m * dev.capacity / _memory(at(m), backward).total))
     while m > 1 and not _fits(at(m), dev, backward):
         m = max(1, int(m * 0.98))
     if not _fits(at(m), dev, backward):

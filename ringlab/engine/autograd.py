@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Callable
 
 import torch
 
@@ -118,6 +119,12 @@ def exact_attention(q, k, v, algorithm, model: tuple[str, dict], *, chunked: boo
     return _ExactAttention.apply(q, k, v, algorithm, chunks, model)
 
 
+# (mode, problem fields, backward) -> peak bytes. ringlab.planning.memory_model sets it when
+# imported (ringlab's __init__ does), so the engine explains out-of-memory errors without
+# importing the planning layer above it.
+memory_estimate: Callable[[str, dict, bool], int] | None = None
+
+
 class _explained_oom:
     """Re-raise an out-of-memory error with the call's size, the memory model's estimate and
     the free memory, so the user sees what to change. Nothing is retried or switched."""
@@ -134,20 +141,19 @@ class _explained_oom:
         raise torch.OutOfMemoryError(f"{err}\n\nringlab: {self.describe()}") from err
 
     def describe(self) -> str:
-        from .memory_model import Problem, estimate
-
         q, (mode, fields) = self.q, self.model
         b, n, h, d = q.shape
         dtype = str(q.dtype).removeprefix("torch.")
-        device = "cuda" if q.device.type == "cuda" else "cpu"
         text = (f"{mode} {'forward+backward' if self.backward else 'forward'} on q {tuple(q.shape)} "
                 f"(batch {b}, N {n}, heads {h}, head_dim {d}, {dtype}) ran out of memory on {q.device}")
-        try:
-            base = dict(seq_len=n, heads=h, head_dim=d, batch=b, dtype=dtype, device=device)
-            need = estimate(Problem(**{**base, **fields}), mode, backward=self.backward).peak
-            text += f". The memory model estimates {need / 2**30:.2f} GiB for the call"
-        except Exception as why:  # noqa: BLE001 - the explanation must not hide the real error
-            text += f" (memory model unavailable: {why})"
+        if memory_estimate is not None:
+            try:
+                base = dict(seq_len=n, heads=h, head_dim=d, batch=b, dtype=dtype,
+                            device="cuda" if q.device.type == "cuda" else "cpu")
+                need = memory_estimate(mode, {**base, **fields}, self.backward)
+                text += f". The memory model estimates {need / 2**30:.2f} GiB for the call"
+            except Exception as why:  # noqa: BLE001 - the explanation must not hide the real error
+                text += f" (memory model unavailable: {why})"
         free = _free_bytes(q.device)
         if free is not None:
             text += f", against {free / 2**30:.2f} GiB free now"

@@ -3,7 +3,7 @@
 For a problem (batch B, sequence N, heads H, head_dim D, dtype, P ranks, ...) and a mode,
 :func:`estimate` returns the tensors live at the peak of one attention call, each a named term
 in bytes, for the forward alone or forward+backward. It mirrors what the code allocates, so
-``ringlab.memory.track`` around the same call measures the same number (tests hold the two
+``ringlab.planning.memory.track`` around the same call measures the same number (tests hold the two
 within 10%). Inputs (q, k, v and the output gradient) exist before the call; they are listed
 separately as ``resident`` and are not part of the call's peak.
 
@@ -28,10 +28,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .dilation import local_blocks
+from ..engine import autograd
+from ..engine.checks import DTYPE_NAMES
+from ..engine.config import RingConfig
+from ..engine.dilation import local_blocks
+from ..engine.layout import shard_pieces
+from ..engine.ring_dilated import cross_blocks, rank_plan
 
 MODES = ("dense", "sdpa", "attention", "dilated", "ring", "simulated_ring", "ring_dilated")
-DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {name: getattr(torch, name).itemsize for name in DTYPE_NAMES}
 
 
 @dataclass(frozen=True)
@@ -53,25 +58,31 @@ class Problem:
     scratch: bool = True     # count kernel work buffers (the meta dry run allocates none)
 
     @property
-    def e(self) -> int:
+    def item_bytes(self) -> int:
+        """Bytes of one element of q, k, v and the results."""
         return DTYPE_BYTES[self.dtype]
 
     @property
-    def a(self) -> int:
-        """Accumulator bytes: float64 stays float64, everything else float32."""
+    def acc_bytes(self) -> int:
+        """Bytes of one accumulator element: float64 stays float64, everything else float32."""
         return 8 if self.dtype == "float64" else 4
 
-    def x(self, rows: int, heads: int | None = None) -> int:
+    def elements(self, rows: int, heads: int | None = None) -> int:
         """Elements of a (B, rows, H, D) tensor."""
         return self.batch * rows * (heads or self.heads) * self.head_dim
 
-    def l(self, rows: int, heads: int | None = None) -> int:
+    def lse_elements(self, rows: int, heads: int | None = None) -> int:
         """Elements of a (B, H, rows) lse."""
         return self.batch * rows * (heads or self.heads)
 
     @property
     def local(self) -> int:
         return self.seq_len // self.world_size
+
+    def ring_config(self) -> RingConfig:
+        """The ring (or ring-dilated, with segments) call of this problem, default scale."""
+        return RingConfig(self.seq_len, self.world_size, self.heads, self.head_dim ** -0.5, self.causal,
+                          self.layout, tuple(self.segments), tuple(self.rates), self.head_offsets)
 
 
 @dataclass
@@ -115,7 +126,7 @@ def kernel_scratch(pb: Problem, q_len: int, k_len: int, heads: int | None = None
         return 4 * pb.batch * calls * h * pad(q_len, 128) * (pad(pb.head_dim, 32) + 1)
     qs, ks = _q_split(q_len), min(512, k_len)
     acc = 8 if pb.dtype == "float64" else 4
-    reduced = pb.e if pb.e == 2 else 0
+    reduced = pb.item_bytes if pb.item_bytes == 2 else 0
     if backward:
         return _threads(pb) * (2 * qs * ks * (acc + reduced) + qs * acc)
     return _threads(pb) * (qs * (ks + 2 + pb.head_dim) * acc + qs * ks * reduced)
@@ -133,12 +144,12 @@ def _block_forward(pb: Problem, rows: int, keys: int, heads: int, q_len: int, k_
     copies of q, k, v rows that no view can fold into the kernel's batch); after it, the
     merge's temporaries (new lse, shift, two weights; for 16-bit dtypes on CPU also the
     float32 upcast of the block output inside addcmul_; CUDA casts on the fly)."""
-    base = {"block output": pb.x(rows, heads) * pb.e, "block lse": pb.l(rows, heads) * pb.a}
-    upcast = pb.x(rows, heads) * pb.a if pb.e != pb.a and pb.device == "cpu" else 0
-    copies = (pb.x(rows, heads) + 2 * pb.x(keys, heads)) * pb.e if copied else 0
+    base = {"block output": pb.elements(rows, heads) * pb.item_bytes, "block lse": pb.lse_elements(rows, heads) * pb.acc_bytes}
+    upcast = pb.elements(rows, heads) * pb.acc_bytes if pb.item_bytes != pb.acc_bytes and pb.device == "cpu" else 0
+    copies = (pb.elements(rows, heads) + 2 * pb.elements(keys, heads)) * pb.item_bytes if copied else 0
     scratch = kernel_scratch(pb, q_len, k_len, heads, backward=False, calls=rows // q_len)
     return _largest([base | {"kernel scratch": scratch, "row copies": copies},
-                     base | {"merge temporaries": 4 * pb.l(rows, heads) * pb.a + upcast}])
+                     base | {"merge temporaries": 4 * pb.lse_elements(rows, heads) * pb.acc_bytes + upcast}])
 
 
 def _block_backward(pb: Problem, rows: int, keys: int, heads: int, q_len: int, k_len: int,
@@ -146,12 +157,12 @@ def _block_backward(pb: Problem, rows: int, keys: int, heads: int, q_len: int, k
     """One backward kernel call: the block's dq, dk, dv, the masked lse copy, and the kernel
     scratch and row copies (inside the kernel) or the float32 upcast of a gradient being
     accumulated (after it). CUDA kernels also take a contiguous copy of the output gradient."""
-    base = {"block gradients": (pb.x(rows, heads) + 2 * pb.x(keys, heads)) * pb.e,
-            "lse copy": pb.l(rows, heads) * pb.a}
-    upcast = pb.x(max(rows, keys), heads) * pb.a if pb.e != pb.a and pb.device == "cpu" else 0
-    copies = ((3 * pb.x(rows, heads) + 2 * pb.x(keys, heads)) * pb.e + pb.l(rows, heads) * pb.a) if copied else 0
+    base = {"block gradients": (pb.elements(rows, heads) + 2 * pb.elements(keys, heads)) * pb.item_bytes,
+            "lse copy": pb.lse_elements(rows, heads) * pb.acc_bytes}
+    upcast = pb.elements(max(rows, keys), heads) * pb.acc_bytes if pb.item_bytes != pb.acc_bytes and pb.device == "cpu" else 0
+    copies = ((3 * pb.elements(rows, heads) + 2 * pb.elements(keys, heads)) * pb.item_bytes + pb.lse_elements(rows, heads) * pb.acc_bytes) if copied else 0
     if pb.device == "cuda":
-        copies += pb.x(rows, heads) * pb.e
+        copies += pb.elements(rows, heads) * pb.item_bytes
     scratch = kernel_scratch(pb, q_len, k_len, heads, backward=True, calls=rows // q_len)
     return _largest([base | {"kernel scratch": scratch, "row copies": copies},
                      base | {"accumulate upcast": upcast}])
@@ -164,8 +175,8 @@ def _blocks(pb: Problem, pieces, heads: slice | None = None) -> list:
 
 
 def _chunks(pb: Problem, rows: int) -> list[slice]:
-    """The head chunks ringlab.autograd.head_chunks picks for q of (B, rows, H, D)."""
-    from .autograd import head_chunks
+    """The head chunks ringlab.engine.autograd.head_chunks picks for q of (B, rows, H, D)."""
+    from ..engine.autograd import head_chunks
 
     return head_chunks(pb.batch, rows, pb.heads, pb.head_dim, getattr(torch, pb.dtype), pb.device)
 
@@ -177,10 +188,10 @@ def _chunked(pb: Problem, rows: int, backward: bool, inner, chunk_rows: int | No
     (float32 and float64 inputs), so the inner terms leave them out. ``chunk_rows``: the rows
     of q that the chunks were chosen for, when not ``rows`` (a simulated ring)."""
     chunks = _chunks(pb, chunk_rows or rows)
-    direct = pb.e == pb.a
-    full = {"out": pb.x(rows) * pb.e, "lse": pb.l(rows) * pb.a}
+    direct = pb.item_bytes == pb.acc_bytes
+    full = {"out": pb.elements(rows) * pb.item_bytes, "lse": pb.lse_elements(rows) * pb.acc_bytes}
     if backward:
-        full = {"saved out": pb.x(rows) * pb.e, "saved lse": pb.l(rows) * pb.a, "dq, dk, dv": 3 * pb.x(rows) * pb.e}
+        full = {"saved out": pb.elements(rows) * pb.item_bytes, "saved lse": pb.lse_elements(rows) * pb.acc_bytes, "dq, dk, dv": 3 * pb.elements(rows) * pb.item_bytes}
     return full | _largest([inner(replace(pb, heads=h.stop - h.start), h, direct) for h in chunks])
 
 
@@ -197,37 +208,37 @@ def _dims(pb: Problem, blk, local_len: int):
 def _saved(pb: Problem, rows: int) -> dict:
     """What the forward leaves for the backward: out (the float32 accumulator itself when the
     dtype is float32) and lse."""
-    return {"saved out": pb.x(rows) * (pb.e if pb.e != pb.a else pb.a), "saved lse": pb.l(rows) * pb.a}
+    return {"saved out": pb.elements(rows) * pb.item_bytes, "saved lse": pb.lse_elements(rows) * pb.acc_bytes}
 
 
 def _dense(pb: Problem, backward: bool) -> dict:
-    s = pb.batch * pb.heads * pb.seq_len * pb.seq_len * pb.e
+    s = pb.batch * pb.heads * pb.seq_len * pb.seq_len * pb.item_bytes
     n = pb.seq_len
     if not backward:
-        return {"scores": s, "probabilities": s, "out": pb.x(n) * pb.e}
+        return {"scores": s, "probabilities": s, "out": pb.elements(n) * pb.item_bytes}
     return {"saved probabilities": s, "grad probabilities": s, "grad scores": s,
-            "saved out": pb.x(n) * pb.e, "dq, dk, dv": 3 * pb.x(n) * pb.e}
+            "saved out": pb.elements(n) * pb.item_bytes, "dq, dk, dv": 3 * pb.elements(n) * pb.item_bytes}
 
 
 def _flash(pb: Problem, backward: bool, *, ours: bool) -> dict:
     n = pb.seq_len
-    out = {"out": pb.x(n) * pb.e, "lse": pb.l(n) * 4 if pb.a == 4 else pb.l(n) * 8}
+    out = {"out": pb.elements(n) * pb.item_bytes, "lse": pb.lse_elements(n) * pb.acc_bytes}
     if not backward:
         return out | {"kernel scratch": kernel_scratch(pb, n, n, backward=False)}
-    terms = {"saved out": out["out"], "saved lse": out["lse"], "dq, dk, dv": 3 * pb.x(n) * pb.e,
+    terms = {"saved out": out["out"], "saved lse": out["lse"], "dq, dk, dv": 3 * pb.elements(n) * pb.item_bytes,
              "kernel scratch": kernel_scratch(pb, n, n, backward=True)}
     if ours:
-        terms["lse copy"] = pb.l(n) * pb.a
+        terms["lse copy"] = pb.lse_elements(n) * pb.acc_bytes
     return terms
 
 
 def _accumulators(pb: Problem, rows: int) -> dict:
-    return {"out accumulator": pb.x(rows) * pb.a, "lse accumulator": pb.l(rows) * pb.a}
+    return {"out accumulator": pb.elements(rows) * pb.acc_bytes, "lse accumulator": pb.lse_elements(rows) * pb.acc_bytes}
 
 
 def _cast(pb: Problem, rows: int, count: int = 1) -> int:
     """The final cast of float32 accumulators to a narrower dtype (free when dtypes match)."""
-    return count * pb.x(rows) * pb.e if pb.e != pb.a else 0
+    return count * pb.elements(rows) * pb.item_bytes if pb.item_bytes != pb.acc_bytes else 0
 
 
 def _dilated(pb: Problem, backward: bool) -> dict:
@@ -239,7 +250,7 @@ def _dilated(pb: Problem, backward: bool) -> dict:
     phases = [acc | _largest([_block_forward(pb, *_dims(pb, b, n)) for b in blocks]),
               acc | {"out": _cast(pb, n)}]
     if backward:
-        saved = _saved(pb, n) | {"dq, dk, dv accumulators": 3 * pb.x(n) * pb.a}
+        saved = _saved(pb, n) | {"dq, dk, dv accumulators": 3 * pb.elements(n) * pb.acc_bytes}
         phases += [saved | _largest([_block_backward(pb, *_dims(pb, b, n)) for b in blocks]),
                    saved | {"dq, dk, dv": _cast(pb, n, 3)}]
     return _largest(phases)
@@ -250,9 +261,9 @@ def _dilated_chunk(pb: Problem, ch: Problem, heads: slice, direct: bool, backwar
     n = pb.seq_len
     blocks = [_dims(ch, b, n) for b in _blocks(pb, ((0, n),), heads)]
     if not backward:
-        return ({} if direct else {"out accumulator": ch.x(n) * ch.a}) | _largest(
+        return ({} if direct else {"out accumulator": ch.elements(n) * ch.acc_bytes}) | _largest(
             [_block_forward(ch, *d) for d in blocks])
-    return ({} if direct else {"dq, dk, dv accumulators": 3 * ch.x(n) * ch.a}) | _largest(
+    return ({} if direct else {"dq, dk, dv accumulators": 3 * ch.elements(n) * ch.acc_bytes}) | _largest(
         [_block_backward(ch, *d) for d in blocks])
 
 
@@ -269,14 +280,14 @@ def _ring_phases(pb: Problem, backward: bool, whole: bool) -> list[dict]:
     """The ring's phases; ``whole``: the call's only chunk, which also casts the accumulators
     to the results and holds the saved out (a chunk copies into results held outside)."""
     n, p = pb.local, pb.world_size
-    kv = 2 * pb.x(n) * pb.e
+    kv = 2 * pb.elements(n) * pb.item_bytes
     buffers = {"K/V held": kv, "K/V receive buffer": kv if p > 1 else 0}
     acc = _accumulators(pb, n)
     if not backward:
         return [acc | buffers | _block_forward(pb, n, n, pb.heads, n, n)] + (
             [acc | {"out": _cast(pb, n)}] if whole else [])
-    dkv = 2 * pb.x(n) * pb.a
-    saved = (_saved(pb, n) if whole else {}) | {"dq accumulator": pb.x(n) * pb.a}
+    dkv = 2 * pb.elements(n) * pb.acc_bytes
+    saved = (_saved(pb, n) if whole else {}) | {"dq accumulator": pb.elements(n) * pb.acc_bytes}
     return [saved | buffers | {"dK/dV accumulator": dkv} | _block_backward(pb, n, n, pb.heads, n, n),
             # passing the accumulator on: the one sent and the one arriving
             saved | buffers | {"dK/dV accumulator": dkv, "dK/dV receive buffer": dkv if p > 1 else 0}] + (
@@ -297,18 +308,14 @@ def _ring_dilated_phases(pb: Problem, backward: bool, rank: int | None, heads: s
     waited on), and the largest block of the step: local blocks at step 0, cross blocks after.
     Ranks differ (zigzag joins the two middle chunks; segment edges fall differently): rank
     None takes the worst of the first, middle and last ranks."""
-    from .layout import shard_pieces
-    from .ring_dilated import _cross_blocks, rank_plan
-
     n, row = pb.local, pb.batch * pb.head_dim
     full, pb = pb, replace(pb, heads=heads.stop - heads.start)  # sizes below are of this chunk's heads
     phases = []
     for rank in sorted({0, pb.world_size // 2, pb.world_size - 1}) if rank is None else [rank]:
-        plan = rank_plan(pb.seq_len, pb.world_size, rank, pb.layout, full.heads, tuple(pb.segments),
-                         tuple(pb.rates), pb.head_offsets, pb.causal, (heads.start, heads.stop))
+        plan = rank_plan(full.ring_config(), rank, (heads.start, heads.stop))
         blocks = _blocks(full, shard_pieces(pb.seq_len, rank, pb.world_size, pb.layout), heads)
         acc = _accumulators(pb, n)
-        saved = (_saved(pb, n) if whole else {}) | {"dq, dk, dv accumulators": 3 * pb.x(n) * pb.a}
+        saved = (_saved(pb, n) if whole else {}) | {"dq, dk, dv accumulators": 3 * pb.elements(n) * pb.acc_bytes}
         for b, subs in enumerate(plan.subrings):
             me = [s.members.index(rank) for s in subs]
 
@@ -319,14 +326,14 @@ def _ring_dilated_phases(pb: Problem, backward: bool, rank: int | None, heads: s
                 return size(k, me[k] - min(t, subs[k].hops()))
 
             def msgs(t):
-                return {"messages held + arriving": pb.e * sum(
+                return {"messages held + arriving": pb.item_bytes * sum(
                     held(k, t) + (size(k, me[k] - t - 1) if t < s.hops() else 0) for k, s in enumerate(subs))}
 
             local = [_dims(pb, x, n) for x in blocks if x.branch == b]
             # the distinct shapes of the blocks against each member's message, per sub-ring
             cross = [{(g * q.rows.count, g * k.rows.count, q.size // q.rows.count, q.rows.count, k.rows.count,
                        pb.batch > 1 and g > 1)
-                      for member in s.parts for q, k in _cross_blocks(s.parts[i], member, pb.causal)
+                      for member in s.parts for q, k in cross_blocks(s.parts[i], member, pb.causal)
                       for g in [q.groups]} for s, i in zip(subs, me)]
             cross_fwd = [_largest([_block_forward(pb, *d) for d in c]) for c in cross]
             cross_bwd = [_largest([_block_backward(pb, *d) for d in c]) for c in cross]
@@ -347,9 +354,9 @@ def _ring_dilated_phases(pb: Problem, backward: bool, rank: int | None, heads: s
                     # the other sub-rings' accumulators: passed on this step (k < j), last step
                     # (k > j), or on their way home; a real send keeps its buffer until waited on
                     others = sum(in_flight(k, min(t if k < j else t - 1, sk.hops()))
-                                 for k, sk in enumerate(subs) if k != j) * pb.a
-                    phases.append(saved | msgs(t) | {"dK/dV of messages": others + held(j, t) * pb.a} | cross_bwd[j])
-                    phases.append(saved | msgs(t) | {"dK/dV of messages": others + in_flight(j, t) * pb.a})
+                                 for k, sk in enumerate(subs) if k != j) * pb.acc_bytes
+                    phases.append(saved | msgs(t) | {"dK/dV of messages": others + held(j, t) * pb.acc_bytes} | cross_bwd[j])
+                    phases.append(saved | msgs(t) | {"dK/dV of messages": others + in_flight(j, t) * pb.acc_bytes})
         if whole:
             phases.append(acc | {"out": _cast(pb, n)})
             if backward:
@@ -375,7 +382,14 @@ def estimate(pb: Problem, mode: str, *, backward: bool = False, rank: int | None
              "simulated_ring": lambda: _ring_rank(pb, backward, simulated=True),
              "ring_dilated": lambda: _ring_dilated_rank(pb, backward, rank)}[mode]()
     rows = pb.seq_len if single else pb.local
-    resident = {"q, k, v": 3 * pb.x(rows) * pb.e}
+    resident = {"q, k, v": 3 * pb.elements(rows) * pb.item_bytes}
     if backward:
-        resident["output gradient"] = pb.x(rows) * pb.e
+        resident["output gradient"] = pb.elements(rows) * pb.item_bytes
     return Estimate(mode, backward, {k: v for k, v in terms.items() if v}, resident)
+
+
+def _peak(mode: str, fields: dict, backward: bool) -> int:
+    return estimate(Problem(**fields), mode, backward=backward).peak
+
+
+autograd.memory_estimate = _peak  # the engine's out-of-memory errors quote the model

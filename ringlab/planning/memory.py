@@ -1,6 +1,6 @@
 """Measured memory: the peak of live tensor bytes inside a region, on this process (= rank).
 
-    with ringlab.memory.track() as m:
+    with ringlab.planning.memory.track() as m:
         out = ringlab.attention(q, k, v)
     m.peak   # bytes above what was allocated when the region began
 
@@ -120,10 +120,3 @@ def _track(device):
     with _CPUProfile() as prof:
         yield report
     report.peak, report.end = prof.replay()
-
-
-def measure(fn, *args, device=None, **kwargs) -> tuple[object, MemoryReport]:
-    """Call ``fn(*args, **kwargs)`` under :func:`track`; returns (result, report)."""
-    with track(device) as report:
-        result = fn(*args, **kwargs)
-    return result, report

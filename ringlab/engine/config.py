@@ -1,0 +1,118 @@
+"""A ring call's configuration: one frozen object, its checks, and the algorithm it builds.
+
+    config = ring_config(q, k, v, group=None, ring_size=4, causal=True, layout="zigzag")
+    out, lse = run_ring(config, q, k, v, group=None, ring_size=4)
+
+:func:`ringlab.ring_attention` and :func:`ringlab.ring_dilated_attention` check their arguments
+into a :class:`RingConfig` and call :func:`run_ring`. The dry run, the memory model and the
+planner build the same object from a problem (``Problem.ring_config()``). :func:`rank_functions`
+is the one place that turns a configuration into per-rank generators: ring attention, or
+ring-dilated when it has segments.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from .autograd import exact_attention
+from .checks import DTYPES, HEAD_OFFSETS, check_causal, check_choice, check_qkv, check_ring, resolve_scale
+from .comm import RingAlgorithm, check_group_agrees
+from .dilated import check_dilated_args
+from .layout import LAYOUTS, get, with_pieces
+
+
+@dataclass(frozen=True)
+class RingConfig:
+    """Everything about one ring call but its tensors.
+
+    ``seq_len`` is the whole sequence (all ranks together). ``segments`` empty: ring attention;
+    otherwise ring-dilated attention with one dilation rate per segment (see
+    :func:`ringlab.dilated_attention` for ``head_offsets``).
+    """
+    seq_len: int
+    world_size: int
+    heads: int
+    scale: float
+    causal: bool = False
+    layout: str = "contiguous"
+    segments: tuple[int, ...] = ()
+    rates: tuple[int, ...] = ()
+    head_offsets: str = "interleaved"
+
+    @property
+    def dilated(self) -> bool:
+        return bool(self.segments)
+
+    def model(self, simulated: bool) -> tuple[str, dict]:
+        """(memory-model mode, problem fields beyond the shapes): explains an out-of-memory error."""
+        fields = dict(seq_len=self.seq_len, world_size=self.world_size, causal=self.causal, layout=self.layout)
+        if self.dilated:
+            return "ring_dilated", fields | dict(segments=self.segments, rates=self.rates,
+                                                 head_offsets=self.head_offsets)
+        return ("simulated_ring" if simulated else "ring"), fields
+
+    def agreement(self, q) -> tuple[list[int], list[str], dict]:
+        """What every rank of a group must pass alike, for ringlab.engine.comm.check_group_agrees:
+        ints, their names, and how to show each one. The branch count comes before the
+        per-branch values, so ranks with different counts disagree on it first."""
+        layouts = tuple(LAYOUTS)
+        meta = [*q.shape, DTYPES.index(q.dtype), int(self.causal), layouts.index(self.layout),
+                struct.unpack("<q", struct.pack("<d", self.scale))[0]]
+        names = ["batch", "seq (shard length)", "heads", "head_dim", "dtype", "causal", "layout", "scale"]
+        show = dict(dtype=lambda i: str(DTYPES[i]).removeprefix("torch."), causal=bool, layout=layouts.__getitem__,
+                    scale=lambda b: struct.unpack("<d", struct.pack("<q", b))[0])
+        if self.dilated:
+            meta += [len(self.segments), HEAD_OFFSETS.index(self.head_offsets), *self.segments, *self.rates]
+            names += (["branches", "head_offsets"] + [f"segment_lengths[{i}]" for i in range(len(self.segments))]
+                      + [f"dilation_rates[{i}]" for i in range(len(self.rates))])
+            show["head_offsets"] = HEAD_OFFSETS.__getitem__
+        return meta, names, show
+
+
+def ring_config(q, k, v, *, group, ring_size, causal, layout, scale, segment_lengths=None,
+                dilation_rates=None, head_offsets="interleaved") -> RingConfig:
+    """Check a ring call's arguments (no communication yet) and return its configuration.
+    ``segment_lengths`` None: ring attention; otherwise ring-dilated."""
+    dilated = segment_lengths is not None
+    if dilated:
+        segs, rates, scale = check_dilated_args(q, k, v, segment_lengths, dilation_rates, causal, scale,
+                                                head_offsets)
+    else:
+        check_qkv(q, k, v, same_length=True)
+        check_causal(causal)
+        segs = rates = ()
+    lay = get(layout)
+    check_ring(group, ring_size)
+    if group is None and ring_size is None:
+        raise ValueError("pass group= (a torch.distributed ProcessGroup; q, k, v are this rank's "
+                         "shards) or ring_size= (simulate that many ranks on this device)")
+    p = ring_size if group is None else dist.get_world_size(group)
+    seq_len = q.shape[1] * (1 if group is None else p)
+    lay.check_split(seq_len, p, **({} if group is None else dict(what="sequence length (shard length x ranks)")))
+    if dilated:
+        check_choice("layout", layout, with_pieces())
+    else:
+        scale = resolve_scale(scale, q.shape[-1])
+    return RingConfig(seq_len, p, q.shape[2], scale, causal, layout, segs, rates, head_offsets)
+
+
+def rank_functions(config: RingConfig):
+    """(forward_rank, backward_rank): the per-rank generators of ``config`` (see ringlab.engine.comm)."""
+    from . import ring, ring_dilated  # both import this module for RingConfig
+
+    algo = ring_dilated if config.dilated else ring
+    return (functools.partial(algo.forward_rank, config=config),
+            functools.partial(algo.backward_rank, config=config))
+
+
+def run_ring(config: RingConfig, q, k, v, *, group, ring_size):
+    """(out, lse) of the ring call ``config`` on q, k, v: this rank's shards with ``group``, the
+    whole sequence with ``ring_size``. Ranks of a group first check that they agree."""
+    if group is not None:
+        check_group_agrees(group, q.device, *config.agreement(q))
+    algorithm = RingAlgorithm(*rank_functions(config), group, ring_size, config.layout)
+    return exact_attention(q, k, v, algorithm, config.model(simulated=group is None))
