@@ -148,7 +148,7 @@ def test_killing_the_caller_of_launch_leaves_no_rank_and_no_folder(tmp_path, sig
 
 
 def test_launch_removes_folders_of_callers_that_no_longer_exist(tmp_path, monkeypatch):
-    from ringlab import launch as launcher
+    from ringlab.engine import launch as launcher
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

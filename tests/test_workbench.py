@@ -151,3 +151,21 @@ def test_experiments_refuse_a_world_size_they_cannot_run():
         experiments.correctness_grid(30, world_sizes=(1, 4), progress=False)
     with pytest.raises(ValueError, match="cannot split scaling size 100 over 4 ranks"):
         experiments.scaling([100], world_size=4, repeats=1, progress=False)
+
+
+def test_figures_runs_notebooks_given_by_path(tmp_path, capsys):
+    """`ringlab figures PATH --out DIR` runs a notebook outside any checkout's notebooks/."""
+    from ringlab import cli
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell('output_dir = "."', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import pathlib\npathlib.Path(output_dir, 'made.txt').write_text('ok')")]
+    path = tmp_path / "elsewhere" / "mine.ipynb"
+    path.parent.mkdir()
+    nbformat.write(nb, path)
+    out = tmp_path / "figs"
+    assert cli.main(["figures", str(path), "--out", str(out)]) == 0
+    assert (out / "made.txt").read_text() == "ok"
+    with pytest.raises(SystemExit):
+        cli.main(["figures", str(tmp_path / "missing.ipynb")])
+    assert "no such notebook" in capsys.readouterr().err
