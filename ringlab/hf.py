@@ -156,45 +156,46 @@ def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_functio
 
 
 def _forward(module, query, key, value, attention_mask, scaling, dropout, kwargs, *, dilated: bool):
+    par = _ACTIVE.get()
+    # transformers passes (B, H, N, D); ringlab takes (B, N, H, D). Views, no copies.
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    kw = dict(causal=_checked_causality(module, q, k, attention_mask, dropout, kwargs, par), scale=scaling)
+    if dilated:
+        segs, rates, offsets = _branches(getattr(module, "config", None), par)
+        if par is not None:
+            return ring_dilated_attention(q, k, v, segs, rates, group=par.group, layout=par.layout,
+                                          head_offsets=offsets, **kw), None
+        if q.shape[1] != k.shape[1]:
+            raise ValueError(f"ringlab_dilated needs the whole sequence in one call, got {q.shape[1]} queries "
+                             f"and {k.shape[1]} keys (a KV cache): run without a cache (use_cache=False)")
+        return dilated_attention(q, k, v, segs, rates, head_offsets=offsets, **kw), None
+    if par is not None:
+        return ring_attention(q, k, v, group=par.group, layout=par.layout, **kw), None
+    if kw["causal"] and k.shape[1] > q.shape[1]:
+        return _attention_after_cache(q, k, v, scaling), None
+    return attention(q, k, v, **kw), None
+
+
+def _checked_causality(module, q, k, mask, dropout, kwargs, par: _Parallel | None) -> bool:
+    """Whether the call is causal; a ValueError for anything ringlab would not compute exactly."""
     if dropout:
         raise ValueError(f"attention dropout {dropout}: ringlab computes exact attention without dropout; "
                          "set the config's attention_dropout to 0.0")
     for name, what in _UNSUPPORTED.items():
         if kwargs.get(name) is not None:
             raise ValueError(f"{name}={kwargs[name]!r}: this model asks for {what}, which ringlab does not compute")
+    window = kwargs.get("sliding_window")
+    n_keys = k.shape[1] * (1 if par is None else dist.get_world_size(par.group))
+    if window is not None and window < n_keys:
+        raise ValueError(f"sliding_window={window} is shorter than the {n_keys} keys: ringlab computes full "
+                         "causal attention, not a sliding window")
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if causal is None else causal)
-    # transformers passes (B, H, N, D); ringlab takes (B, N, H, D). Views, no copies.
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
-    par = _ACTIVE.get()
-    window = kwargs.get("sliding_window")
-    seq_len = q.shape[1] * (1 if par is None else dist.get_world_size(par.group))
-    if window is not None and window < seq_len:
-        raise ValueError(f"sliding_window={window} is shorter than the {seq_len}-token sequence: ringlab "
-                         "computes full causal attention, not a sliding window")
-    if par is None:
-        causal = _single_device_pattern(attention_mask, causal, q.shape[1], k.shape[1])
-        _check_consecutive(kwargs.get("position_ids"))
-    else:
-        _check_shard(par, attention_mask, q.shape[1], k.shape[1], kwargs.get("position_ids"))
-    kw = dict(causal=causal, scale=scaling)
-    if dilated:
-        segs, rates, offsets = _branches(getattr(module, "config", None), par)
-        if par is None:
-            if q.shape[1] != k.shape[1]:
-                raise ValueError(f"ringlab_dilated needs the whole sequence in one call, got {q.shape[1]} queries "
-                                 f"and {k.shape[1]} keys (a KV cache): run without a cache (use_cache=False)")
-            out = dilated_attention(q, k, v, segs, rates, head_offsets=offsets, **kw)
-        else:
-            out = ring_dilated_attention(q, k, v, segs, rates, group=par.group, layout=par.layout,
-                                         head_offsets=offsets, **kw)
-    elif par is not None:
-        out = ring_attention(q, k, v, group=par.group, layout=par.layout, **kw)
-    elif causal and k.shape[1] > q.shape[1]:
-        out = _attention_after_cache(q, k, v, scaling)
-    else:
-        out = attention(q, k, v, **kw)
-    return out, None
+    if par is not None:
+        _check_shard(par, mask, q.shape[1], k.shape[1], kwargs.get("position_ids"))
+        return causal
+    _check_consecutive(kwargs.get("position_ids"))
+    return _single_device_pattern(mask, causal, q.shape[1], k.shape[1])
 
 
 def _single_device_pattern(mask, causal: bool, n_q: int, n_k: int) -> bool:
@@ -239,7 +240,8 @@ def _check_shard(par: _Parallel, mask, n_q: int, n_k: int, position_ids) -> None
         return
     expected = shard_positions(n_q * p, rank, p, par.layout).to(position_ids.device)
     if position_ids.shape[-1] != n_q or not bool((position_ids == expected).all()):
-        raise ValueError(f"rank {rank}: position_ids {position_ids[0].tolist()} are not the global positions of "
+        shown = position_ids.reshape(-1)[:8].tolist()
+        raise ValueError(f"rank {rank}: position_ids {shown}... are not the global positions of "
                          f"this rank's {par.layout!r} shard of a {n_q * p}-token sequence; pass position_ids="
                          f"ringlab.shard(torch.arange({n_q * p})[None], rank, {p}, layout={par.layout!r})")
 
