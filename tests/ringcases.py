@@ -40,8 +40,23 @@ def dilated_cases(p):
                                   ["float64", "float32"]))]
 
 
+GQA_WORLD_SIZES = [2, 4]
+
+
+def gqa_cases(p):
+    """Grouped-query attention (4 query heads; 1 or 2 K/V heads) in float64: the ring in every
+    layout and ring-dilated in both of dilated_cases' configurations, causal or not, and the
+    multi-head twin of the last ring case, to compare bytes per hop with."""
+    ring = [dict(fn="ring", n=2 * p * 5, batch=2, heads=4, kv_heads=kv, head_dim=16, layout=layout, causal=causal,
+                 dtype="float64", seed=300 * p + i, dlse=causal)
+            for i, (layout, causal, kv) in enumerate(itertools.product(LAYOUTS, [False, True], [1, 2]))]
+    dilated = [dict(case, kv_heads=2 if case["head_offsets"] == "interleaved" else 1, seed=400 * p + i)
+               for i, case in enumerate(dilated_cases(p)) if case["dtype"] == "float64"]
+    return ring + dilated + [dict(ring[-1], kv_heads=4)]
+
+
 def all_cases(p):
-    return ring_cases(p) + dilated_cases(p)
+    return ring_cases(p) + dilated_cases(p) + (gqa_cases(p) if p in GQA_WORLD_SIZES else [])
 
 
 @functools.cache
@@ -75,9 +90,12 @@ def gathered(p, case):
 
 
 def reference(case, rounded):
+    q, k, v = rounded
+    group = q.shape[2] // k.shape[2]  # grouped-query attention: each K/V head serves `group` query heads
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     if case["fn"] == "ring":
-        return dense_attention(*rounded, causal=case["causal"], scale=case.get("scale"))
-    return dense_dilated_attention(*rounded, case["segments"], case["rates"], causal=case["causal"],
+        return dense_attention(q, k, v, causal=case["causal"], scale=case.get("scale"))
+    return dense_dilated_attention(q, k, v, case["segments"], case["rates"], causal=case["causal"],
                                    scale=case.get("scale"), head_offsets=case["head_offsets"])
 
 

@@ -46,10 +46,12 @@ def test_not_a_tensor(fn):
 
 
 @pytest.mark.parametrize("fn", FUNCS.values(), ids=FUNCS.keys())
-def test_head_mismatch(fn):
-    q, k, v = qkv()
-    with pytest.raises(ValueError, match="batch, heads and head_dim"):
-        fn(q, k[:, :, :1], v[:, :, :1])
+def test_kv_heads_must_divide_q_heads(fn):
+    q, k, v = qkv(h=6)
+    with pytest.raises(ValueError, match="q has 6 heads and k, v have 4: q's heads must be a multiple"):
+        fn(q, k[:, :, :4], v[:, :, :4])
+    with pytest.raises(ValueError, match="batch, heads and head_dim must be >= 1"):
+        fn(q, k[:, :, :0], v[:, :, :0])
 
 
 @pytest.mark.parametrize("fn", FUNCS.values(), ids=FUNCS.keys())

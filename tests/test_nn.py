@@ -45,8 +45,12 @@ def einsum_multihead(mod, query, key, value, *, causal, segments, rates, head_of
     (batch-first inputs)."""
     lin = lambda layer, x: x @ layer.weight.T + (0 if layer.bias is None else layer.bias)  # noqa: E731
     heads = lambda x: x.unflatten(-1, (mod.num_heads, -1))  # noqa: E731
-    x = einsum_attention(heads(lin(mod.q_proj, query)), heads(lin(mod.k_proj, key)), heads(lin(mod.v_proj, value)),
-                         causal=causal, segments=segments, rates=rates, head_offsets=head_offsets).flatten(2)
+    # grouped-query attention: each K/V head repeated for its num_heads / num_kv_heads query heads
+    kv_heads = lambda x: x.unflatten(-1, (mod.num_kv_heads, -1)).repeat_interleave(  # noqa: E731
+        mod.num_heads // mod.num_kv_heads, dim=2)
+    x = einsum_attention(heads(lin(mod.q_proj, query)), kv_heads(lin(mod.k_proj, key)),
+                         kv_heads(lin(mod.v_proj, value)), causal=causal, segments=segments, rates=rates,
+                         head_offsets=head_offsets).flatten(2)
     if mod.norm is not None:
         mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
         x = (x - mean) / torch.sqrt(var + mod.norm.eps) * mod.norm.weight + mod.norm.bias
@@ -76,11 +80,12 @@ def test_ring_attention_module_simulated(causal, scale):
 @pytest.mark.parametrize("separate_kv", [False, True])
 @pytest.mark.parametrize("mode", ["interleaved", "grouped"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_multihead_against_einsum(layer_norm, separate_kv, mode, bias):
+@pytest.mark.parametrize("kv_heads", [6, 2, 1])
+def test_multihead_against_einsum(layer_norm, separate_kv, mode, bias, kv_heads):
     segs, rates = [8, 24], [1, 3]
     torch.manual_seed(0)
-    mha = MultiheadDilatedAttention(24, 6, segs, rates, layer_norm=layer_norm, head_offsets=mode, bias=bias,
-                                    dtype=torch.float64)
+    mha = MultiheadDilatedAttention(24, 6, segs, rates, num_kv_heads=kv_heads, layer_norm=layer_norm,
+                                    head_offsets=mode, bias=bias, dtype=torch.float64)
     if layer_norm:  # non-trivial affine parameters, so that their use is checked
         torch.nn.init.normal_(mha.norm.weight)
         torch.nn.init.normal_(mha.norm.bias)
@@ -134,6 +139,8 @@ def test_multihead_shapes_and_causality(batch_first):
 def test_multihead_rejects_bad_heads():
     with pytest.raises(ValueError, match="divisible by num_heads"):
         MultiheadDilatedAttention(30, 4, [8], [1])
+    with pytest.raises(ValueError, match=r"num_heads \(6\) must be a multiple of num_kv_heads \(4\)"):
+        MultiheadDilatedAttention(24, 6, [8], [1], num_kv_heads=4)
 
 
 def test_checkpointing_gives_identical_gradients():

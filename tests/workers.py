@@ -13,11 +13,12 @@ from ringlab.engine.trace import record_events
 
 
 def case_inputs(case):
-    """The whole-sequence float64 q, k, v, output cotangent (B, N, H, D) and lse cotangent
-    (B, H, N) of a case (same on every rank)."""
+    """The whole-sequence float64 q, k, v, output cotangent (B, N, H, D; k and v with the
+    case's kv_heads) and lse cotangent (B, H, N) of a case (same on every rank)."""
     g = torch.Generator().manual_seed(case["seed"])
     shape = (case["batch"], case["n"], case["heads"], case["head_dim"])
-    qkvo = [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(4)]
+    kv_shape = (*shape[:2], case.get("kv_heads", case["heads"]), shape[3])
+    qkvo = [torch.randn(*s, generator=g, dtype=torch.float64) for s in (shape, kv_shape, kv_shape, shape)]
     return [*qkvo, torch.randn(shape[0], shape[2], shape[1], generator=g, dtype=torch.float64)]
 
 

@@ -36,20 +36,29 @@ ACCUM_BUDGET = {"cuda": 4 << 30, "cpu": 64 << 20}
 MIN_CHUNK_ELEMENTS = {"cuda": 1 << 25, "cpu": 1 << 20}
 
 
-def head_chunks(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype, device_type: str
-                ) -> list[slice]:
-    """The head slices a call on q (batch, seq, heads, head_dim) runs one after another. Each
-    holds about 1/8 of the heads (so its accumulators are about 1/8 of the whole), but at least
-    MIN_CHUNK_ELEMENTS of q. ``device_type`` "meta" counts as CUDA (the dry run)."""
+def head_chunks(batch: int, seq: int, heads: int, head_dim: int, dtype: torch.dtype, device_type: str,
+                kv_heads: int | None = None) -> list[slice]:
+    """The query-head slices a call on q (batch, seq, heads, head_dim) runs one after another.
+    Each holds about 1/8 of the heads (so its accumulators are about 1/8 of the whole), but at
+    least MIN_CHUNK_ELEMENTS of q, and whole groups of the ``kv_heads`` K/V heads (default
+    ``heads``): chunk h reads the K/V heads of :func:`kv_slice`. ``device_type`` "meta"
+    counts as CUDA (the dry run)."""
     b, s, h, d = batch, seq, heads, head_dim
+    group = h // (kv_heads or h)
     acc = 8 if dtype == torch.float64 else 4
     per_head = b * s * d
     kind = "cpu" if device_type == "cpu" else "cuda"
-    if h == 1 or 3 * acc * per_head * h <= ACCUM_BUDGET[kind]:
+    if h == group or 3 * acc * per_head * h <= ACCUM_BUDGET[kind]:
         return [slice(0, h)]
     floor = MIN_CHUNK_ELEMENTS[kind]
     size = min(h, max(math.ceil(h / 8), math.ceil(floor / per_head)))
+    size = -(-size // group) * group
     return [slice(i, min(i + size, h)) for i in range(0, h, size)]
+
+
+def kv_slice(heads: slice, group: int) -> slice:
+    """The K/V heads that the query heads ``heads`` (whole groups of ``group``) read."""
+    return slice(heads.start // group, heads.stop // group)
 
 
 class _ExactAttention(torch.autograd.Function):
@@ -64,9 +73,11 @@ class _ExactAttention(torch.autograd.Function):
                 out = q.new_empty(*q.shape[:-1], v.shape[-1])
                 lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=accum_dtype(q.dtype), device=q.device)
                 direct = accum_dtype(q.dtype) == q.dtype
+                group = q.shape[2] // k.shape[2]
                 for h in chunks:
                     into = (out[:, :, h] if direct else None, lse[:, h])
-                    o, l = algorithm.forward(q[:, :, h], k[:, :, h], v[:, :, h], h, into)
+                    kv = kv_slice(h, group)
+                    o, l = algorithm.forward(q[:, :, h], k[:, :, kv], v[:, :, kv], h, into)
                     _store(out[:, :, h], o, into[0])
                     _store(lse[:, h], l, into[1])
                     del o, l  # free this chunk's accumulators before the next allocates
@@ -92,9 +103,11 @@ class _ExactAttention(torch.autograd.Function):
                 return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
             grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)]
             direct = accum_dtype(q.dtype) == q.dtype
+            group = q.shape[2] // k.shape[2]
             for h in chunks:
-                views = [g[:, :, h] for g in grads]
-                part = algorithm.backward(dout[:, :, h], q[:, :, h], k[:, :, h], v[:, :, h], out[:, :, h],
+                kv = kv_slice(h, group)
+                views = [grads[0][:, :, h], grads[1][:, :, kv], grads[2][:, :, kv]]
+                part = algorithm.backward(dout[:, :, h], q[:, :, h], k[:, :, kv], v[:, :, kv], out[:, :, h],
                                           lse[:, h], None if dlse is None else dlse[:, h], h,
                                           views if direct else None)
                 for view, p in zip(views, part):
@@ -115,7 +128,7 @@ def exact_attention(q, k, v, algorithm, model: tuple[str, dict], *, chunked: boo
     ``model`` = (memory-model mode, its Problem fields beyond the shapes) explains an
     out-of-memory error with what the call needed. ``chunked=False`` runs all heads at once
     (for algorithms with no accumulators)."""
-    chunks = head_chunks(*q.shape, q.dtype, q.device.type) if chunked else [slice(0, q.shape[2])]
+    chunks = head_chunks(*q.shape, q.dtype, q.device.type, k.shape[2]) if chunked else [slice(0, q.shape[2])]
     return _ExactAttention.apply(q, k, v, algorithm, chunks, model)
 
 

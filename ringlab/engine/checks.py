@@ -27,7 +27,8 @@ def _type_name(x) -> str:
 
 
 def check_qkv(q, k, v, *, same_length: bool) -> None:
-    """q (B, Sq, H, D), k and v (B, Sk, H, D): same dtype, device, batch, heads, head_dim."""
+    """q (B, Sq, H, D), k and v (B, Sk, H_kv, D): same dtype, device, batch, head_dim; H a
+    multiple of H_kv (grouped-query attention: each K/V head serves H / H_kv query heads)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -46,17 +47,21 @@ def check_qkv(q, k, v, *, same_length: bool) -> None:
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
-    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
-        raise ValueError("q and k must agree on batch, heads and head_dim "
-                         f"(dims 0, 2, 3); got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError("q and k must agree on batch and head_dim "
+                         f"(dims 0, 3); got q {tuple(q.shape)} and k {tuple(k.shape)}")
     if same_length and q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k must have the same sequence length (dim 1) here; got "
                          f"{q.shape[1]} and {k.shape[1]}")
     if q.shape[1] == 0 or k.shape[1] == 0:
         raise ValueError(f"sequence length (dim 1) must be >= 1; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}")
-    if min(q.shape[0], q.shape[2], q.shape[3]) == 0:
-        raise ValueError(f"batch, heads and head_dim must be >= 1; got q {tuple(q.shape)}")
+    if min(q.shape[0], q.shape[2], q.shape[3], k.shape[2]) == 0:
+        raise ValueError(f"batch, heads and head_dim must be >= 1; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"q has {q.shape[2]} heads and k, v have {k.shape[2]}: q's heads must be a multiple of "
+                         "k's and v's (grouped-query attention, each K/V head serving the same number of query "
+                         f"heads); got {q.shape[2]} and {k.shape[2]}")
 
 
 def check_causal(causal) -> None:

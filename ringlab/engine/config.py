@@ -29,8 +29,9 @@ from .layout import LAYOUTS, get, with_pieces
 class RingConfig:
     """Everything about one ring call but its tensors.
 
-    ``seq_len`` is the whole sequence (all ranks together). ``segments`` empty: ring attention;
-    otherwise ring-dilated attention with one dilation rate per segment (see
+    ``seq_len`` is the whole sequence (all ranks together). ``kv_heads``: the K/V heads (a
+    divisor of ``heads``; 0 means ``heads``). ``segments`` empty: ring attention; otherwise
+    ring-dilated attention with one dilation rate per segment (see
     :func:`ringlab.dilated_attention` for ``head_offsets``).
     """
     seq_len: int
@@ -42,27 +43,38 @@ class RingConfig:
     segments: tuple[int, ...] = ()
     rates: tuple[int, ...] = ()
     head_offsets: str = "interleaved"
+    kv_heads: int = 0
+
+    def __post_init__(self):
+        if not self.kv_heads:
+            object.__setattr__(self, "kv_heads", self.heads)
 
     @property
     def dilated(self) -> bool:
         return bool(self.segments)
 
+    @property
+    def kv_group(self) -> int:
+        """Query heads per K/V head."""
+        return self.heads // self.kv_heads
+
     def model(self, simulated: bool) -> tuple[str, dict]:
         """(memory-model mode, problem fields beyond the shapes): explains an out-of-memory error."""
-        fields = dict(seq_len=self.seq_len, world_size=self.world_size, causal=self.causal, layout=self.layout)
+        fields = dict(seq_len=self.seq_len, world_size=self.world_size, causal=self.causal, layout=self.layout,
+                      kv_heads=self.kv_heads)
         if self.dilated:
             return "ring_dilated", fields | dict(segments=self.segments, rates=self.rates,
                                                  head_offsets=self.head_offsets)
         return ("simulated_ring" if simulated else "ring"), fields
 
-    def agreement(self, q) -> tuple[list[int], list[str], dict]:
+    def agreement(self, q, k) -> tuple[list[int], list[str], dict]:
         """What every rank of a group must pass alike, for ringlab.engine.comm.check_group_agrees:
         ints, their names, and how to show each one. The branch count comes before the
         per-branch values, so ranks with different counts disagree on it first."""
         layouts = tuple(LAYOUTS)
-        meta = [*q.shape, DTYPES.index(q.dtype), int(self.causal), layouts.index(self.layout),
+        meta = [*q.shape, k.shape[2], DTYPES.index(q.dtype), int(self.causal), layouts.index(self.layout),
                 struct.unpack("<q", struct.pack("<d", self.scale))[0]]
-        names = ["batch", "seq (shard length)", "heads", "head_dim", "dtype", "causal", "layout", "scale"]
+        names = ["batch", "seq (shard length)", "heads", "head_dim", "kv_heads", "dtype", "causal", "layout", "scale"]
         show = dict(dtype=lambda i: str(DTYPES[i]).removeprefix("torch."), causal=bool, layout=layouts.__getitem__,
                     scale=lambda b: struct.unpack("<d", struct.pack("<q", b))[0])
         if self.dilated:
@@ -97,7 +109,7 @@ def ring_config(q, k, v, *, group, ring_size, causal, layout, scale, segment_len
         check_choice("layout", layout, with_pieces())
     else:
         scale = resolve_scale(scale, q.shape[-1])
-    return RingConfig(seq_len, p, q.shape[2], scale, causal, layout, segs, rates, head_offsets)
+    return RingConfig(seq_len, p, q.shape[2], scale, causal, layout, segs, rates, head_offsets, k.shape[2])
 
 
 def rank_functions(config: RingConfig):
@@ -113,6 +125,6 @@ def run_ring(config: RingConfig, q, k, v, *, group, ring_size):
     """(out, lse) of the ring call ``config`` on q, k, v: this rank's shards with ``group``, the
     whole sequence with ``ring_size``. Ranks of a group first check that they agree."""
     if group is not None:
-        check_group_agrees(group, q.device, *config.agreement(q))
+        check_group_agrees(group, q.device, *config.agreement(q, k))
     algorithm = RingAlgorithm(*rank_functions(config), group, ring_size, config.layout)
     return exact_attention(q, k, v, algorithm, config.model(simulated=group is None))

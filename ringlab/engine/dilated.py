@@ -73,19 +73,19 @@ def attend_backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, *, causal: bool, 
 def blocks_forward(q, k, v, blocks, out, lse, *, scale: float) -> None:
     """Run blocks among the rows of q, k, v and merge them into the accumulators out, lse."""
     for blk in blocks:
-        g = (blk.heads, blk.groups, blk.head_step)
-        attend(rows_view(q, blk.q, *g), rows_view(k, blk.k, *g), rows_view(v, blk.k, *g),
+        g, kv = (blk.heads, blk.groups, blk.head_step), (blk.kv_heads, blk.groups, blk.kv_step)
+        attend(rows_view(q, blk.q, *g), rows_view(k, blk.k, *kv), rows_view(v, blk.k, *kv),
                rows_view(out, blk.q, *g), lse_view(lse, blk.q, *g), causal=blk.causal, scale=scale)
 
 
 def blocks_backward(dout, q, k, v, out, lse, dlse, blocks, dq, dk, dv, *, scale: float) -> None:
     """Accumulate the gradients of the blocks into dq, dk, dv (float32 or float64)."""
     for blk in blocks:
-        g, qr, kr = (blk.heads, blk.groups, blk.head_step), blk.q, blk.k
-        attend_backward(rows_view(dout, qr, *g), rows_view(q, qr, *g), rows_view(k, kr, *g),
-                        rows_view(v, kr, *g), rows_view(out, qr, *g), lse_view(lse, qr, *g),
+        g, kv, qr, kr = (blk.heads, blk.groups, blk.head_step), (blk.kv_heads, blk.groups, blk.kv_step), blk.q, blk.k
+        attend_backward(rows_view(dout, qr, *g), rows_view(q, qr, *g), rows_view(k, kr, *kv),
+                        rows_view(v, kr, *kv), rows_view(out, qr, *g), lse_view(lse, qr, *g),
                         None if dlse is None else lse_view(dlse, qr, *g),
-                        rows_view(dq, qr, *g), rows_view(dk, kr, *g), rows_view(dv, kr, *g),
+                        rows_view(dq, qr, *g), rows_view(dk, kr, *kv), rows_view(dv, kr, *kv),
                         causal=blk.causal, scale=scale)
 
 
@@ -106,18 +106,18 @@ class _Dilated:
     causal: bool
     scale: float
 
-    def blocks(self, q, heads: slice):
+    def blocks(self, q, k, heads: slice):
         return local_blocks(((0, q.shape[1]),), self.num_heads, self.segments, self.rates, self.head_offsets,
-                            self.causal, (heads.start, heads.stop))
+                            self.causal, (heads.start, heads.stop), q.shape[2] // k.shape[2])
 
     def forward(self, q, k, v, heads, into):
         out, lse = new_accumulators(q, into)
-        blocks_forward(q, k, v, self.blocks(q, heads), out, lse, scale=self.scale)
+        blocks_forward(q, k, v, self.blocks(q, k, heads), out, lse, scale=self.scale)
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, dlse, heads, into):
         dq, dk, dv = new_grads(q, k, v, into)
-        blocks_backward(dout, q, k, v, out, lse, dlse, self.blocks(q, heads), dq, dk, dv, scale=self.scale)
+        blocks_backward(dout, q, k, v, out, lse, dlse, self.blocks(q, k, heads), dq, dk, dv, scale=self.scale)
         return dq, dk, dv
 
 

@@ -50,6 +50,51 @@ def offset_groups(num_heads: int, rate: int, head_offsets: str, heads: tuple[int
     return tuple(kept)
 
 
+
+def head_groups(num_heads: int, rate: int, head_offsets: str, heads: tuple[int, int] | None = None,
+                kv_group: int = 1) -> tuple[tuple[int, slice, slice], ...]:
+    """(offset, query heads, K/V heads) of one branch: :func:`offset_groups`, each offset's
+    query heads cut into pieces for grouped-query attention (``kv_group`` query heads per K/V
+    head; 1 for multi-head attention, where both slices are the same).
+
+    In a piece, every K/V head serves the same number m of consecutive query heads (query head
+    i of the piece reads K/V head i // m), and the K/V heads are a strided run, so both are
+    views. Pieces of one offset read disjoint K/V heads: a ring message never holds a K/V row
+    twice. ``heads`` = (h0, h1) are whole groups; slices number from h0 and h0 // kv_group.
+    """
+    out = []
+    for o, hs in offset_groups(num_heads, rate, head_offsets, heads):
+        if kv_group == 1:
+            out.append((o, hs, hs))
+            continue
+        runs: list[tuple[int, list[int]]] = []  # (K/V head, its query heads), in order
+        for h in range(hs.start, hs.stop, hs.step or 1):
+            if runs and runs[-1][0] == h // kv_group:
+                runs[-1][1].append(h)
+            else:
+                runs.append((h // kv_group, [h]))
+        pieces: list[tuple[list[int], list[int]]] = []  # (K/V heads, query heads)
+        for kv, q in runs:
+            if pieces and _extends(pieces[-1], kv, len(q)):
+                pieces[-1][0].append(kv)
+                pieces[-1][1].extend(q)
+            else:
+                pieces.append(([kv], list(q)))
+        out += [(o, _as_slice(q), _as_slice(kv)) for kv, q in pieces]
+    return tuple(out)
+
+
+def _extends(piece, kv: int, count: int) -> bool:
+    """Whether K/V head ``kv`` with ``count`` query heads continues ``piece`` evenly."""
+    kvs, qs = piece
+    return len(qs) == count * len(kvs) and (len(kvs) == 1 or kv - kvs[-1] == kvs[1] - kvs[0])
+
+
+def _as_slice(xs: list[int]) -> slice:
+    """An increasing arithmetic list as a slice."""
+    return slice(xs[0], xs[-1] + 1, xs[1] - xs[0] if len(xs) > 1 else 1)
+
+
 @dataclass(frozen=True)
 class Rows:
     """The selected rows of ``nseg`` consecutive segments that hold them alike: a strided run.
@@ -115,19 +160,23 @@ def runs(pieces: Pieces, segment: int, rate: int, offset: int) -> tuple[Rows, ..
 
 @dataclass(frozen=True)
 class Block:
-    """One kernel call: rows q attend rows k (the same segments) for the heads ``heads`` of one
-    offset group of one branch; ``causal`` applies the causal mask on local rows (q is k).
+    """One kernel call: rows q attend rows k (the same segments) for the query heads ``heads``
+    and K/V heads ``kv_heads`` of one head group of one branch (see :func:`head_groups`);
+    ``causal`` applies the causal mask on local rows (q is k).
 
-    ``groups`` > 1 fuses consecutive offset groups into the same call: group g reads the rows
-    of the first shifted by g positions and its heads shifted by g * head_step.
+    ``groups`` > 1 fuses consecutive head groups into the same call: group g reads the rows of
+    the first shifted by g positions, its query heads shifted by g * head_step and its K/V
+    heads by g * kv_step.
     """
     branch: int
     heads: slice
+    kv_heads: slice
     q: Rows
     k: Rows
     causal: bool
     groups: int = 1
     head_step: int = 0
+    kv_step: int = 0
 
     def pairs(self, num_heads: int) -> int:
         """Score pairs this block computes, over its heads and groups."""
@@ -151,24 +200,31 @@ def fusable(a_rows: Rows, a_heads: slice, a_groups: int, a_step: int, b_rows: Ro
     """The head step if the next group (rows b, heads b) extends a fused run of ``a_groups``
     groups (rows a, heads a) as a pure shift, else None. Only single-segment runs fuse: their
     rows stay a view when the groups fold into the kernel's batch."""
-    step = b_heads.start - a_heads.start if a_groups == 1 else a_step
     if (a_rows.nseg == b_rows.nseg == 1 and a_rows.count == b_rows.count and a_rows.seg == b_rows.seg
-            and b_rows.start == a_rows.start + a_groups and b_rows.pos == a_rows.pos + a_groups
-            and a_heads.step == b_heads.step and b_heads.start == a_heads.start + a_groups * step
+            and b_rows.start == a_rows.start + a_groups and b_rows.pos == a_rows.pos + a_groups):
+        return head_shift(a_heads, a_groups, a_step, b_heads)
+    return None
+
+
+def head_shift(a_heads: slice, a_groups: int, a_step: int, b_heads: slice) -> int | None:
+    """The step if heads b continue a fused run of ``a_groups`` groups of heads a (each group
+    ``a_step`` further on) by one more shift, else None. Steps are >= 0 (strided views)."""
+    step = b_heads.start - a_heads.start if a_groups == 1 else a_step
+    if (step >= 0 and a_heads.step == b_heads.step and b_heads.start == a_heads.start + a_groups * step
             and head_count(a_heads) == head_count(b_heads)):
         return step
     return None
 
 
-def pair_blocks(branch: int, heads: slice, qs, ks, causal: bool, same_rank: bool):
+def pair_blocks(branch: int, heads: slice, kv_heads: slice, qs, ks, causal: bool, same_rank: bool):
     """Blocks between runs ``qs`` and ``ks`` that share a segment. On one rank a run meets
     itself under the causal mask; distinct runs meet fully, unless causal hides the later one."""
     for x in qs:
         for y in ks:
             if same_rank and x is y:
-                yield Block(branch, heads, x, x, causal)
+                yield Block(branch, heads, kv_heads, x, x, causal)
             elif x.nseg == y.nseg == 1 and x.seg == y.seg and not (causal and y.pos > x.pos):
-                yield Block(branch, heads, x, y, False)
+                yield Block(branch, heads, kv_heads, x, y, False)
 
 
 def _fuse_blocks(numbered) -> list[Block]:
@@ -181,27 +237,30 @@ def _fuse_blocks(numbered) -> list[Block]:
         i = where.get(key)
         cur = out[i] if i is not None else None
         step = None
+        kv_step = None
         if cur is not None:
             step = fusable(cur.q, cur.heads, cur.groups, cur.head_step, blk.q, blk.heads)
             if step is not None and fusable(cur.k, cur.heads, cur.groups, cur.head_step, blk.k, blk.heads) != step:
                 step = None
-        if step is None:
+            kv_step = head_shift(cur.kv_heads, cur.groups, cur.kv_step, blk.kv_heads)
+        if step is None or kv_step is None:
             where[key] = len(out)
             out.append(blk)
         else:
-            out[i] = dataclasses.replace(cur, groups=cur.groups + 1, head_step=step)
+            out[i] = dataclasses.replace(cur, groups=cur.groups + 1, head_step=step, kv_step=kv_step)
     return out
 
 
 @functools.lru_cache(maxsize=256)
 def local_blocks(pieces: Pieces, num_heads: int, segment_lengths: tuple, dilation_rates: tuple,
-                 head_offsets: str, causal: bool, heads: tuple[int, int] | None = None) -> tuple[Block, ...]:
+                 head_offsets: str, causal: bool, heads: tuple[int, int] | None = None,
+                 kv_group: int = 1) -> tuple[Block, ...]:
     """Every block of dilated attention among the rows in ``pieces`` (one rank's own work),
-    for the heads ``heads`` (see :func:`offset_groups`; default all)."""
+    for the heads ``heads`` (see :func:`head_groups`; default all)."""
     blocks = []
     for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
-        blocks += _fuse_blocks((o, blk) for o, hs in offset_groups(num_heads, r, head_offsets, heads)
-                               for blk in pair_blocks(i, hs, runs(pieces, w, r, o), runs(pieces, w, r, o),
+        blocks += _fuse_blocks((o, blk) for o, hs, kvs in head_groups(num_heads, r, head_offsets, heads, kv_group)
+                               for blk in pair_blocks(i, hs, kvs, runs(pieces, w, r, o), runs(pieces, w, r, o),
                                                       causal, same_rank=True))
     # A kernel's temporaries (its output, or dq, dk, dv in the backward) are the size of its
     # rows: a block of many segments is cut into calls of at most a quarter of the rows.

@@ -9,7 +9,8 @@ the flash-attention identity that makes blockwise gradients exact:
 
 where O and lse are the final merged values, not the block's own.
 
-Layout at this boundary (docs/design.md §1): q (B, Sq, H, D); k, v (B, Sk, H, D); out (B, Sq, H, D);
+Layout at this boundary (docs/design.md §1): q (B, Sq, H, D); k, v (B, Sk, H_kv, D) with H a
+multiple of H_kv (grouped-query attention); out (B, Sq, H, D);
 lse (B, H, Sq), float32 (float64 for float64 inputs). ``causal`` masks key j from query i when
 j > i (top-left aligned, as torch's SDPA). ``mask`` is an optional boolean tensor broadcastable
 to (B, H, Sq, Sk), True where a query may attend a key; it forces the math path.
@@ -295,20 +296,60 @@ def _empty_result(q, v):
 
 
 def block_attention(q, k, v, *, causal: bool = False, scale: float, mask=None):
-    """Attend q (B, Sq, H, D) to k, v (B, Sk, H, D). Returns out (B, Sq, H, D), lse (B, H, Sq)."""
-    if q.shape[1] == 0 or k.shape[1] == 0:
-        return _empty_result(q, v)
-    result = _fused("forward", q, k, causal, mask, (q, k, v, causal, scale))
-    return result if result is not None else _math_forward(q, k, v, causal, scale, mask)
+    """Attend q (B, Sq, H, D) to k, v (B, Sk, H_kv, D). Returns out (B, Sq, H, D), lse (B, H, Sq).
+
+    With H_kv < H (grouped-query attention) query head h reads K/V head h // (H / H_kv). The
+    kernels want equal head counts, so the query heads run in H / H_kv calls of H_kv heads each
+    (heads g, g + G, ...), every call against the same K/V: K/V is never repeated.
+    """
+    group = q.shape[-2] // k.shape[-2]
+    if group == 1:
+        return _block_forward(q, k, v, causal, scale, mask)
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=accum_dtype(q.dtype), device=q.device)
+    for g in range(group):
+        out[:, :, g::group], lse[:, g::group] = _block_forward(q[:, :, g::group], k, v, causal, scale,
+                                                               _heads_of(mask, slice(g, None, group)))
+    return out, lse
 
 
 def block_attention_backward(dout, q, k, v, out, lse, *, causal: bool = False, scale: float,
                              mask=None, dlse=None):
     """Gradients (dq, dk, dv) of one block, given the global ``out`` and ``lse`` of these rows.
 
-    dout, out: (B, Sq, H, D); lse, dlse: (B, H, Sq). ``dlse`` (the gradient reaching lse, if
-    the caller used it) may be None. Rows with lse = -inf saw no key and get zero gradients.
+    dout, out: (B, Sq, H, D); lse, dlse: (B, H, Sq); k, v (B, Sk, H_kv, D). ``dlse`` (the
+    gradient reaching lse, if the caller used it) may be None. Rows with lse = -inf saw no key
+    and get zero gradients. With H_kv < H, dk and dv sum over each K/V head's query heads, in
+    the accumulation dtype.
     """
+    group = q.shape[-2] // k.shape[-2]
+    if group == 1:
+        return _block_backward(dout, q, k, v, out, lse, causal, scale, mask, dlse)
+    dq = torch.empty_like(q)
+    dk, dv = (torch.zeros(x.shape, dtype=accum_dtype(x.dtype), device=x.device) for x in (k, v))
+    for g in range(group):
+        heads = slice(g, None, group)
+        dq[:, :, heads], gk, gv = _block_backward(dout[:, :, heads], q[:, :, heads], k, v, out[:, :, heads],
+                                                  lse[:, heads], causal, scale, _heads_of(mask, heads),
+                                                  None if dlse is None else dlse[:, heads])
+        dk += gk
+        dv += gv
+    return dq, dk, dv
+
+
+def _heads_of(mask, heads: slice):
+    """The part of a (.., H or 1, Sq, Sk) mask for some query heads."""
+    return mask if mask is None or mask.dim() < 3 or mask.shape[-3] == 1 else mask[..., heads, :, :]
+
+
+def _block_forward(q, k, v, causal, scale, mask):
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        return _empty_result(q, v)
+    result = _fused("forward", q, k, causal, mask, (q, k, v, causal, scale))
+    return result if result is not None else _math_forward(q, k, v, causal, scale, mask)
+
+
+def _block_backward(dout, q, k, v, out, lse, causal, scale, mask, dlse):
     if q.shape[1] == 0 or k.shape[1] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     # exp(s - (+inf)) = 0: rows that saw no key anywhere contribute nothing.

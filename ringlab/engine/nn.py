@@ -85,25 +85,32 @@ class MultiheadDilatedAttention(nn.Module):
 
     Input (B, N, E) with ``batch_first=True`` (else (N, B, E)). Returns (out, None), like
     torch.nn.MultiheadAttention without weights. ``checkpoint=True`` recomputes the attention
-    (and its norm) in the backward instead of keeping its output.
+    (and its norm) in the backward instead of keeping its output. ``num_kv_heads`` (a divisor
+    of ``num_heads``; default ``num_heads``) gives grouped-query attention: the k and v
+    projections produce that many heads of E / num_heads each.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths, dilation_rates, *,
-                 dropout: float = 0.0, bias: bool = True, layer_norm: bool = True,
+                 num_kv_heads: int | None = None, dropout: float = 0.0, bias: bool = True, layer_norm: bool = True,
                  layer_norm_eps: float = 1e-5, gamma_init: float = 1.0,
                  head_offsets: str = "interleaved", group=None, layout: str = "contiguous",
                  checkpoint: bool = False, batch_first: bool = True, device=None, dtype=None):
         super().__init__()
-        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         _no_dropout(dropout, "dropout")
         kw = dict(bias=bias, device=device, dtype=dtype)
-        self.num_heads, self.batch_first, self.checkpoint = num_heads, batch_first, checkpoint
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(embed_dim, embed_dim, **kw)
-                                                                for _ in range(4))
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.batch_first, self.checkpoint = batch_first, checkpoint
+        kv_dim = embed_dim // num_heads * num_kv_heads
+        self.q_proj, self.out_proj = nn.Linear(embed_dim, embed_dim, **kw), nn.Linear(embed_dim, embed_dim, **kw)
+        self.k_proj, self.v_proj = nn.Linear(embed_dim, kv_dim, **kw), nn.Linear(embed_dim, kv_dim, **kw)
         self.attention = DilatedAttention(segment_lengths, dilation_rates, head_offsets=head_offsets,
                                           group=group, layout=layout)
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, device=device, dtype=dtype) if layer_norm else None
@@ -127,8 +134,9 @@ class MultiheadDilatedAttention(nn.Module):
         value = key if value is None else value
         if not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-        split = lambda x: x.unflatten(-1, (self.num_heads, -1))  # noqa: E731
-        q, k, v = split(self.q_proj(query)), split(self.k_proj(key)), split(self.v_proj(value))
+        split = lambda x, heads: x.unflatten(-1, (heads, -1))  # noqa: E731
+        q = split(self.q_proj(query), self.num_heads)
+        k, v = split(self.k_proj(key), self.num_kv_heads), split(self.v_proj(value), self.num_kv_heads)
         if self.checkpoint and torch.is_grad_enabled():
             x = checkpoint(self._attend, q, k, v, is_causal, use_reentrant=False)
         else:
@@ -141,13 +149,14 @@ class LongNetBlock(nn.Module):
     """Pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x))."""
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths, dilation_rates, *,
-                 mlp_ratio: int = 4, group=None, layout: str = "contiguous", checkpoint: bool = False,
-                 gamma_init: float = 1.0, device=None, dtype=None):
+                 num_kv_heads: int | None = None, mlp_ratio: int = 4, group=None, layout: str = "contiguous",
+                 checkpoint: bool = False, gamma_init: float = 1.0, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.norm1, self.norm2 = nn.LayerNorm(embed_dim, **kw), nn.LayerNorm(embed_dim, **kw)
         self.attn = MultiheadDilatedAttention(embed_dim, num_heads, segment_lengths, dilation_rates,
-                                              group=group, layout=layout, checkpoint=checkpoint,
+                                              num_kv_heads=num_kv_heads, group=group, layout=layout,
+                                              checkpoint=checkpoint,
                                               gamma_init=gamma_init, **kw)
         self.mlp = nn.Sequential(nn.Linear(embed_dim, mlp_ratio * embed_dim, **kw), nn.GELU(),
                                  nn.Linear(mlp_ratio * embed_dim, embed_dim, **kw))
@@ -167,8 +176,8 @@ class LongNetLM(nn.Module):
     """
 
     def __init__(self, vocab_size: int, embed_dim: int, depth: int, num_heads: int,
-                 segment_lengths, dilation_rates, *, max_seq_len: int = 65536, group=None,
-                 layout: str = "contiguous", checkpoint: bool = False, device=None, dtype=None):
+                 segment_lengths, dilation_rates, *, num_kv_heads: int | None = None, max_seq_len: int = 65536,
+                 group=None, layout: str = "contiguous", checkpoint: bool = False, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.group, self.layout = group, layout
@@ -176,8 +185,8 @@ class LongNetLM(nn.Module):
         self.pos = nn.Embedding(max_seq_len, embed_dim, **kw)
         gain = math.sqrt(math.log(2 * depth))  # MAGNETO's gain for decoder-only models
         self.blocks = nn.ModuleList(
-            LongNetBlock(embed_dim, num_heads, segment_lengths, dilation_rates, group=group,
-                         layout=layout, checkpoint=checkpoint, gamma_init=gain, **kw)
+            LongNetBlock(embed_dim, num_heads, segment_lengths, dilation_rates, num_kv_heads=num_kv_heads,
+                         group=group, layout=layout, checkpoint=checkpoint, gamma_init=gain, **kw)
             for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, **kw)
         self.head = nn.Linear(embed_dim, vocab_size, bias=False, **kw)

@@ -16,6 +16,8 @@ same plan for every other rank, so message sizes need no handshake.
 
 from __future__ import annotations
 
+import dataclasses
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -24,16 +26,7 @@ import torch
 from . import trace
 from .config import RingConfig, ring_config, run_ring
 from .dilated import attend, attend_backward, blocks_backward, blocks_forward, lse_view, rows_view
-from .dilation import (
-    Block,
-    Rows,
-    fusable,
-    head_count,
-    local_blocks,
-    offset_groups,
-    runs,
-    shifted,
-)
+from .dilation import Block, Rows, fusable, head_count, head_groups, head_shift, local_blocks, runs, shifted
 from .kernels import accum_dtype
 from .layout import get
 from .merge import new_accumulators
@@ -41,47 +34,60 @@ from .merge import new_accumulators
 
 @dataclass(frozen=True)
 class Part:
-    """One slice of a message: a sender's rows ``rows`` of segment s for the heads ``heads`` of
-    offset group ``group``, at message slots [start, start + size) where a slot is one
-    (row, head). ``groups`` > 1 fuses consecutive offset groups, each a shift of the first
-    (see ringlab.engine.dilation.Block), stored one after the other."""
+    """One slice of a message: a sender's rows ``rows`` of segment s for head group ``group``
+    (query heads ``heads`` reading K/V heads ``kv_heads``, see ringlab.engine.dilation.head_groups),
+    at message slots [start, start + size) where a slot is one (row, K/V head). ``groups`` > 1
+    fuses consecutive head groups, each a shift of the first (see ringlab.engine.dilation.Block),
+    stored one after the other. A rank's own parts also say which of its query rows meet them."""
     group: int
     heads: slice
+    kv_heads: slice
     rows: Rows
     start: int
     size: int
     groups: int = 1
     head_step: int = 0
+    kv_step: int = 0
 
     def view_args(self):
+        """rows_view arguments of the query side (q, out, lse)."""
         return self.heads, self.groups, self.head_step
+
+    def kv_view_args(self):
+        """rows_view arguments of the K/V side."""
+        return self.kv_heads, self.groups, self.kv_step
 
     def slice(self, lo: int, hi: int) -> "Part":
         """The fused groups lo .. hi - 1 of this part."""
         d = lo - self.group
-        heads = slice(self.heads.start + d * self.head_step, self.heads.stop + d * self.head_step, self.heads.step)
-        return Part(lo, heads, shifted(self.rows, d), self.start + d * self.size, self.size, hi - lo,
-                    self.head_step)
+        return dataclasses.replace(self, group=lo, heads=_shift(self.heads, d * self.head_step),
+                                   kv_heads=_shift(self.kv_heads, d * self.kv_step), rows=shifted(self.rows, d),
+                                   start=self.start + d * self.size, groups=hi - lo)
 
 
-def _message_layout(pieces, w: int, r: int, seg: int, groups, num_heads: int) -> tuple[tuple[Part, ...], int]:
+def _shift(heads: slice, by: int) -> slice:
+    return slice(heads.start + by, heads.stop + by, heads.step)
+
+
+def _message_layout(pieces, w: int, r: int, seg: int, groups) -> tuple[tuple[Part, ...], int]:
     """The parts of one member's message for segment ``seg``, and its slots. Parts that are
-    shifts of one run over consecutive offset groups are laid out together and fused."""
-    found = [(g, heads, rows) for g, (o, heads) in enumerate(groups) for rows in runs(pieces, w, r, o)
+    shifts of one run over consecutive head groups are laid out together and fused."""
+    found = [(g, o, heads, kv, rows) for g, (o, heads, kv) in enumerate(groups) for rows in runs(pieces, w, r, o)
              if rows.seg == seg and rows.nseg == 1]
-    found.sort(key=lambda t: (t[2].start - t[0], t[0]))  # runs of one shift family, in group order
+    found.sort(key=lambda t: (t[4].start - t[1], t[0]))  # runs of one shift family, in group order
     parts: list[Part] = []
     slot = 0
-    for g, heads, rows in found:
-        size = rows.count * head_count(heads)
+    for g, _, heads, kv, rows in found:
+        size = rows.count * head_count(kv)
         last = parts[-1] if parts else None
-        step = None
+        step = kv_step = None
         if last is not None and last.group + last.groups == g and last.size == size:
             step = fusable(last.rows, last.heads, last.groups, last.head_step, rows, heads)
-        if step is None:
-            parts.append(Part(g, heads, rows, slot, size))
+            kv_step = head_shift(last.kv_heads, last.groups, last.kv_step, kv)
+        if step is None or kv_step is None:
+            parts.append(Part(g, heads, kv, rows, slot, size))
         else:
-            parts[-1] = Part(last.group, last.heads, last.rows, last.start, size, last.groups + 1, step)
+            parts[-1] = dataclasses.replace(last, groups=last.groups + 1, head_step=step, kv_step=kv_step)
         slot += size
     return tuple(parts), slot
 
@@ -123,11 +129,11 @@ def rank_plan(config: RingConfig, rank: int, heads: tuple[int, int] | None = Non
     pieces_of = [lay.pieces(seq_len, x, world_size) for x in range(world_size)]
     owners = lay.owners(world_size)
     own = local_blocks(pieces_of[rank], num_heads, config.segments, config.rates, config.head_offsets,
-                       config.causal, heads)
+                       config.causal, heads, config.kv_group)
     local = tuple(tuple(x for x in own if x.branch == b) for b in range(len(config.segments)))
     subrings, steps = [], []
     for b, (w, r) in enumerate(zip(config.segments, config.rates)):
-        groups = offset_groups(num_heads, r, config.head_offsets, heads)
+        groups = head_groups(num_heads, r, config.head_offsets, heads, config.kv_group)
         # Only a piece's first and last segments can reach another rank.
         edge_segments = sorted({s for pieces in pieces_of for a, e in pieces for s in (a // w, (e - 1) // w)})
         mine = []
@@ -139,7 +145,7 @@ def rank_plan(config: RingConfig, rank: int, heads: tuple[int, int] | None = Non
             most = max(most, len(members) - 1)
             if rank not in members:
                 continue
-            layouts = [_message_layout(pieces_of[x], w, r, seg, groups, num_heads) for x in members]
+            layouts = [_message_layout(pieces_of[x], w, r, seg, groups) for x in members]
             mine.append(SubRing(b, seg, members, tuple(p for p, _ in layouts), tuple(n for _, n in layouts)))
         subrings.append(tuple(mine))
         steps.append(most)
@@ -156,8 +162,8 @@ def _pack(k, v, parts, slots) -> torch.Tensor:
     """This rank's message for one sub-ring: (2, B, slots, D) holding its selected K and V rows."""
     msg = k.new_empty(2, k.shape[0], slots, k.shape[-1])
     for part in parts:
-        _part_view(msg[0], part).copy_(rows_view(k, part.rows, *part.view_args()))
-        _part_view(msg[1], part).copy_(rows_view(v, part.rows, *part.view_args()))
+        _part_view(msg[0], part).copy_(rows_view(k, part.rows, *part.kv_view_args()))
+        _part_view(msg[1], part).copy_(rows_view(v, part.rows, *part.kv_view_args()))
     return msg
 
 
@@ -195,7 +201,7 @@ def _tag(sub: SubRing, grads: bool) -> int:
 def _event(comm, step, sub, src, q_part, k_part):
     return dict(kind="compute", rank=comm.rank, step=step, src=src, branch=sub.branch,
                 segment=sub.segment, q_rows=q_part.rows.count, k_rows=k_part.rows.count, causal=False,
-                groups=q_part.groups, pairs=q_part.rows.count * k_part.rows.count * q_part.size // q_part.rows.count
+                groups=q_part.groups, pairs=q_part.rows.count * k_part.rows.count * head_count(q_part.heads)
                 * q_part.groups)
 
 
@@ -278,8 +284,8 @@ def backward_rank(comm, dout, q, k, v, out, lse, dlse, *, config: RingConfig, he
             buf, p = homecoming[j]
             yield from p.wait()
             for part in s.parts[i]:
-                rows_view(dk, part.rows, *part.view_args()).add_(_part_view(buf[0], part))
-                rows_view(dv, part.rows, *part.view_args()).add_(_part_view(buf[1], part))
+                rows_view(dk, part.rows, *part.kv_view_args()).add_(_part_view(buf[0], part))
+                rows_view(dv, part.rows, *part.kv_view_args()).add_(_part_view(buf[1], part))
     return dq, dk, dv
 
 

@@ -56,6 +56,11 @@ class Problem:
     device: str = "cpu"      # "cpu" or "cuda": which kernels' scratch to count
     threads: int = 0         # CPU threads per rank; 0 = torch.get_num_threads()
     scratch: bool = True     # count kernel work buffers (the meta dry run allocates none)
+    kv_heads: int = 0        # K/V heads (grouped-query attention); 0 = heads
+
+    def __post_init__(self):
+        if not self.kv_heads:
+            object.__setattr__(self, "kv_heads", self.heads)
 
     @property
     def item_bytes(self) -> int:
@@ -82,7 +87,7 @@ class Problem:
     def ring_config(self) -> RingConfig:
         """The ring (or ring-dilated, with segments) call of this problem, default scale."""
         return RingConfig(self.seq_len, self.world_size, self.heads, self.head_dim ** -0.5, self.causal,
-                          self.layout, tuple(self.segments), tuple(self.rates), self.head_offsets)
+                          self.layout, tuple(self.segments), tuple(self.rates), self.head_offsets, self.kv_heads)
 
 
 @dataclass
