@@ -3,8 +3,6 @@
 They live in a module (not in the test files) because spawned ranks import them by name.
 """
 
-import traceback
-
 import torch
 import torch.distributed as dist
 
@@ -201,19 +199,7 @@ def strided_matches_contiguous(_=None):
     return max((a - b).abs().max().item() for a, b in zip(*results))
 
 
-def hf_ring(configs, segments, rates):
-    """``hf_ring_one`` for each config, or the traceback of its error: one launch serves every
-    config, and a config that fails on both ranks alike does not stop the others."""
-    results = []
-    for config in configs:
-        try:
-            results.append(hf_ring_one(config, segments, rates))
-        except Exception:  # noqa: BLE001 - reported to the test, which fails with it
-            results.append(traceback.format_exc())
-    return results
-
-
-def hf_ring_one(config, segments, rates):
+def hf_ring(config, segments, rates):
     """The worked example (examples/hf_llama_ring.py) on this rank: 3 steps of "ringlab" and 2
     of "ringlab_dilated" (branches from sequence_parallel), then the errors of calls a ring
     refuses, by name."""
@@ -235,7 +221,7 @@ def hf_ring_one(config, segments, rates):
     with ringlab.hf.sequence_parallel(dist.group.WORLD, layout="zigzag"):
         for name, kwargs in calls.items():
             try:
-                model(input_ids=ids, **{"position_ids": positions, **kwargs})
+                model(input_ids=ids, **({"position_ids": positions} | kwargs))
             except ValueError as err:
                 errors[name] = str(err)
     return ring, dilated, errors
