@@ -61,7 +61,8 @@ from .engine.ring import ring_attention
 from .engine.ring_dilated import ring_dilated_attention
 
 if int(transformers.__version__.split(".")[0]) < 5:
-    raise ImportError(f'ringlab.hf needs transformers >= 5, found {transformers.__version__}: pip install "ringlab[hf]"')
+    raise ImportError(f"ringlab.hf needs transformers >= 5, found {transformers.__version__}: "
+                      'pip install "ringlab[hf]"')
 
 NAMES = ("ringlab", "ringlab_dilated")
 # Model config attributes read by "ringlab_dilated" (sequence_parallel's arguments take precedence).

@@ -36,9 +36,10 @@ def reference_forward(query, key, value, *, causal, scale, segments=None, rates=
     head repeated for its H / H_kv query heads. Causal with fewer queries than keys: the queries
     are the last positions (a KV cache holds the first keys)."""
     rep = query.shape[1] // key.shape[1]
-    q, k, v = query.transpose(1, 2), key.repeat_interleave(rep, 1).transpose(1, 2), value.repeat_interleave(rep, 1).transpose(1, 2)
+    q, k, v = query.transpose(1, 2), *(x.repeat_interleave(rep, 1).transpose(1, 2) for x in (key, value))
     if segments is not None:
-        return dense_dilated_attention(q, k, v, segments, rates, causal=causal, scale=scale, head_offsets=head_offsets)[0]
+        return dense_dilated_attention(q, k, v, segments, rates, causal=causal, scale=scale,
+                                       head_offsets=head_offsets)[0]
     n_q, n_k = q.shape[1], k.shape[1]
     future = torch.arange(n_k)[None, :] > torch.arange(n_k - n_q, n_k)[:, None]
     bias = torch.zeros(n_q, n_k, dtype=torch.float64).masked_fill(future, -math.inf) if causal else None
@@ -49,8 +50,9 @@ def dense_dilated_reference(module, query, key, value, attention_mask, scaling=N
     """An attention function for transformers: the dense dilated reference with the config's branches."""
     assert attention_mask is None and not dropout
     cfg = module.config
-    out = reference_forward(query, key, value, causal=module.is_causal, scale=scaling, segments=cfg.ringlab_segment_lengths,
-                            rates=cfg.ringlab_dilation_rates, head_offsets=getattr(cfg, "ringlab_head_offsets", "interleaved"))
+    out = reference_forward(query, key, value, causal=module.is_causal, scale=scaling,
+                            segments=cfg.ringlab_segment_lengths, rates=cfg.ringlab_dilation_rates,
+                            head_offsets=getattr(cfg, "ringlab_head_offsets", "interleaved"))
     return out, None
 
 
@@ -160,7 +162,9 @@ def test_exact_4d_masks_are_honoured(dtype, pattern):
     visible = torch.ones(n, n, dtype=torch.bool)
     if pattern == "causal":
         visible = visible.tril()
-    mask = visible if dtype == torch.bool else torch.zeros(n, n, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+    mask = visible
+    if dtype != torch.bool:  # transformers' float masks: 0 where visible, the dtype's minimum where hidden
+        mask = torch.zeros(n, n, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
     mask = mask[None, None].expand(ids.shape[0], 1, n, n)
     got, want = (example.build(example.tiny_llama_config(4), attn)(input_ids=ids, attention_mask=mask).logits
                  for attn in ("ringlab", "sdpa"))
@@ -172,7 +176,7 @@ def test_exact_4d_masks_are_honoured(dtype, pattern):
 
 def unhonourable_calls():
     """(name, the call, words the error must hold) for inputs the backends must refuse."""
-    ids, _, pos = example.batch()
+    ids, _, _ = example.batch()
     n = ids.shape[1]
     padding = torch.ones_like(ids).index_fill(1, torch.tensor([n - 1]), 0)
     packed = torch.arange(n // 2).repeat(2)[None]
@@ -181,17 +185,18 @@ def unhonourable_calls():
     future = ~torch.ones(n, n, dtype=torch.bool).tril()
     bias = torch.zeros(n, n, dtype=torch.float64).index_fill(1, torch.tensor([2]), -0.5).masked_fill(future, -math.inf)
     model = lambda attn="ringlab", **cfg: example.build(example.tiny_llama_config(4, **cfg), attn)  # noqa: E731
+    dilated = lambda: model("ringlab_dilated", ringlab_segment_lengths=[8], ringlab_dilation_rates=[1])  # noqa: E731
     return [
         ("padding", lambda: model()(input_ids=ids, attention_mask=padding), "padding"),
-        ("padding, dilated", lambda: model("ringlab_dilated", ringlab_segment_lengths=[8], ringlab_dilation_rates=[1])(
-            input_ids=ids, attention_mask=padding), "padding"),
+        ("padding, dilated", lambda: dilated()(input_ids=ids, attention_mask=padding), "padding"),
         ("packed sequences", lambda: model()(input_ids=ids, position_ids=packed), "packed"),
-        ("4D mask, not causal", lambda: model()(input_ids=ids, attention_mask=almost_causal), "neither causal nor full"),
+        ("4D mask, not causal", lambda: model()(input_ids=ids, attention_mask=almost_causal),
+         "neither causal nor full"),
         ("4D mask with a bias", lambda: model()(input_ids=ids, attention_mask=bias[None, None]), "bias"),
         ("dropout", lambda: model(attention_dropout=0.1).train()(input_ids=ids), "dropout"),
         ("dilated without branches", lambda: model("ringlab_dilated")(input_ids=ids), "ringlab_segment_lengths"),
-        ("dilated with a cache", lambda: model("ringlab_dilated", ringlab_segment_lengths=[8], ringlab_dilation_rates=[1])(
-            input_ids=ids[:, -1:], cache=model("ringlab")(input_ids=ids[:, :-1], use_cache=True).cache), "cache"),
+        ("dilated with a cache", lambda: dilated()(input_ids=ids[:, -1:], cache=model()(
+            input_ids=ids[:, :-1], use_cache=True).cache), "cache"),
     ]
 
 
