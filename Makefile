@@ -22,7 +22,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[workbench,test]"
+	$(BIN)/pip install -q -e ".[workbench,test,hf]"
 	touch $@
 
 # Chromium renders PNG figures (kaleido) and runs the browser tests (Playwright).
