@@ -104,6 +104,11 @@ MUTANTS = (
            "dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(self.group, p), self.group, tag)",
            "dist.P2POp(dist.isend, t.contiguous(), p, self.group, tag)",
            "tests/test_nn.py", "subgroup"),
+    # Grouped-query attention: dk and dv must sum over every query head of a K/V head.
+    Mutant("gqa-dk-keeps-the-last-query-group", "ringlab/engine/kernels.py",
+           "        dk += gk\n        dv += gv\n",
+           "        dk.copy_(gk)\n        dv += gv\n",
+           "tests/test_gqa.py", "matches_repeated_kv and attention"),
 )
 
 
