@@ -42,8 +42,10 @@ def cli_error(capsys, argv) -> str:
 
 
 # ---------------------------------------------------------------- 2, 5, 10: sweeps
-def fake_execute(notebook, run_dir, point, timeout):
-    """Stands in for papermill: records the point as a finished run."""
+def fake_execute(sweep_, index, gpus=None):
+    """Stands in for a run's process: records the point as a finished run."""
+    name, point = sweep_.runs[index]
+    run_dir = sweep_.folder / name
     run_dir.mkdir(parents=True, exist_ok=True)
     status = dict(status="ok", error=None, params=point, seconds=0.0)
     (run_dir / "status.json").write_text(json.dumps(status))
