@@ -5,7 +5,7 @@
     ringlab sweep NOTEBOOK -p name v1 v2 ... [-p other ...] [--jobs 2] [--gpus-per-run K] [--sweep-id ID]
                   [--slurm --partition P --time T [--gpus-per-task G] [--nodes-per-task N]]
     ringlab sweep --collect SWEEP_ID
-    ringlab figures [NOTEBOOK ...] [--notebooks DIR] [--out DIR]
+    ringlab figures [NOTEBOOK ...] [--notebooks DIR] [--out DIR] [--index]
                                            # the main job: execute every notebook, write figures/
 """
 
@@ -87,6 +87,12 @@ def _sweep(args) -> int:
 def _figures(args) -> int:
     from .workbench.notebooks import run_notebooks
     from .workbench.notebooks import FIGURES, NOTEBOOKS
+    if args.index:
+        from .workbench.gallery import write_index
+        from .workbench.notebooks import notebook_names
+        folder = args.notebooks or NOTEBOOKS
+        print(f"index of the figures: {write_index(args.out or FIGURES, folder, order=notebook_names(folder))}")
+        return 0
     return run_notebooks(only=[*args.paths, *(args.only or [])], folder=args.notebooks or NOTEBOOKS,
                          out_dir=args.out or FIGURES, timeout=args.timeout)
 
@@ -145,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--notebooks", default=None, help="folder of notebooks (default: the checkout's notebooks/)")
     f.add_argument("--out", default=None, help="folder for the figures (default: the checkout's figures/)")
     f.add_argument("--timeout", type=float, default=1800, help="seconds per notebook")
+    f.add_argument("--index", action="store_true", help="only rewrite index.html from the figures there")
     f.set_defaults(run=_figures)
     return parser
 
