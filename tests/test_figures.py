@@ -84,7 +84,7 @@ def test_save_writes_pdf_and_svg_and_the_index_lists_them(tmp_path):
     _caption_notebook(tmp_path / "demo.ipynb")
     assert gallery.captions(tmp_path / "demo.ipynb") == {"bars": "# Demo\n\nBars per rank; **higher** is more work."}
     page = gallery.write_index(tmp_path, tmp_path).read_text()
-    assert "<img src='demo-bars.svg'" in page and "<strong>higher</strong>" in page
+    assert "<img src='demo-bars.svg'" in page and "<p><b>Demo</b></p><p>Bars per rank; higher is more work.</p>" in page
     assert "Not a caption" not in page and "<code>ranks = 2</code>" in page
     assert meta["environment"]["commit"] in page and meta["environment"]["host"] in page
     for f in ("demo.html", "demo-bars.png", "demo-bars.pdf", "demo-bars.svg"):

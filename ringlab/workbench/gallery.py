@@ -46,10 +46,15 @@ def captions(notebook) -> dict[str, str]:
     return {key: above[var] for key, var in saved.items() if above.get(var)}
 
 
-def _markdown(text: str) -> str:
-    """A caption's markdown as HTML; its headings become bold lines (a caption has no sections)."""
-    import mistune  # installed with jupyterlab (through nbconvert)
-    return mistune.html(re.sub(r"^#+\s*(.+)$", r"**\1**", text, flags=re.M))
+def _caption_html(text: str) -> str:
+    """A caption's markdown as HTML paragraphs of its prose: headings in bold, emphasis and code
+    marks dropped (the index shows the words; the notebook keeps the markup)."""
+    paragraphs = []
+    for block in re.split(r"\n\s*\n", text.strip()):
+        heading = re.match(r"#+\s*(.*)", block)
+        words = html.escape(re.sub(r"[*`]", "", heading.group(1) if heading else block))
+        paragraphs.append(f"<p><b>{words}</b></p>" if heading else f"<p>{words}</p>")
+    return "".join(paragraphs)
 
 
 def _figure_keys(meta: dict, out: pathlib.Path) -> dict:
@@ -104,7 +109,7 @@ def write_index(out_dir, notebooks=None, order=()) -> pathlib.Path:
                      else "<p>(no image: written without Chromium; open the interactive HTML)</p>")
             links = " ".join(f"<a href='{html.escape(f)}'>{html.escape(f.rsplit('.', 1)[-1].upper())}</a>" for f in files)
             parts.append(f"<figure id='{html.escape(name)}-{html.escape(key)}'>{shown}<figcaption><p><b>{title}</b> "
-                         f"({links})</p>{_markdown(notes[key]) if key in notes else ''}</figcaption></figure>")
+                         f"({links})</p>{_caption_html(notes[key]) if key in notes else ''}</figcaption></figure>")
         sections.append("".join(parts) + "</section>")
     toc = " · ".join(f"<a href='#{html.escape(n)}'>{html.escape(n)}</a>" for n in names)
     page = out / "index.html"
