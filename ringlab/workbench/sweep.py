@@ -181,6 +181,9 @@ class Sweep:
         except FileNotFoundError:
             raise ValueError(f"{folder} holds no sweep (no sweep.json): give the id of a sweep started with "
                              "ringlab sweep, and its --runs folder if it is not runs/") from None
+        except ValueError as err:
+            raise ValueError(f"{folder / 'sweep.json'} is unreadable ({err}); run the sweep command again to "
+                             "rewrite it") from None
         return cls(folder.name, folder, pathlib.Path(meta["notebook"]),
                    [(r["name"], r["params"]) for r in meta["runs"]], meta["timeout"])
 
