@@ -1,5 +1,5 @@
 # ringlab: the two commands of the README.
-#   make figures   set up, then execute every notebook with papermill and rewrite figures/
+#   make figures   set up, then execute every notebook with papermill and rewrite figures/ (and its index.html)
 #   make test      set up, then run the whole test suite
 #   make bench     set up, then run every benchmark (BENCH_ARGS=--quick for a smoke test)
 #   make mutants   plant the known bugs of tools/mutants.py in a copy; every one must fail a test
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[workbench,test,hf]"
 	touch $@
 
-# Chromium renders PNG figures (kaleido) and runs the browser tests (Playwright).
+# Chromium renders PNG, PDF and SVG figures (kaleido) and runs the browser tests (Playwright).
 browser:
 	@sh tools/ensure-chromium
 

@@ -2,8 +2,10 @@
 
     ringlab plan --tokens 1G --heads 32 --head-dim 128 --dtype bf16 --gpu h100 [--gpus N]
                  [--segments 4096,65536,1G --rates 1,8,64] [--dry-run] [--json]
-    ringlab sweep NOTEBOOK -p name v1 v2 ... [-p other ...] [--jobs 2] [--sweep-id ID]
-    ringlab figures [NOTEBOOK ...] [--notebooks DIR] [--out DIR]
+    ringlab sweep NOTEBOOK -p name v1 v2 ... [-p other ...] [--jobs 2] [--gpus-per-run K] [--sweep-id ID]
+                  [--slurm --partition P --time T [--gpus-per-task G] [--nodes-per-task N]]
+    ringlab sweep --collect SWEEP_ID
+    ringlab figures [NOTEBOOK ...] [--notebooks DIR] [--out DIR] [--index]
                                            # the main job: execute every notebook, write figures/
 """
 
@@ -57,9 +59,27 @@ def _plan(args) -> int:
 
 
 def _sweep(args) -> int:
-    from .workbench.sweep import run_sweep
-    report = run_sweep(args.notebook, [(name, values) for name, *values in args.param], jobs=args.jobs,
-                       sweep_id=args.sweep_id, root=args.runs, timeout=args.timeout)
+    from .workbench.sweep import collect_sweep, run_sweep
+    from .workbench.slurm import SlurmOptions
+
+    if args.collect:
+        if args.notebook or args.param:
+            raise ValueError("--collect takes a sweep id and nothing else: ringlab sweep --collect SWEEP_ID")
+        report = collect_sweep(args.collect, root=args.runs)
+    else:
+        if not args.notebook:
+            raise ValueError("give a notebook and its grid (ringlab sweep NOTEBOOK -p NAME V1 V2 ...), "
+                             "or --collect SWEEP_ID")
+        slurm_only = [f"--{k.replace('_', '-')}" for k in ("partition", "time", "gpus_per_task", "nodes_per_task",
+                                                           "sbatch") if getattr(args, k) is not None]
+        if slurm_only and not args.slurm:
+            raise ValueError(f"{', '.join(slurm_only)} only apply with --slurm")
+        given = lambda value, default: default if value is None else value  # noqa: E731
+        slurm = SlurmOptions(args.partition, args.time, given(args.gpus_per_task, 0), given(args.nodes_per_task, 1),
+                             tuple(args.sbatch or ())) if args.slurm else None
+        report = run_sweep(args.notebook, [(name, values) for name, *values in args.param], jobs=args.jobs,
+                           sweep_id=args.sweep_id, root=args.runs, timeout=args.timeout,
+                           gpus_per_run=args.gpus_per_run, slurm=slurm)
     print(report.summary())
     return 1 if report.failed else 0
 
@@ -67,6 +87,12 @@ def _sweep(args) -> int:
 def _figures(args) -> int:
     from .workbench.notebooks import run_notebooks
     from .workbench.notebooks import FIGURES, NOTEBOOKS
+    if args.index:
+        from .workbench.gallery import write_index
+        from .workbench.notebooks import notebook_names
+        folder = args.notebooks or NOTEBOOKS
+        print(f"index of the figures: {write_index(args.out or FIGURES, folder, order=notebook_names(folder))}")
+        return 0
     return run_notebooks(only=[*args.paths, *(args.only or [])], folder=args.notebooks or NOTEBOOKS,
                          out_dir=args.out or FIGURES, timeout=args.timeout)
 
@@ -95,13 +121,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_plan)
 
     s = sub.add_parser("sweep", help="execute a notebook over a parameter grid with papermill")
-    s.add_argument("notebook")
+    s.add_argument("notebook", nargs="?")
     s.add_argument("-p", "--param", nargs="+", action="append", default=[], metavar=("NAME", "VALUE"),
                    help="a parameter and its values; repeat for a grid")
-    s.add_argument("--jobs", type=int, default=1, help="runs at once")
+    s.add_argument("--jobs", type=int, default=None,
+                   help="runs at once (default 1, or one per GPU group; with --slurm: array tasks at once)")
+    s.add_argument("--gpus-per-run", type=int, default=None, metavar="K",
+                   help="give each run K GPUs of its own (CUDA_VISIBLE_DEVICES), K dividing the visible GPUs "
+                        "(default: every run sees every GPU)")
     s.add_argument("--sweep-id", default=None, help="resume this sweep (default: from the grid)")
     s.add_argument("--runs", default="runs", help="folder for sweeps (default runs/)")
-    s.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    s.add_argument("--timeout", type=float, default=1800, help="seconds per notebook cell")
+    s.add_argument("--collect", default=None, metavar="SWEEP_ID",
+                   help="gather the results of a sweep (e.g. one submitted with --slurm) and report its failed runs")
+    c = s.add_argument_group("SLURM", "submit the unfinished runs as a job array (runs/<sweep-id>/slurm/)")
+    c.add_argument("--slurm", action="store_true", help="submit to SLURM with sbatch instead of running here")
+    c.add_argument("--partition", default=None, help="the partition (needed)")
+    c.add_argument("--time", default=None, help="each task's time limit: minutes, HH:MM:SS, D-HH:MM:SS (needed)")
+    c.add_argument("--gpus-per-task", type=int, default=None, help="GPUs on each node of a task (default 0)")
+    c.add_argument("--nodes-per-task", type=int, default=None,
+                   help="nodes per task (default 1); above 1 torchrun starts one rank per GPU on each")
+    c.add_argument("--sbatch", action="append", default=None, metavar="OPTION",
+                   help="another sbatch option for every task, e.g. --sbatch=--account=proj (repeatable)")
     s.set_defaults(run=_sweep)
 
     f = sub.add_parser("figures", help="execute every notebook and rewrite figures/ (the main job)")
@@ -110,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--notebooks", default=None, help="folder of notebooks (default: the checkout's notebooks/)")
     f.add_argument("--out", default=None, help="folder for the figures (default: the checkout's figures/)")
     f.add_argument("--timeout", type=float, default=1800, help="seconds per notebook")
+    f.add_argument("--index", action="store_true", help="only rewrite index.html from the figures there")
     f.set_defaults(run=_figures)
     return parser
 

@@ -42,8 +42,10 @@ def cli_error(capsys, argv) -> str:
 
 
 # ---------------------------------------------------------------- 2, 5, 10: sweeps
-def fake_execute(notebook, run_dir, point, timeout):
-    """Stands in for papermill: records the point as a finished run."""
+def fake_execute(sweep_, index, gpus=None):
+    """Stands in for a run's process: records the point as a finished run."""
+    name, point = sweep_.runs[index]
+    run_dir = sweep_.folder / name
     run_dir.mkdir(parents=True, exist_ok=True)
     status = dict(status="ok", error=None, params=point, seconds=0.0)
     (run_dir / "status.json").write_text(json.dumps(status))
@@ -205,8 +207,8 @@ def test_hanging_png_export_gives_up_and_writes_html_and_json(tmp_path, monkeypa
     import plotly.graph_objects as go
 
     release = threading.Event()
-    monkeypatch.setattr(viz, "_export_png", lambda fig, path: release.wait(60))  # Chromium hangs
-    monkeypatch.setattr(viz, "_png_hung", [])
+    monkeypatch.setattr(viz, "_export_image", lambda fig, path: release.wait(60))  # Chromium hangs
+    monkeypatch.setattr(viz, "_image_hung", [])
     monkeypatch.setattr(viz, "PNG_TIMEOUT", 1.0)
     figs = {"a": go.Figure(go.Scatter(y=[1, 2])), "b": go.Figure(go.Scatter(y=[2, 1]))}
     t0 = time.monotonic()
@@ -215,8 +217,8 @@ def test_hanging_png_export_gives_up_and_writes_html_and_json(tmp_path, monkeypa
             written = viz.save("hang", figs, data={"x": 1}, out_dir=tmp_path)
     finally:
         release.set()
-    assert time.monotonic() - t0 < 10  # one timeout, then PNG export is off
-    assert written["png"] == [] and (tmp_path / "hang.html").exists() and (tmp_path / "hang.json").exists()
+    assert time.monotonic() - t0 < 10  # one timeout, then image export is off
+    assert written["png"] == written["pdf"] == written["svg"] == [] and (tmp_path / "hang.html").exists() and (tmp_path / "hang.json").exists()
 
 
 # ---------------------------------------------------------------- 7, 10: the planner

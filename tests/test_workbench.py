@@ -58,9 +58,11 @@ def test_notebook_executes_and_writes_its_figures(name, tmp_path):
         pngs = list(tmp_path.glob(f"{name}-*.png"))
         if shutil.which("chromium") or os.environ.get("RINGLAB_REQUIRE_BROWSER") == "1":
             assert pngs, "Chromium is there (or required): every figure must have its PNG"
+            assert {p.stem for p in pngs} == {p.stem for p in tmp_path.glob(f"{name}-*.svg")} == {
+                p.stem for p in tmp_path.glob(f"{name}-*.pdf")}, "and its PDF and SVG"
         else:  # no Chromium: HTML only, and the notebook says why
             streams = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
-            assert not pngs and "PNG export skipped" in streams
+            assert not pngs and "image export (PNG, PDF, SVG) skipped" in streams
 
 
 def test_rotation_and_timeline_figures_from_a_known_trace():

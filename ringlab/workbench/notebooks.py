@@ -3,8 +3,11 @@
     ringlab figures                              # every notebook in notebooks/, default parameters
     ringlab figures --only memory                # one of them, by name
     ringlab figures path/to/mine.ipynb --out figs  # notebooks given by path
+    ringlab figures --index                      # only rewrite figures/index.html
 
-Executed copies go to runs/figures/ (the sources are left as they are). The notebooks pick
+Executed copies go to runs/figures/ (the sources are left as they are). Each notebook writes
+its figures as HTML, PNG, PDF and SVG (ringlab.workbench.viz.save), and figures/index.html then
+lists them all with their captions (ringlab.workbench.gallery). The notebooks pick
 the device themselves ("auto": CUDA when available), so the same command uses the GPUs of a
 multi-GPU node.
 """
@@ -60,8 +63,9 @@ def execute_path(notebook, output, parameters: dict, *, timeout: float = 1800):
 def run_notebooks(only=None, *, folder=NOTEBOOKS, timeout: float = 1800, out_dir=FIGURES,
                   runs_dir=ROOT / "runs" / "figures", parameters: dict | None = None) -> int:
     """Execute the notebooks (every one in ``folder``, or ``only``: names in it or paths) and
-    write their figures to ``out_dir``. Returns 0 when every notebook ran, 1 otherwise (the
-    others still run)."""
+    write their figures to ``out_dir``, then its index.html. Returns 0 when every notebook ran, 1
+    otherwise (the others still run)."""
+    from .gallery import write_index
     from tqdm.auto import tqdm
 
     paths = [find_notebook(x, folder) for x in only] if only else [
@@ -82,6 +86,8 @@ def run_notebooks(only=None, *, folder=NOTEBOOKS, timeout: float = 1800, out_dir
             failed.append(name)
             tqdm.write(f"{name}: FAILED after {time.perf_counter() - t0:.0f} s: {str(err).strip().splitlines()[-1][:300]}",
                        file=sys.stderr)
+    index = write_index(out_dir, folder, order=notebook_names(folder))
+    print(f"index of the figures: {index}")
     if failed:
         print(f"notebooks that failed: {failed} (executed copies with the error are in {runs_dir})", file=sys.stderr)
         return 1

@@ -1,24 +1,45 @@
 """Plotly figures of ringlab's data: traces of real runs, dilation geometry, memory, errors,
 scaling and plans. Each builder takes plain data (from ringlab.engine.trace or ringlab.workbench.experiments)
-and returns a ``plotly.graph_objects.Figure``; :func:`save` writes them to figures/."""
+and returns a ``plotly.graph_objects.Figure`` in the ``ringlab`` template (set as plotly's default
+on import); :func:`save` writes them to figures/."""
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
 import pathlib
 import platform
 import shutil
+import subprocess
 import threading
 import warnings
 from collections import defaultdict
 
 import plotly.graph_objects as go
+import plotly.io as pio
 from plotly.subplots import make_subplots
 
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+# Okabe and Ito's colour-blind-safe palette (blue first, its yellow last: faint on white)
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#56B4E9", "#CC79A7", "#000000", "#F0E442"]
+# One template for every figure: fonts that stay readable in a two-column paper, the palette,
+# and margins that grow to fit tick labels, axis titles, the title and the legend (automargin),
+# so that nothing is clipped in the HTML, PNG, PDF or SVG.
+TEMPLATE = go.layout.Template(layout=dict(
+    font=dict(family="Arial, Helvetica, 'DejaVu Sans', sans-serif", size=14, color="#222222"),
+    # the title sits in the figure's top margin (container coordinates), which grows to hold it
+    title=dict(font=dict(size=18), automargin=True, yref="container", y=1, yanchor="top", pad=dict(t=12),
+               x=0.02, xanchor="left"),
+    colorway=PALETTE, colorscale=dict(sequential="Viridis"),
+    xaxis=dict(automargin=True), yaxis=dict(automargin=True),
+    legend=dict(font=dict(size=13)),
+    margin=dict(l=70, r=30, t=90, b=60, autoexpand=True)))
+pio.templates["ringlab"] = TEMPLATE
+pio.templates.default = "plotly_white+ringlab"
+LEGEND_ROW = 30  # pixels per legend entry at the template's legend font
+PANEL_SPACING = 0.09  # between side-by-side panels: room for the next panel's tick labels and axis title
 STATE_NAMES = ["not yet", "computed earlier", "computing now", "skipped (future)"]
 STATE_COLORS = ["#f2f2f2", "#9ecae1", "#08519c", "#fdd0a2"]
 
@@ -110,10 +131,10 @@ def timeline_figure(events, *, title: str | None = None):
     t_start = min(e.get("t0", e.get("t", math.inf)) for e in events if "t0" in e or "t" in e)
     ranks = sorted({e["rank"] for e in events})
     fig = go.Figure()
-    series = {"compute": ("#08519c", 0.6), "in flight": ("#74c476", 0.25), "blocked in wait": ("#de2d26", 0.25)}
+    series = {"compute": (PALETTE[0], 0.6), "in flight": (PALETTE[1], 0.25), "blocked in wait": (PALETTE[5], 0.25)}
     rows = defaultdict(lambda: ([], [], [], []))
     for e in events:
-        y = f"rank {e['rank']} {e.get('pass', 'forward')[:3]}"
+        y = f"rank {e['rank']} {e.get('pass', 'forward')}"
         if e["kind"] == "compute":
             rows["compute"][0].append(e["t1"] - e["t0"])
             rows["compute"][1].append(e["t0"] - t_start)
@@ -264,7 +285,8 @@ def scaling_figure(rows: list[dict], *, title: str | None = None):
     round, drawn as error bars) and over_sdpa (median, low, high of the per-round ratios of
     interleaved timings, drawn in the third panel with the spread as error bars)."""
     fig = make_subplots(rows=1, cols=3, subplot_titles=("time per call (median, fastest to slowest round)",
-                                                         "throughput", "time / SDPA, per round (median, range)"))
+                                                         "throughput", "time / SDPA, per round (median, range)"),
+                        horizontal_spacing=PANEL_SPACING)
     for i, method in enumerate(sorted({r["method"] for r in rows})):
         rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["tokens"])
         line = dict(color=PALETTE[i % len(PALETTE)])
@@ -299,13 +321,14 @@ def planner_figure(rows: list[dict], *, title: str | None = None):
     rows: tokens, gpu, gpus, terms {name: bytes}, capacity, overlap_ratio (step compute /
     transfer time on the slowest link crossed; None when nothing is sent)."""
     fig = make_subplots(rows=1, cols=3, subplot_titles=("memory per GPU by term (first profile)", "GPUs needed",
-                                                         "step compute / transfer"))
+                                                         "step compute / transfer"), horizontal_spacing=PANEL_SPACING)
     first = rows[0]["gpu"]
     mine = [r for r in rows if r["gpu"] == first]
     names = list(dict.fromkeys(k for r in mine for k in r["terms"]))
     labels = [tokens_label(r["tokens"]) for r in mine]  # bars read better on a categorical axis
-    for name in names:
-        fig.add_bar(x=labels, y=[r["terms"].get(name, 0) / 2**30 for r in mine], name=name, row=1, col=1)
+    for i, name in enumerate(names):  # more terms than colours: the next round of colours is hatched
+        fig.add_bar(x=labels, y=[r["terms"].get(name, 0) / 2**30 for r in mine], name=name, row=1, col=1,
+                    marker=dict(color=PALETTE[i % len(PALETTE)], pattern_shape=["", "/", "x"][i // len(PALETTE) % 3]))
     fig.add_scatter(x=labels, y=[r["capacity"] / 2**30 for r in mine], mode="lines",
                     name=f"usable HBM ({first})", line=dict(dash="dash", color="black"), row=1, col=1)
     for i, gpu in enumerate(dict.fromkeys(r["gpu"] for r in rows)):
@@ -351,87 +374,126 @@ def interactive(build, **controls) -> None:
 
 
 # ---------------------------------------------------------------- writing figures/
-_png_server = []
-_png_hung = []  # set once an export timed out: Chromium is stuck, later exports would hang too
-# Seconds one PNG export may take (a cold Chromium start is about 3 s) before the figure goes
+IMAGE_FORMATS = ("png", "pdf", "svg")  # what kaleido writes of each figure, through Chromium
+_image_server = []
+_image_hung = []  # set once an export timed out: Chromium is stuck, later exports would hang too
+# Seconds one image export may take (a cold Chromium start is about 3 s) before the figure goes
 # on as HTML + JSON only.
 PNG_TIMEOUT = float(os.environ.get("RINGLAB_PNG_TIMEOUT", "60"))
 
+
+@functools.lru_cache(maxsize=None)
+def commit() -> str | None:
+    """The git commit of the ringlab checkout, with "+dirty" when its code or notebooks have
+    uncommitted changes; None outside a git checkout (an installed package)."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    git = ["git", "-C", str(root)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10)
+        changed = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", "ringlab", "notebooks"],
+                                 capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if changed.stdout.strip() else "")
+
+
 def environment(**extra) -> dict:
-    """Where a figure came from: versions, device, time."""
+    """Where a figure came from: versions, machine, devices, commit, time."""
     import torch
     env = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
+               host=platform.node(), cpus=os.cpu_count(),
                cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+               gpus=torch.cuda.device_count(), commit=commit(),
                written=datetime.datetime.now().isoformat(timespec="seconds"))
     env.update(extra)
     return env
 
 
-def _export_png(fig, path: pathlib.Path) -> None:
+def fit_legend(fig) -> None:
+    """Make ``fig`` tall enough for its vertical legend: plotly scrolls a legend taller than the
+    figure, and a static export then loses the entries below the fold."""
+    entries = sum(bool(t.name) and t.showlegend is not False for t in fig.data)
+    if entries < 2 and fig.layout.showlegend is not True:
+        return  # plotly shows no legend for a single trace
+    needed = entries * LEGEND_ROW + 240  # the legend beside the plot, the title above and the axis below
+    if (fig.layout.height or 450) < needed:
+        fig.update_layout(height=needed)
+
+
+def _export_image(fig, path: pathlib.Path) -> None:
     import kaleido
-    if not _png_server and shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
+    if not _image_server and shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
         raise RuntimeError("Chromium is not installed (Debian: apt-get install chromium)")
-    if not _png_server:
+    if not _image_server:
         kaleido.start_sync_server()
-        _png_server.append(True)
+        _image_server.append(True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # plotly: "kopts ignored with a server"
         fig.write_image(path, width=fig.layout.width or 1100, height=fig.layout.height or 500)
 
 
-def _write_png(fig, path: pathlib.Path) -> bool:
-    """Export one PNG within PNG_TIMEOUT seconds; on any failure warn and return False."""
-    skip = lambda why: warnings.warn(  # noqa: E731
-        f"ringlab: PNG export skipped for {path.name}: {why}. The HTML and JSON are written.", stacklevel=4)
-    if _png_hung:
-        skip(f"an earlier export hung for {PNG_TIMEOUT:g} s, so PNG export is off in this process")
-        return False
+def _write_image(fig, path: pathlib.Path) -> str | None:
+    """Export one image (PNG, PDF or SVG by its suffix) within PNG_TIMEOUT seconds; None when
+    it was written, else why not."""
+    if _image_hung:
+        return f"an earlier export hung for {PNG_TIMEOUT:g} s, so image export is off in this process"
     errors = []
 
     def run():
         try:
-            _export_png(fig, path)
-        except Exception as err:  # noqa: BLE001 - PNGs are optional; say why and go on
+            _export_image(fig, path)
+        except Exception as err:  # noqa: BLE001 - images are optional; say why and go on
             errors.append(err)
 
     # a daemon thread: a hung Chromium must not keep the notebook (or the interpreter) waiting
-    worker = threading.Thread(target=run, daemon=True, name="ringlab-png-export")
+    worker = threading.Thread(target=run, daemon=True, name="ringlab-image-export")
     worker.start()
     worker.join(PNG_TIMEOUT)
     if worker.is_alive():
-        _png_hung.append(True)
-        skip(f"Chromium (kaleido) did not finish within {PNG_TIMEOUT:g} s (set RINGLAB_PNG_TIMEOUT to wait "
-             "longer); PNG export is off for the rest of this process")
-        return False
-    if errors:
-        skip(errors[0])
-        return False
-    return True
+        _image_hung.append(True)
+        return (f"Chromium (kaleido) did not finish within {PNG_TIMEOUT:g} s (set RINGLAB_PNG_TIMEOUT to wait "
+                "longer); image export is off for the rest of this process")
+    return str(errors[0]) if errors else None
 
 
 def save(name: str, figures: dict, *, data=None, params=None, summary=None, out_dir="figures", png: bool = True) -> dict:
-    """Write figures/<name>.html (every figure, plotly.js inlined once: no CDN),
-    figures/<name>-<key>.png per figure (kaleido + Chromium), and figures/<name>.json with the
-    data, the parameters, the environment and an optional ``summary`` of scalars (the values
-    a sweep collects). Returns the paths written."""
+    """Write figures/<name>.html (every figure, plotly.js inlined once: no CDN); with ``png``,
+    each figure as figures/<name>-<key>.png, .pdf and .svg (kaleido + Chromium; when Chromium is
+    missing or hangs, a warning says so and the rest is written); and figures/<name>.json with
+    the data, the parameters, the environment (machine, commit), each figure's title and files,
+    and an optional ``summary`` of scalars (the values a sweep collects). Returns the paths written."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts, first = [], True
     for key, fig in figures.items():
+        fit_legend(fig)
         parts.append(fig.to_html(full_html=False, include_plotlyjs=first, div_id=f"{name}-{key}",
                                  auto_play=False))
         first = False
     html = out / f"{name}.html"
     html.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>ringlab: {name}</title></head>"
                     f"<body style='font-family:sans-serif'>{''.join(parts)}</body></html>")
-    written = {"html": str(html), "png": []}
-    if png:
-        for key, fig in figures.items():
-            path = out / f"{name}-{key}.png"
-            if _write_png(fig, path):
-                written["png"].append(str(path))
+    written = {"html": str(html), **{fmt: [] for fmt in IMAGE_FORMATS}}
+    files = {key: [html.name] for key in figures}
+    why = None  # why image export stopped: the same reason would stop every other figure
+    for key, fig in figures.items() if png else ():
+        for fmt in IMAGE_FORMATS:
+            path = out / f"{name}-{key}.{fmt}"
+            why = _write_image(fig, path)
+            if why:
+                break
+            written[fmt].append(str(path))
+            files[key].append(path.name)
+        if why:
+            warnings.warn(f"ringlab: image export (PNG, PDF, SVG) skipped for {name}: {why}. The HTML and "
+                          "JSON are written.", stacklevel=2)
+            break
     meta = out / f"{name}.json"
+    titles = {key: fig.layout.title.text for key, fig in figures.items()}
     meta.write_text(json.dumps(dict(name=name, params=params or {}, summary=summary or {}, environment=environment(),
+                                    figures={key: dict(title=titles[key], files=files[key]) for key in figures},
                                     data=data), indent=1, default=str))
     written["json"] = str(meta)
     return written
