@@ -1,6 +1,6 @@
 """The ``ringlab`` command.
 
-    ringlab plan --tokens 1G --heads 32 --head-dim 128 --dtype bf16 --gpu h100 [--gpus N]
+    ringlab plan --tokens 1G --heads 32 --head-dim 128 [--kv-heads 8] --dtype bf16 --gpu h100 [--gpus N]
                  [--segments 4096,65536,1G --rates 1,8,64] [--dry-run] [--json]
     ringlab sweep NOTEBOOK -p name v1 v2 ... [-p other ...] [--jobs 2] [--gpus-per-run K] [--sweep-id ID]
                   [--slurm --partition P --time T [--gpus-per-task G] [--nodes-per-task N]]
@@ -39,7 +39,7 @@ def _plan(args) -> int:
              segments=_ints(args.segments, "--segments") if args.segments else (),
              rates=_ints(args.rates, "--rates") if args.rates else (), gpu=args.gpu, gpus=args.gpus,
              batch=args.batch, causal=not args.no_causal, layout=args.layout, head_offsets=args.head_offsets,
-             backward=not args.forward_only, device_profiles=profiles)
+             backward=not args.forward_only, device_profiles=profiles, kv_heads=args.kv_heads)
     result = p.to_dict()
     if args.dry_run:
         from .planning.dryrun import dry_run
@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", required=True, help="sequence length: 65536, 512K, 1G (=2**30), 1e9")
     p.add_argument("--heads", type=int, required=True)
     p.add_argument("--head-dim", type=int, required=True)
+    p.add_argument("--kv-heads", type=int, default=None,
+                   help="K/V heads, a divisor of --heads (grouped-query attention; default: --heads)")
     p.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32, fp64 (default bf16)")
     p.add_argument("--segments", default="", help="comma-separated segment lengths (ring-dilated)")
     p.add_argument("--rates", default="", help="comma-separated dilation rates, one per segment")

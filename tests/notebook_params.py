@@ -1,7 +1,7 @@
 """Small parameters that run every notebook in seconds (papermill and browser tests)."""
 
 SMALL = {
-    "kv_rotation": dict(world_size=2, seq_len=256, heads=2, head_dim=16),
+    "kv_rotation": dict(world_size=2, seq_len=256, heads=2, kv_heads=1, head_dim=16),
     "memory": dict(sizes=[256, 512], ring_sizes=[2], heads=2, head_dim=16, seed_sizes=[1024, 2048],
                    seed_measured_up_to=1024),
     "dilation": dict(seq_len=32, heads=2),

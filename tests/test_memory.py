@@ -68,10 +68,55 @@ def test_model_matches_measurement(mode, pb, backward):
     assert abs(model - measured) <= 0.1 * measured, (mode, model, measured)
 
 
+def _gqa_grid():
+    """Grouped-query problems: 1 or 2 K/V heads for 4 or 8 query heads, float32 and bfloat16.
+    The baselines (sdpa, dense) take the first two."""
+    segs = dict(segments=(32, 128, 512), rates=(1, 2, 4))
+    cases = [(4, 1, 512, 2, 1, False, "contiguous", "float32"), (8, 2, 768, 3, 2, True, "zigzag", "bfloat16"),
+             (4, 2, 512, 2, 1, True, "zigzag", "bfloat16"), (8, 1, 768, 3, 2, True, "zigzag", "float32")]
+    for mode in ("attention", "dilated", "simulated_ring", "ring_dilated", "sdpa", "dense"):
+        for h, kv, n, p, b, causal, layout, dtype in cases[:2] if mode in ("sdpa", "dense") else cases:
+            extra = segs if mode in ("dilated", "ring_dilated") else {}
+            yield mode, Problem(n, h, 32, batch=b, dtype=dtype, world_size=p, causal=causal, layout=layout,
+                                kv_heads=kv, **extra)
+
+
+GQA = list(_gqa_grid())
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("mode,pb", GQA, ids=[f"{m}-H{pb.heads}-Hkv{pb.kv_heads}-{pb.dtype}" for m, pb in GQA])
+def test_model_matches_measurement_with_grouped_query_attention(mode, pb, backward):
+    """Ring-dilated ranks differ: the first, a middle and the last rank's code, each run alone."""
+    for rank in sorted({0, pb.world_size // 2, pb.world_size - 1}) if mode == "ring_dilated" else [None]:
+        if mode in ("simulated_ring", "ring_dilated"):
+            measured = ring_rank_peak(pb, backward=backward, rank=rank or 0)
+        else:
+            measured = measure_peak(pb, mode, backward=backward)
+        model = estimate(pb, mode, backward=backward, rank=rank).peak
+        assert abs(model - measured) <= 0.1 * measured, (mode, rank, model, measured)
+
+
+def test_grouped_query_attention_shrinks_every_kv_term():
+    """Each term that holds K/V-sized tensors holds H_kv heads; the query-sized ones do not change."""
+    mha = estimate(Problem(4096, 8, 64, world_size=4), "ring", backward=True)
+    gqa = estimate(Problem(4096, 8, 64, world_size=4, kv_heads=2), "ring", backward=True)
+    for term in ("K/V held", "K/V receive buffer", "dK/dV accumulator"):
+        assert gqa.terms[term] * 4 == mha.terms[term]
+    for term in ("saved out", "saved lse", "dq accumulator"):
+        assert gqa.terms[term] == mha.terms[term]
+    assert gqa.resident["q, k, v"] == mha.resident["q, k, v"] / 2  # q 8 heads, k and v 2 each
+    with pytest.raises(ValueError, match=r"kv_heads \(3\) must divide heads \(8\)"):
+        Problem(4096, 8, 64, kv_heads=3)
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("p", [2, 4])
 def test_model_matches_per_rank_measurement_on_gloo_ranks(p):
-    cases = [(pb, mode, bwd) for mode, pb in RANKS for bwd in (False, True)]
+    # the grouped-query problems too, on real ranks (one thread each, as above)
+    gqa = [("ring" if m == "simulated_ring" else m, Problem(**{**pb.__dict__, "threads": 1}))
+           for m, pb in GQA if m in ("simulated_ring", "ring_dilated")]
+    cases = [(pb, mode, bwd) for mode, pb in RANKS + gqa for bwd in (False, True)]
     cases = [(Problem(**{**pb.__dict__, "world_size": p}), m, b) for pb, m, b in cases if pb.seq_len % (2 * p) == 0]
     per_rank = launch(workers.memory_peaks, p, args=(cases,), timeout=600)
     for i, (pb, mode, bwd) in enumerate(cases):
@@ -118,6 +163,32 @@ def test_planner_answers_min_gpus_max_tokens_and_overlap():
     assert "minimum GPUs" in p.table() and p.to_dict()["memory"]["total"] == p.memory["total"]
 
 
+def test_plan_with_kv_heads_sends_h_kv_over_h_of_the_bytes_and_needs_less_memory():
+    mha = plan("1M", heads=32, head_dim=128, gpus=8)
+    for kv in (8, 1):
+        gqa = plan("1M", heads=32, head_dim=128, gpus=8, kv_heads=kv)
+        assert gqa.communication["per_step"] == {k: b * kv // 32 for k, b in mha.communication["per_step"].items()}
+        assert gqa.communication["total"] * 32 == mha.communication["total"] * kv
+        assert gqa.memory["total"] < mha.memory["total"] and gqa.max_tokens > mha.max_tokens
+    # Ring-dilated messages hold an offset's K/V heads once. Grouped offsets give a K/V head's
+    # query heads one offset: H_kv / H of the bytes. Interleaved ones spread them over the offsets
+    # (rate 4 >= H / H_kv), so every offset still needs every K/V head it reads: no fewer bytes.
+    segs = dict(segments=[4096, 1 << 20], rates=[1, 4])
+    for offsets, share in (("grouped", 8 / 32), ("interleaved", 1)):
+        mha, gqa = (plan("1M", heads=32, head_dim=128, gpus=8, kv_heads=kv, head_offsets=offsets, **segs)
+                    for kv in (32, 8))
+        assert gqa.communication["total"] == mha.communication["total"] * share
+        assert gqa.memory["total"] < mha.memory["total"]
+
+
+@pytest.mark.parametrize("segments,rates", [((), ()), ((4096, 65536, 1 << 22), (1, 8, 64))])
+def test_dry_run_of_a_grouped_query_problem_agrees_with_the_planner(segments, rates):
+    pb = Problem(1 << 22, 16, 128, dtype="bfloat16", world_size=16, causal=True, layout="zigzag",
+                 segments=segments, rates=rates, kv_heads=4)
+    result = dry_run(pb)
+    assert result["ratio"] == pytest.approx(1.0, abs=0.1, rel=0)
+
+
 @pytest.mark.parametrize("segments,rates,gpus", [((), (), 512), ((4096, 65536, 1 << 30), (1, 8, 64), 256)])
 def test_dry_run_at_a_billion_tokens_agrees_with_the_planner(segments, rates, gpus):
     pb = Problem(1 << 30, 16, 128, dtype="bfloat16", world_size=gpus, causal=True, layout="zigzag",
@@ -132,6 +203,7 @@ def test_dry_run_at_a_billion_tokens_agrees_with_the_planner(segments, rates, gp
     (["--tokens", "1M", "--segments", "1024,2048", "--rates", "1"], "same length"),
     (["--tokens", "1M", "--gpu", "tpu9"], "unknown gpu 'tpu9'"),
     (["--tokens", "1M", "--gpus", "3"], "cannot split"),
+    (["--tokens", "1M", "--kv-heads", "3"], "kv_heads (3) must divide heads (8)"),
 ])
 def test_plan_cli_rejects_bad_values(args, message):
     res = subprocess.run([sys.executable, "-m", "ringlab.cli", "plan", "--heads", "8", "--head-dim", "64", *args],
@@ -148,6 +220,10 @@ def test_plan_cli_prints_a_table_and_json():
     printed = json.loads(subprocess.run([*args, "--json"], capture_output=True, text=True, check=True).stdout)
     assert printed["gpus"] == 4 and printed["memory"]["total"] == expected.memory["total"]
     assert printed["max_tokens"] == expected.max_tokens
+    gqa = json.loads(subprocess.run([*args, "--kv-heads", "2", "--json"], capture_output=True, text=True,
+                                    check=True).stdout)
+    assert gqa["problem"]["kv_heads"] == 2
+    assert gqa["communication"] == plan("256K", heads=8, head_dim=64, gpus=4, kv_heads=2).to_dict()["communication"]
 
 
 def test_seed_memory_table_measures_and_compares():

@@ -13,6 +13,7 @@ from notebook_params import SMALL
 
 from ringlab.workbench import experiments, viz
 from ringlab.planning.memory_model import Problem, estimate
+from ringlab.planning.planner import plan
 from ringlab.workbench.sweep import run_sweep
 from ringlab.workbench.notebooks import NOTEBOOKS, execute_path, notebook_names
 
@@ -81,6 +82,20 @@ def test_rotation_and_timeline_figures_from_a_known_trace():
     assert len(timeline.data[0].x) == len([e for e in events if e["kind"] == "compute"])
     balance = viz.work_balance_figure(experiments.layout_work(4, 64))
     assert [t.name.split()[0] for t in balance.data] == ["contiguous", "zigzag", "striped"]
+
+
+def test_gqa_trace_draws_and_posts_the_planners_bytes_per_hop():
+    """A grouped-query ring's trace: its K/V posts (measured) carry what the planner counts per hop,
+    H_kv / H of the multi-head ring's, and the rotation figures draw it."""
+    def hops(kv_heads):
+        events = experiments.ring_trace(4, 256, heads=4, kv_heads=kv_heads, head_dim=16, layout="zigzag",
+                                        simulated=True, device="cpu")
+        return events, {e["bytes"] for e in events if e["kind"] == "post" and e["label"] == "kv"}
+    events, sent = hops(1)
+    planned = plan(256, heads=4, head_dim=16, dtype="float32", gpus=4, kv_heads=1).communication["per_step"]
+    assert sent == set(planned.values()) and {b * 4 for b in sent} == hops(None)[1]
+    assert len(viz.ring_rotation_figure(events, 4).frames) == 4
+    assert len(viz.timeline_figure(events).data[0].x) == len([e for e in events if e["kind"] == "compute"])
 
 
 def test_geometry_memory_error_scaling_and_planner_figures():

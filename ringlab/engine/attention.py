@@ -40,5 +40,5 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
     check_causal(causal)
     scale = resolve_scale(scale, q.shape[-1])
     # One kernel call: out, dq, dk, dv come straight from it, with no accumulators to chunk.
-    out, lse = exact_attention(q, k, v, _Dense(causal, scale), ("attention", dict(causal=causal)), chunked=False)
+    out, lse = exact_attention(q, k, v, _Dense(causal, scale), ("attention", dict(causal=causal, kv_heads=k.shape[2])), chunked=False)
     return (out, lse) if return_lse else out

@@ -150,5 +150,5 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal: bool 
                                             scale, head_offsets)
     out, lse = exact_attention(q, k, v, _Dilated(q.shape[2], segs, rates, head_offsets, causal, scale),
                                ("dilated", dict(segments=segs, rates=rates, head_offsets=head_offsets,
-                                                causal=causal)))
+                                                causal=causal, kv_heads=k.shape[2])))
     return (out, lse) if return_lse else out

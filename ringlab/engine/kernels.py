@@ -334,6 +334,7 @@ def block_attention_backward(dout, q, k, v, out, lse, *, causal: bool = False, s
                                                   None if dlse is None else dlse[:, heads])
         dk += gk
         dv += gv
+        del gk, gv  # free them before the next call's kernel allocates its own
     return dq, dk, dv
 
 

@@ -64,12 +64,23 @@ class AllocationTracker(TorchDispatchMode):
 
 
 class InstantComm(RingComm):
-    """A rank whose transfers complete at once: receive buffers keep whatever they hold."""
+    """A rank whose transfers complete at once: receive buffers keep whatever they hold. A
+    sent tensor stays referenced until its wait, as a real send's buffer does (its memory
+    counts until then)."""
 
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
 
     def _post(self, sends, recvs, tag, pending) -> None:
+        pending.works = [_Sent(tuple(t for _, t in sends))]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sent:
+    """A completed send that holds its tensors until waited on."""
+    tensors: tuple
+
+    def wait(self) -> None:
         pass
 
 
@@ -94,8 +105,8 @@ def run_one_rank(pb: Problem, rank: int = 0, *, backward: bool = True, device="m
     in ringlab.planning.memory measurements). On meta the AllocationTracker counts; on a real device
     ringlab.planning.memory.track does."""
     dtype = getattr(torch, pb.dtype)
-    shape = (pb.batch, pb.local, pb.heads, pb.head_dim)
-    q, k, v, dout = (torch.empty(shape, dtype=dtype, device=device).requires_grad_(backward) for _ in range(4))
+    q, k, v, dout = (torch.empty(pb.batch, pb.local, h, pb.head_dim, dtype=dtype, device=device)
+                     .requires_grad_(backward) for h in (pb.heads, pb.kv_heads, pb.kv_heads, pb.heads))
     algorithm = _OneRank(*rank_functions(pb.ring_config()), InstantComm(rank, pb.world_size))
     meta = torch.device(device).type == "meta"
     tracker = AllocationTracker(existing=(q, k, v, dout)) if meta else memory.track(device)

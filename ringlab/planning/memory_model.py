@@ -1,6 +1,7 @@
 """Analytic per-rank memory of every mode, term by term.
 
-For a problem (batch B, sequence N, heads H, head_dim D, dtype, P ranks, ...) and a mode,
+For a problem (batch B, sequence N, heads H, K/V heads H_kv, head_dim D, dtype, P ranks, ...)
+and a mode,
 :func:`estimate` returns the tensors live at the peak of one attention call, each a named term
 in bytes, for the forward alone or forward+backward. It mirrors what the code allocates, so
 ``ringlab.planning.memory.track`` around the same call measures the same number (tests hold the two
@@ -18,12 +19,19 @@ Modes (per rank):
                   process holds all P ranks at once; that total is not a per-rank figure.)
   ring_dilated    ringlab.ring_dilated_attention on P real ranks: one rank's memory
 
+Grouped-query attention (H_kv < H): every K/V-sized tensor (k, v, their gradients, the ring's
+blocks, messages and dK/dV accumulators) holds H_kv heads. A kernel call runs the query heads
+in H / H_kv calls of H_kv heads against the same K/V (ringlab.engine.kernels.block_attention),
+so a block also holds one call's result next to the H-head one, and its backward sums dK/dV
+over the calls in float32 (float64 for float64).
+
 Kernel scratch: torch's CPU flash kernels allocate per-thread work buffers (threads x q-split
 x kv-split); the CUDA flash backward keeps a float32 dQ accumulator and the row sums.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -31,7 +39,7 @@ import torch
 from ..engine import autograd
 from ..engine.checks import DTYPE_NAMES
 from ..engine.config import RingConfig
-from ..engine.dilation import local_blocks
+from ..engine.dilation import head_count, local_blocks
 from ..engine.layout import shard_pieces
 from ..engine.ring_dilated import cross_blocks, rank_plan
 
@@ -61,6 +69,17 @@ class Problem:
     def __post_init__(self):
         if not self.kv_heads:
             object.__setattr__(self, "kv_heads", self.heads)
+        if self.kv_heads < 0 or self.heads % self.kv_heads:
+            raise ValueError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
+
+    @property
+    def group(self) -> int:
+        """Query heads per K/V head."""
+        return self.heads // self.kv_heads
+
+    def with_heads(self, heads: int) -> "Problem":
+        """This problem for ``heads`` of its query heads (whole K/V groups): a head chunk."""
+        return replace(self, heads=heads, kv_heads=heads // self.group)
 
     @property
     def item_bytes(self) -> int:
@@ -75,6 +94,14 @@ class Problem:
     def elements(self, rows: int, heads: int | None = None) -> int:
         """Elements of a (B, rows, H, D) tensor."""
         return self.batch * rows * (heads or self.heads) * self.head_dim
+
+    def kv_elements(self, rows: int) -> int:
+        """Elements of a (B, rows, H_kv, D) tensor: k, v and their gradients."""
+        return self.elements(rows, self.kv_heads)
+
+    def qkv_elements(self, rows: int) -> int:
+        """Elements of q, k and v together (or of dq, dk and dv)."""
+        return self.elements(rows) + 2 * self.kv_elements(rows)
 
     def lse_elements(self, rows: int, heads: int | None = None) -> int:
         """Elements of a (B, H, rows) lse."""
@@ -143,47 +170,71 @@ def _largest(phases: list[dict]) -> dict:
     return max(phases, key=lambda t: sum(t.values())) if phases else {}
 
 
-def _block_forward(pb: Problem, rows: int, keys: int, heads: int, q_len: int, k_len: int,
+def _block_forward(pb: Problem, rows: int, keys: int, heads: int, kv: int, q_len: int, k_len: int,
                    copied: bool = False) -> dict:
-    """One kernel call merged into accumulators. Inside the kernel its scratch is live (and
-    copies of q, k, v rows that no view can fold into the kernel's batch); after it, the
-    merge's temporaries (new lse, shift, two weights; for 16-bit dtypes on CPU also the
-    float32 upcast of the block output inside addcmul_; CUDA casts on the fly)."""
+    """One kernel call (``heads`` query heads, ``kv`` K/V heads) merged into accumulators.
+    Inside the kernel its scratch is live (and copies of q, k, v rows that no view can fold
+    into the kernel's batch); after it, the merge's temporaries (new lse, shift, two weights;
+    for 16-bit dtypes on CPU also the float32 upcast of the block output inside addcmul_; CUDA
+    casts on the fly). With kv < heads the kernel runs kv query heads at a time, each call's
+    output next to the block output it is copied into."""
     base = {"block output": pb.elements(rows, heads) * pb.item_bytes, "block lse": pb.lse_elements(rows, heads) * pb.acc_bytes}
     upcast = pb.elements(rows, heads) * pb.acc_bytes if pb.item_bytes != pb.acc_bytes and pb.device == "cpu" else 0
-    copies = (pb.elements(rows, heads) + 2 * pb.elements(keys, heads)) * pb.item_bytes if copied else 0
-    scratch = kernel_scratch(pb, q_len, k_len, heads, backward=False, calls=rows // q_len)
-    return _largest([base | {"kernel scratch": scratch, "row copies": copies},
+    copies = (pb.elements(rows, heads) + 2 * pb.elements(keys, kv)) * pb.item_bytes if copied else 0
+    scratch = kernel_scratch(pb, q_len, k_len, kv, backward=False, calls=rows // q_len)
+    call = {"one call's output": pb.elements(rows, kv) * pb.item_bytes + pb.lse_elements(rows, kv) * pb.acc_bytes
+            if kv < heads else 0}
+    return _largest([base | call | {"kernel scratch": scratch, "row copies": copies},
                      base | {"merge temporaries": 4 * pb.lse_elements(rows, heads) * pb.acc_bytes + upcast}])
 
 
-def _block_backward(pb: Problem, rows: int, keys: int, heads: int, q_len: int, k_len: int,
+def _block_backward(pb: Problem, rows: int, keys: int, heads: int, kv: int, q_len: int, k_len: int,
                     copied: bool = False) -> dict:
     """One backward kernel call: the block's dq, dk, dv, the masked lse copy, and the kernel
     scratch and row copies (inside the kernel) or the float32 upcast of a gradient being
-    accumulated (after it). CUDA kernels also take a contiguous copy of the output gradient."""
+    accumulated (after it). CUDA kernels also take a contiguous copy of the output gradient.
+    With kv < heads see :func:`_gqa_backward`."""
+    upcast = pb.item_bytes != pb.acc_bytes and pb.device == "cpu"
+    copies = ((3 * pb.elements(rows, heads) + 2 * pb.elements(keys, kv)) * pb.item_bytes + pb.lse_elements(rows, heads) * pb.acc_bytes) if copied else 0
+    scratch = kernel_scratch(pb, q_len, k_len, kv, backward=True, calls=rows // q_len)
+    if kv < heads:
+        return _gqa_backward(pb, rows, keys, heads, kv, scratch, copies, upcast)
     base = {"block gradients": (pb.elements(rows, heads) + 2 * pb.elements(keys, heads)) * pb.item_bytes,
             "lse copy": pb.lse_elements(rows, heads) * pb.acc_bytes}
-    upcast = pb.elements(max(rows, keys), heads) * pb.acc_bytes if pb.item_bytes != pb.acc_bytes and pb.device == "cpu" else 0
-    copies = ((3 * pb.elements(rows, heads) + 2 * pb.elements(keys, heads)) * pb.item_bytes + pb.lse_elements(rows, heads) * pb.acc_bytes) if copied else 0
     if pb.device == "cuda":
         copies += pb.elements(rows, heads) * pb.item_bytes
-    scratch = kernel_scratch(pb, q_len, k_len, heads, backward=True, calls=rows // q_len)
     return _largest([base | {"kernel scratch": scratch, "row copies": copies},
-                     base | {"accumulate upcast": upcast}])
+                     base | {"accumulate upcast": pb.elements(max(rows, keys), heads) * pb.acc_bytes if upcast else 0}])
+
+
+def _gqa_backward(pb: Problem, rows: int, keys: int, heads: int, kv: int, scratch: int, copies: int,
+                  upcast: bool) -> dict:
+    """A grouped-query backward block: dq of all heads and the float32 dK/dV sums, next to one
+    call's dq, dk, dv and lse copy (inside its kernel), or its dk, dv being added to the sums
+    (16-bit on CPU: through a float32 upcast). The block's dk, dv leave as float32, so the
+    caller only upcasts dq. A call's output gradient takes every G-th head: the CPU kernel
+    copies it contiguous, as the CUDA ones always do."""
+    base = {"block gradients": pb.elements(rows, heads) * pb.item_bytes + 2 * pb.elements(keys, kv) * pb.acc_bytes}
+    call = (pb.elements(rows, kv) + 2 * pb.elements(keys, kv)) * pb.item_bytes
+    copies += pb.elements(rows, kv) * pb.item_bytes
+    return _largest([base | {"one call's gradients": call, "lse copy": pb.lse_elements(rows, kv) * pb.acc_bytes,
+                             "kernel scratch": scratch, "row copies": copies},
+                     base | {"one call's gradients": 2 * pb.elements(keys, kv) * pb.item_bytes, "row copies": copies,
+                             "accumulate upcast": pb.elements(keys, kv) * pb.acc_bytes if upcast else 0},
+                     base | {"accumulate upcast": pb.elements(rows, heads) * pb.acc_bytes if upcast else 0}])
 
 
 def _blocks(pb: Problem, pieces, heads: slice | None = None) -> list:
     """The dilated blocks of ``pieces`` for the heads of one chunk (default all)."""
     return local_blocks(pieces, pb.heads, tuple(pb.segments), tuple(pb.rates), pb.head_offsets, pb.causal,
-                        None if heads is None else (heads.start, heads.stop))
+                        None if heads is None else (heads.start, heads.stop), pb.group)
 
 
 def _chunks(pb: Problem, rows: int) -> list[slice]:
     """The head chunks ringlab.engine.autograd.head_chunks picks for q of (B, rows, H, D)."""
     from ..engine.autograd import head_chunks
 
-    return head_chunks(pb.batch, rows, pb.heads, pb.head_dim, getattr(torch, pb.dtype), pb.device)
+    return head_chunks(pb.batch, rows, pb.heads, pb.head_dim, getattr(torch, pb.dtype), pb.device, pb.kv_heads)
 
 
 def _chunked(pb: Problem, rows: int, backward: bool, inner, chunk_rows: int | None = None) -> dict:
@@ -196,18 +247,18 @@ def _chunked(pb: Problem, rows: int, backward: bool, inner, chunk_rows: int | No
     direct = pb.item_bytes == pb.acc_bytes
     full = {"out": pb.elements(rows) * pb.item_bytes, "lse": pb.lse_elements(rows) * pb.acc_bytes}
     if backward:
-        full = {"saved out": pb.elements(rows) * pb.item_bytes, "saved lse": pb.lse_elements(rows) * pb.acc_bytes, "dq, dk, dv": 3 * pb.elements(rows) * pb.item_bytes}
-    return full | _largest([inner(replace(pb, heads=h.stop - h.start), h, direct) for h in chunks])
+        full = _saved(pb, rows) | {"dq, dk, dv": pb.qkv_elements(rows) * pb.item_bytes}
+    return full | _largest([inner(pb.with_heads(h.stop - h.start), h, direct) for h in chunks])
 
 
 def _dims(pb: Problem, blk, local_len: int):
-    """(rows, keys, heads, kernel q length, kernel k length, copied) of a dilated block.
+    """(rows, keys, heads, K/V heads, kernel q length, kernel k length, copied) of a dilated block.
     Its (batch, groups, segments) fold into the kernel's batch as a view when batch is 1, or
     when one group's segments tile the whole local sequence; otherwise the rows are copied."""
     tiles = blk.groups == 1 and (blk.q.nseg == 1 or blk.q.nseg * blk.q.seg_stride == local_len)
     copied = pb.batch > 1 and not tiles
-    return (blk.groups * blk.q.num_rows, blk.groups * blk.k.num_rows, len(range(pb.heads)[blk.heads]),
-            blk.q.count, blk.k.count, copied)
+    return (blk.groups * blk.q.num_rows, blk.groups * blk.k.num_rows, head_count(blk.heads),
+            head_count(blk.kv_heads), blk.q.count, blk.k.count, copied)
 
 
 def _saved(pb: Problem, rows: int) -> dict:
@@ -217,20 +268,32 @@ def _saved(pb: Problem, rows: int) -> dict:
 
 
 def _dense(pb: Problem, backward: bool) -> dict:
+    """Materialized attention. K/V with fewer heads are repeated to H heads first, so the
+    gradients reaching k and v have H heads before they are summed."""
     s = pb.batch * pb.heads * pb.seq_len * pb.seq_len * pb.item_bytes
     n = pb.seq_len
     if not backward:
-        return {"scores": s, "probabilities": s, "out": pb.elements(n) * pb.item_bytes}
+        repeated = 2 * pb.elements(n) * pb.item_bytes if pb.kv_heads < pb.heads else 0
+        return {"scores": s, "probabilities": s, "out": pb.elements(n) * pb.item_bytes, "K/V repeated": repeated}
     return {"saved probabilities": s, "grad probabilities": s, "grad scores": s,
             "saved out": pb.elements(n) * pb.item_bytes, "dq, dk, dv": 3 * pb.elements(n) * pb.item_bytes}
 
 
 def _flash(pb: Problem, backward: bool, *, ours: bool) -> dict:
+    """One fused kernel call; torch SDPA takes K/V with fewer heads directly. Ours runs a
+    grouped-query call as H / H_kv calls (see :func:`_block_forward`, :func:`_block_backward`)
+    and casts the float32 dK/dV sums to the input dtype at the end."""
     n = pb.seq_len
     out = {"out": pb.elements(n) * pb.item_bytes, "lse": pb.lse_elements(n) * pb.acc_bytes}
+    if ours and pb.kv_heads < pb.heads:
+        if not backward:
+            return _block_forward(pb, n, n, pb.heads, pb.kv_heads, n, n)
+        grads = pb.elements(n) * pb.item_bytes + 2 * pb.kv_elements(n) * pb.acc_bytes
+        return _saved(pb, n) | _largest([_block_backward(pb, n, n, pb.heads, pb.kv_heads, n, n),
+                                          {"block gradients": grads, "dk, dv": _cast(pb, 2 * pb.kv_elements(n))}])
     if not backward:
         return out | {"kernel scratch": kernel_scratch(pb, n, n, backward=False)}
-    terms = {"saved out": out["out"], "saved lse": out["lse"], "dq, dk, dv": 3 * pb.elements(n) * pb.item_bytes,
+    terms = {"saved out": out["out"], "saved lse": out["lse"], "dq, dk, dv": pb.qkv_elements(n) * pb.item_bytes,
              "kernel scratch": kernel_scratch(pb, n, n, backward=True)}
     if ours:
         terms["lse copy"] = pb.lse_elements(n) * pb.acc_bytes
@@ -241,9 +304,9 @@ def _accumulators(pb: Problem, rows: int) -> dict:
     return {"out accumulator": pb.elements(rows) * pb.acc_bytes, "lse accumulator": pb.lse_elements(rows) * pb.acc_bytes}
 
 
-def _cast(pb: Problem, rows: int, count: int = 1) -> int:
+def _cast(pb: Problem, elements: int) -> int:
     """The final cast of float32 accumulators to a narrower dtype (free when dtypes match)."""
-    return count * pb.elements(rows) * pb.item_bytes if pb.item_bytes != pb.acc_bytes else 0
+    return elements * pb.item_bytes if pb.item_bytes != pb.acc_bytes else 0
 
 
 def _dilated(pb: Problem, backward: bool) -> dict:
@@ -253,11 +316,11 @@ def _dilated(pb: Problem, backward: bool) -> dict:
     blocks = _blocks(pb, ((0, n),))
     acc = _accumulators(pb, n)
     phases = [acc | _largest([_block_forward(pb, *_dims(pb, b, n)) for b in blocks]),
-              acc | {"out": _cast(pb, n)}]
+              acc | {"out": _cast(pb, pb.elements(n))}]
     if backward:
-        saved = _saved(pb, n) | {"dq, dk, dv accumulators": 3 * pb.elements(n) * pb.acc_bytes}
+        saved = _saved(pb, n) | {"dq, dk, dv accumulators": pb.qkv_elements(n) * pb.acc_bytes}
         phases += [saved | _largest([_block_backward(pb, *_dims(pb, b, n)) for b in blocks]),
-                   saved | {"dq, dk, dv": _cast(pb, n, 3)}]
+                   saved | {"dq, dk, dv": _cast(pb, pb.qkv_elements(n))}]
     return _largest(phases)
 
 
@@ -268,7 +331,7 @@ def _dilated_chunk(pb: Problem, ch: Problem, heads: slice, direct: bool, backwar
     if not backward:
         return ({} if direct else {"out accumulator": ch.elements(n) * ch.acc_bytes}) | _largest(
             [_block_forward(ch, *d) for d in blocks])
-    return ({} if direct else {"dq, dk, dv accumulators": 3 * ch.elements(n) * ch.acc_bytes}) | _largest(
+    return ({} if direct else {"dq, dk, dv accumulators": ch.qkv_elements(n) * ch.acc_bytes}) | _largest(
         [_block_backward(ch, *d) for d in blocks])
 
 
@@ -284,19 +347,19 @@ def _ring_rank(pb: Problem, backward: bool, simulated: bool = False) -> dict:
 def _ring_phases(pb: Problem, backward: bool, whole: bool) -> list[dict]:
     """The ring's phases; ``whole``: the call's only chunk, which also casts the accumulators
     to the results and holds the saved out (a chunk copies into results held outside)."""
-    n, p = pb.local, pb.world_size
-    kv = 2 * pb.elements(n) * pb.item_bytes
+    n, p, h, hkv = pb.local, pb.world_size, pb.heads, pb.kv_heads
+    kv = 2 * pb.kv_elements(n) * pb.item_bytes
     buffers = {"K/V held": kv, "K/V receive buffer": kv if p > 1 else 0}
     acc = _accumulators(pb, n)
     if not backward:
-        return [acc | buffers | _block_forward(pb, n, n, pb.heads, n, n)] + (
-            [acc | {"out": _cast(pb, n)}] if whole else [])
-    dkv = 2 * pb.elements(n) * pb.acc_bytes
+        return [acc | buffers | _block_forward(pb, n, n, h, hkv, n, n)] + (
+            [acc | {"out": _cast(pb, pb.elements(n))}] if whole else [])
+    dkv = 2 * pb.kv_elements(n) * pb.acc_bytes
     saved = (_saved(pb, n) if whole else {}) | {"dq accumulator": pb.elements(n) * pb.acc_bytes}
-    return [saved | buffers | {"dK/dV accumulator": dkv} | _block_backward(pb, n, n, pb.heads, n, n),
+    return [saved | buffers | {"dK/dV accumulator": dkv} | _block_backward(pb, n, n, h, hkv, n, n),
             # passing the accumulator on: the one sent and the one arriving
             saved | buffers | {"dK/dV accumulator": dkv, "dK/dV receive buffer": dkv if p > 1 else 0}] + (
-            [saved | {"dq, dk, dv": _cast(pb, n, 3)}] if whole else [])
+            [saved | {"dq, dk, dv": _cast(pb, pb.qkv_elements(n))}] if whole else [])
 
 
 def _ring_dilated_rank(pb: Problem, backward: bool, rank: int | None) -> dict:
@@ -314,13 +377,13 @@ def _ring_dilated_phases(pb: Problem, backward: bool, rank: int | None, heads: s
     Ranks differ (zigzag joins the two middle chunks; segment edges fall differently): rank
     None takes the worst of the first, middle and last ranks."""
     n, row = pb.local, pb.batch * pb.head_dim
-    full, pb = pb, replace(pb, heads=heads.stop - heads.start)  # sizes below are of this chunk's heads
+    full, pb = pb, pb.with_heads(heads.stop - heads.start)  # sizes below are of this chunk's heads
     phases = []
     for rank in sorted({0, pb.world_size // 2, pb.world_size - 1}) if rank is None else [rank]:
         plan = rank_plan(full.ring_config(), rank, (heads.start, heads.stop))
         blocks = _blocks(full, shard_pieces(pb.seq_len, rank, pb.world_size, pb.layout), heads)
         acc = _accumulators(pb, n)
-        saved = (_saved(pb, n) if whole else {}) | {"dq, dk, dv accumulators": 3 * pb.elements(n) * pb.acc_bytes}
+        saved = (_saved(pb, n) if whole else {}) | {"dq, dk, dv accumulators": pb.qkv_elements(n) * pb.acc_bytes}
         for b, subs in enumerate(plan.subrings):
             me = [s.members.index(rank) for s in subs]
 
@@ -335,15 +398,20 @@ def _ring_dilated_phases(pb: Problem, backward: bool, rank: int | None, heads: s
                     held(k, t) + (size(k, me[k] - t - 1) if t < s.hops() else 0) for k, s in enumerate(subs))}
 
             local = [_dims(pb, x, n) for x in blocks if x.branch == b]
-            # the distinct shapes of the blocks against each member's message, per sub-ring
-            cross = [{(g * q.rows.count, g * k.rows.count, q.size // q.rows.count, q.rows.count, k.rows.count,
-                       pb.batch > 1 and g > 1)
-                      for member in s.parts for q, k in cross_blocks(s.parts[i], member, pb.causal)
-                      for g in [q.groups]} for s, i in zip(subs, me)]
-            cross_fwd = [_largest([_block_forward(pb, *d) for d in c]) for c in cross]
-            cross_bwd = [_largest([_block_backward(pb, *d) for d in c]) for c in cross]
+
+            def cross(j, t):  # the distinct shapes of sub-ring j's blocks at step t, against the message held
+                s, i = subs[j], me[j]
+                return frozenset((g * q.rows.count, g * k.rows.count, head_count(q.heads), head_count(k.kv_heads),
+                                  q.rows.count, k.rows.count, pb.batch > 1 and g > 1)
+                                 for q, k in cross_blocks(s.parts[i], s.parts[(i - t) % len(s.members)], pb.causal)
+                                 for g in [q.groups])
+
+            @functools.cache
+            def largest(block, shapes):  # the largest block of these shapes
+                return _largest([block(pb, *d) for d in shapes])
+
             phases.append(acc | msgs(0) | _largest([_block_forward(pb, *d) for d in local]))
-            phases += [acc | msgs(t) | cross_fwd[j]
+            phases += [acc | msgs(t) | largest(_block_forward, cross(j, t))
                        for t in range(1, plan.steps[b] + 1) for j, s in enumerate(subs) if t <= s.hops()]
             if not backward:
                 continue
@@ -360,12 +428,13 @@ def _ring_dilated_phases(pb: Problem, backward: bool, rank: int | None, heads: s
                     # (k > j), or on their way home; a real send keeps its buffer until waited on
                     others = sum(in_flight(k, min(t if k < j else t - 1, sk.hops()))
                                  for k, sk in enumerate(subs) if k != j) * pb.acc_bytes
-                    phases.append(saved | msgs(t) | {"dK/dV of messages": others + held(j, t) * pb.acc_bytes} | cross_bwd[j])
+                    phases.append(saved | msgs(t) | {"dK/dV of messages": others + held(j, t) * pb.acc_bytes}
+                                  | largest(_block_backward, cross(j, t)))
                     phases.append(saved | msgs(t) | {"dK/dV of messages": others + in_flight(j, t) * pb.acc_bytes})
         if whole:
-            phases.append(acc | {"out": _cast(pb, n)})
+            phases.append(acc | {"out": _cast(pb, pb.elements(n))})
             if backward:
-                phases.append(saved | {"dq, dk, dv": _cast(pb, n, 3)})
+                phases.append(saved | {"dq, dk, dv": _cast(pb, pb.qkv_elements(n))})
     return _largest(phases)
 
 
@@ -387,7 +456,7 @@ def estimate(pb: Problem, mode: str, *, backward: bool = False, rank: int | None
              "simulated_ring": lambda: _ring_rank(pb, backward, simulated=True),
              "ring_dilated": lambda: _ring_dilated_rank(pb, backward, rank)}[mode]()
     rows = pb.seq_len if single else pb.local
-    resident = {"q, k, v": 3 * pb.elements(rows) * pb.item_bytes}
+    resident = {"q, k, v": pb.qkv_elements(rows) * pb.item_bytes}
     if backward:
         resident["output gradient"] = pb.elements(rows) * pb.item_bytes
     return Estimate(mode, backward, {k: v for k, v in terms.items() if v}, resident)

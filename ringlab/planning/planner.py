@@ -106,7 +106,8 @@ class Plan:
         p = self.problem
         kind = (f"ring-dilated, segments {list(p['segments'])}, rates {list(p['rates'])}"
                 if p["segments"] else "ring (dense)")
-        lines = [f"{p['seq_len']:,} tokens, {kind}, H={p['heads']}, D={p['head_dim']}, {p['dtype']}, "
+        heads = f"H={p['heads']}" + (f", H_kv={p['kv_heads']}" if p["kv_heads"] != p["heads"] else "")
+        lines = [f"{p['seq_len']:,} tokens, {kind}, {heads}, D={p['head_dim']}, {p['dtype']}, "
                  f"{'causal ' if p['causal'] else ''}{p['layout']}, "
                  f"{'forward+backward' if self.communication['backward'] else 'forward'}",
                  f"device: {self.device['name']} x {self.gpus} ({self.tokens_per_gpu:,} tokens per GPU)", "",
@@ -142,10 +143,10 @@ class Plan:
         return "\n".join(lines)
 
 
-def _problem(tokens, heads, head_dim, dtype, segments, rates, gpus, batch, causal, layout, head_offsets):
+def _problem(tokens, heads, head_dim, dtype, segments, rates, gpus, batch, causal, layout, head_offsets, kv_heads):
     return Problem(seq_len=tokens, heads=heads, head_dim=head_dim, batch=batch, dtype=dtype, world_size=gpus,
                    causal=causal, segments=tuple(segments), rates=tuple(rates), head_offsets=head_offsets,
-                   layout=layout, device="cuda")
+                   layout=layout, device="cuda", kv_heads=kv_heads)
 
 
 def _splittable(pb: Problem) -> bool:
@@ -173,13 +174,14 @@ def _pairs_per_rank(pb: Problem) -> float:
 
 
 def _communication(pb: Problem, backward: bool) -> dict:
-    """Bytes one rank sends: per ring step (hop) and in total."""
+    """Bytes one rank sends: per ring step (hop) and in total. Messages hold the K/V heads only
+    (grouped-query attention: H_kv / H of the bytes)."""
     n, p, e = pb.local, pb.world_size, pb.item_bytes
     row = pb.batch * pb.head_dim
     per_step, fwd = {}, 0
     if not pb.segments:
-        per_step[f"K/V block, each of {p - 1} steps"] = 2 * n * pb.heads * row * e
-        fwd = (p - 1) * 2 * n * pb.heads * row * e
+        per_step[f"K/V block, each of {p - 1} steps"] = 2 * n * pb.kv_heads * row * e
+        fwd = (p - 1) * 2 * n * pb.kv_heads * row * e
     else:
         plan = rank_plan(pb.ring_config(), 0)
         for b, ((w, r), subs) in enumerate(zip(zip(pb.segments, pb.rates), plan.subrings)):
@@ -189,16 +191,18 @@ def _communication(pb: Problem, backward: bool) -> dict:
             fwd += hops * hop
     bwd = 0
     if backward:  # K/V again, and the float32 dK/dV accumulators riding along (and home)
-        bwd = fwd + fwd * 4 // e + (2 * n * pb.heads * row * 4 if not pb.segments and p > 1 else 0)
+        bwd = fwd + fwd * 4 // e + (2 * n * pb.kv_heads * row * 4 if not pb.segments and p > 1 else 0)
     return dict(per_step=per_step, total_forward=fwd, total=fwd + bwd, backward=backward)
 
 
 def _overlap(pb: Problem, dev: Device) -> dict:
     """Per link: one ring step's compute vs its transfer (for ring-dilated, the branch whose
     transfer is hardest to hide). A step attends n/r selected rows to n/r rows, so compute
-    falls as r^2 while the transfer falls as r: dilation needs larger shards to overlap."""
+    falls as r^2 while the transfer falls as r: dilation needs larger shards to overlap.
+    Grouped-query attention sends H_kv / H of the bytes for the same compute."""
     n, e, rate = pb.local, pb.item_bytes, dev.flops(pb.dtype)
     row = pb.batch * pb.heads * pb.head_dim
+    kv = pb.kv_heads / pb.heads  # exactly 1.0 without grouped-query attention
     tile = 0.5 if pb.causal else 1.0  # balanced causal layouts compute half a tile per step
     rates = [1] if not pb.segments else [r for w, r in zip(pb.segments, pb.rates) if w > n or n % w]
     links = {"NVLink (in node)": dev.nvlink_gb_s * 1e9}
@@ -209,9 +213,9 @@ def _overlap(pb: Problem, dev: Device) -> dict:
         for r in sorted(rates, reverse=True)[:1]:
             rows = math.ceil(n / r)
             compute = tile * 4 * row * rows * rows / rate
-            transfer = 2 * rows * row * e / bw
+            transfer = 2 * rows * row * kv * e / bw
             out[link] = dict(compute_s=compute, transfer_s=transfer, hides=compute >= transfer, rate=r,
-                             tokens_per_gpu_needed=math.ceil(r * e * rate / (2 * bw * tile)))
+                             tokens_per_gpu_needed=math.ceil(r * e * rate * kv / (2 * bw * tile)))
     return out
 
 
@@ -300,8 +304,10 @@ def parse_tokens(text) -> int:
 def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments=(), rates=(),
          gpu: str = "h100", gpus: int | None = None, batch: int = 1, causal: bool = True,
          layout: str = "zigzag", head_offsets: str = "interleaved", backward: bool = True,
-         device_profiles=None) -> Plan:
+         device_profiles=None, kv_heads: int | None = None) -> Plan:
     """Plan ring (or, with segments and rates, ring-dilated) attention over ``tokens`` tokens.
+    ``kv_heads``: K/V heads of grouped-query attention (a divisor of ``heads``; default
+    ``heads``): k, v, their gradients and every message hold that many heads.
 
     Without ``gpus``, picks the fewest GPUs that fit, among every count the layout can split
     ``tokens`` over; if none fits, the ValueError says which rule failed (the layout's split or
@@ -311,9 +317,13 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
     profiles = device_profiles or devices()
     if gpu not in profiles:
         raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(sorted(profiles))} (edit {DEVICES_FILE.name} to add one)")
-    for name, val in (("heads", heads), ("head_dim", head_dim), ("batch", batch)):
+    kv_heads = heads if kv_heads is None else kv_heads
+    for name, val in (("heads", heads), ("head_dim", head_dim), ("batch", batch), ("kv_heads", kv_heads)):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if heads % kv_heads:
+        raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads}): each K/V head serves "
+                         "heads / kv_heads query heads")
     if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1):
         raise ValueError(f"gpus must be a positive int, got {gpus!r}")
     check_choice("dtype", dtype, tuple(DTYPE_BYTES))
@@ -324,7 +334,8 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
         if layout == "striped":
             raise ValueError("ring-dilated attention supports layouts 'contiguous' and 'zigzag'")
     dev = profiles[gpu]
-    pb = _problem(tokens, heads, head_dim, dtype, segments, rates, gpus or 1, batch, causal, layout, head_offsets)
+    pb = _problem(tokens, heads, head_dim, dtype, segments, rates, gpus or 1, batch, causal, layout, head_offsets,
+                  kv_heads)
     min_gpus, why = _min_gpus(pb, dev, backward)
     if gpus is None:
         if min_gpus is None:

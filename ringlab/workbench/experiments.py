@@ -40,8 +40,8 @@ def measure_peak(pb: Problem, mode: str, *, backward: bool = False, group=None, 
     dtype = getattr(torch, pb.dtype)
     rows = pb.local if group is not None else pb.seq_len
     g = torch.Generator().manual_seed(seed)
-    q, k, v, go = (torch.randn(pb.batch, rows, pb.heads, pb.head_dim, generator=g).to(dtype).to(pb.device)
-                   for _ in range(4))
+    q, k, v, go = (torch.randn(pb.batch, rows, h, pb.head_dim, generator=g).to(dtype).to(pb.device)
+                   for h in (pb.heads, pb.kv_heads, pb.kv_heads, pb.heads))
     for x in (q, k, v):
         x.requires_grad_(backward)
     with torch.set_grad_enabled(backward), memory.track(pb.device) as m:
@@ -156,7 +156,8 @@ def _rank_device(device: str = "auto") -> str:
 def _random_qkv(cfg: dict, rows: int, device, generator_seed: int = 0):
     g = torch.Generator().manual_seed(generator_seed)
     dtype = getattr(torch, cfg.get("dtype", "float32"))
-    return [torch.randn(1, rows, cfg["heads"], cfg["head_dim"], generator=g).to(device, dtype) for _ in range(3)]
+    heads = (cfg["heads"], cfg["kv_heads"], cfg["kv_heads"])
+    return [torch.randn(1, rows, h, cfg["head_dim"], generator=g).to(device, dtype) for h in heads]
 
 
 def _traced_call(cfg: dict, q, k, v, **ring):
@@ -188,12 +189,15 @@ def _trace_rank(cfg: dict) -> list[dict]:
 
 def ring_trace(world_size: int = 4, seq_len: int = 2048, *, heads: int = 4, head_dim: int = 32,
                layout: str = "zigzag", causal: bool = True, segments=(), rates=(), backward: bool = True,
-               simulated: bool = False, device: str = "auto", timeout: float = 300) -> list[dict]:
+               simulated: bool = False, device: str = "auto", timeout: float = 300,
+               kv_heads: int | None = None) -> list[dict]:
     """Trace events of one ring (or ring-dilated) call, forward and backward. ``simulated``
     runs the simulated ring in this process (same per-rank code, same records); otherwise
-    ``world_size`` real ranks are launched (gloo on CPU, NCCL on GPUs) and their events merged."""
-    cfg = dict(seq_len=seq_len, heads=heads, head_dim=head_dim, layout=layout, causal=causal,
-               segments=list(segments), rates=list(rates), backward=backward, device=device)
+    ``world_size`` real ranks are launched (gloo on CPU, NCCL on GPUs) and their events merged.
+    ``kv_heads`` (a divisor of ``heads``; None or 0: ``heads``) gives k, v fewer heads:
+    grouped-query attention, where the ring's posts carry H_kv / H of the bytes."""
+    cfg = dict(seq_len=seq_len, heads=heads, kv_heads=kv_heads or heads, head_dim=head_dim, layout=layout,
+               causal=causal, segments=list(segments), rates=list(rates), backward=backward, device=device)
     if simulated:
         return _traced_call(cfg, *_random_qkv(cfg, seq_len, resolve_device(device)), ring_size=world_size)
     from ..engine.launch import launch
