@@ -17,7 +17,6 @@ same plan for every other rank, so message sizes need no handshake.
 from __future__ import annotations
 
 import dataclasses
-import dataclasses
 import functools
 from dataclasses import dataclass
 
