@@ -93,7 +93,8 @@ def _check(name, fn, ref, inputs, dtype, device):
 def _chunks_of(size: int):
     """Head chunks of ``size`` heads at any N (the policy of ringlab.engine.autograd set aside)."""
     original = autograd.head_chunks
-    autograd.head_chunks = lambda b, s, h, d, dtype, device: [slice(i, min(i + size, h)) for i in range(0, h, size)]
+    autograd.head_chunks = lambda b, s, h, d, dtype, device, kv_heads=None: [
+        slice(i, min(i + size, h)) for i in range(0, h, size)]
     try:
         yield
     finally:

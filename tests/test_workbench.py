@@ -174,7 +174,8 @@ def test_figures_runs_notebooks_given_by_path(tmp_path, capsys):
     """`ringlab figures PATH --out DIR` runs a notebook outside any checkout's notebooks/."""
     from ringlab import cli
 
-    nb = nbformat.v4.new_notebook()
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                           "display_name": "Python 3"}})
     nb.cells = [nbformat.v4.new_code_cell('output_dir = "."', metadata={"tags": ["parameters"]}),
                 nbformat.v4.new_code_cell("import pathlib\npathlib.Path(output_dir, 'made.txt').write_text('ok')")]
     path = tmp_path / "elsewhere" / "mine.ipynb"

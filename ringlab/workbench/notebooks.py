@@ -72,6 +72,7 @@ def run_notebooks(only=None, *, folder=NOTEBOOKS, timeout: float = 1800, out_dir
         pathlib.Path(folder) / f"{n}.ipynb" for n in notebook_names(folder)]
     if not paths:
         raise ValueError(f"no notebooks in {folder}: give notebooks by path, or the folder with --notebooks")
+    pathlib.Path(out_dir).mkdir(parents=True, exist_ok=True)
     failed = []
     bar = tqdm(paths, desc="notebooks", unit="nb")
     for path in bar:
