@@ -189,10 +189,10 @@ def test_dry_run_of_a_grouped_query_problem_agrees_with_the_planner(segments, ra
     assert result["ratio"] == pytest.approx(1.0, abs=0.1, rel=0)
 
 
-@pytest.mark.parametrize("segments,rates,gpus", [((), (), 512), ((4096, 65536, 1 << 30), (1, 8, 64), 256)])
-def test_dry_run_at_a_billion_tokens_agrees_with_the_planner(segments, rates, gpus):
-    pb = Problem(1 << 30, 16, 128, dtype="bfloat16", world_size=gpus, causal=True, layout="zigzag",
-                 segments=segments, rates=rates)
+def test_dry_run_at_a_billion_tokens_agrees_with_the_planner():
+    """The plain ring; ring-dilated at a billion tokens is the README's `ringlab plan --dry-run`
+    example, whose printed ratio tests/test_readme.py holds to the README's."""
+    pb = Problem(1 << 30, 16, 128, dtype="bfloat16", world_size=512, causal=True, layout="zigzag")
     result = dry_run(pb)
     assert result["measured"] > 2**30  # real allocations were recorded
     assert result["ratio"] == pytest.approx(1.0, abs=0.1, rel=0)
