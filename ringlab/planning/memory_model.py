@@ -73,13 +73,13 @@ class Problem:
             raise ValueError(f"kv_heads ({self.kv_heads}) must divide heads ({self.heads})")
 
     @property
-    def group(self) -> int:
-        """Query heads per K/V head."""
+    def kv_group(self) -> int:
+        """Query heads per K/V head (as RingConfig.kv_group)."""
         return self.heads // self.kv_heads
 
     def with_heads(self, heads: int) -> "Problem":
         """This problem for ``heads`` of its query heads (whole K/V groups): a head chunk."""
-        return replace(self, heads=heads, kv_heads=heads // self.group)
+        return replace(self, heads=heads, kv_heads=heads // self.kv_group)
 
     @property
     def item_bytes(self) -> int:
@@ -227,7 +227,7 @@ def _gqa_backward(pb: Problem, rows: int, keys: int, heads: int, kv: int, scratc
 def _blocks(pb: Problem, pieces, heads: slice | None = None) -> list:
     """The dilated blocks of ``pieces`` for the heads of one chunk (default all)."""
     return local_blocks(pieces, pb.heads, tuple(pb.segments), tuple(pb.rates), pb.head_offsets, pb.causal,
-                        None if heads is None else (heads.start, heads.stop), pb.group)
+                        None if heads is None else (heads.start, heads.stop), pb.kv_group)
 
 
 def _chunks(pb: Problem, rows: int) -> list[slice]:
