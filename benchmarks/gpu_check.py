@@ -15,6 +15,9 @@
    rate, the allocator's peak next to the memory model. Targets: attention <= 1.05x the
    fastest SDPA; ring <= 1.10x attention at 128K (1.25x at 32K); dilated >= 0.6x the TFLOP/s
    of the fastest dense backend.
+   ``host_ms`` is the time until the call returns, before the device finishes.
+   profile: the kernels with the most device time in a causal forward and forward+backward
+   of the ring and of dilated attention at 32K, and how much of the wall time the device was busy.
 3. capacity: dilated forward+backward and forward alone at growing N (targets: 2M and 4M
    tokens), peak against the memory model; an out-of-memory error is shown as the user sees it.
 4. notebooks: every notebook through papermill with device="cuda" at its default parameters
@@ -44,7 +47,7 @@ from ringlab.planning.memory_model import Problem, estimate
 from ringlab.engine.nn import MultiheadDilatedAttention
 from ringlab.reference import dense_attention, dense_dilated_attention, tolerance
 
-from .common import machine, markdown_table, peak_bytes, record, section, side_by_side
+from .common import machine, markdown_table, peak_bytes, record, section, side_by_side, sync
 from .hardware import attention_flops, matmul_flops
 from .single_device import LONGNET
 
@@ -240,15 +243,66 @@ def speed_rows(device, sizes, heads, dim, repeats, scale, peak) -> list[dict]:
                     with torch.enable_grad() if backward else torch.no_grad(), kernels.record_backends() as used:
                         measured = peak_bytes(runs[name])
                     _clear(leaves, device)
+                    with torch.enable_grad() if backward else torch.no_grad():
+                        host = _host_seconds(runs[name], device)
+                    _clear(leaves, device)
                     row.update(ms=seconds * 1e3, vs_best_sdpa=seconds / sdpa_best if sdpa_best else None,
                                TFLOPs=flops / seconds / 1e12, of_matmul_peak=flops / seconds / peak,
-                               peak_GiB=measured / 2**30, backend=_served(used) if used else "torch")
+                               host_ms=host * 1e3, peak_GiB=measured / 2**30, backend=_served(used) if used else "torch")
                     if mode:
                         model = _model(mode, n, heads, dim, causal, backward, segs, device)
                         row.update(model_GiB=model / 2**30, model_over_measured=model / measured)
                     rows.append(row)
                 del leaves, dout
                 _clear([], device)
+    return rows
+
+
+def _host_seconds(run, device) -> float:
+    """Seconds until ``run()`` returns, before the device finishes its kernels: the host's share.
+    Near the whole time, the host is the bottleneck."""
+    sync(device)
+    t0 = time.perf_counter()
+    run()
+    host = time.perf_counter() - t0
+    sync(device)
+    return host
+
+
+def profile_rows(device, n, heads, dim, scale, top=8) -> list[dict]:
+    """Where the time of a causal forward (and forward+backward) at N goes, for the simulated
+    ring and dilated attention: the kernels (ops on CPU) with the most self time, and the
+    device's busy share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    segs = [s // scale for s in LONGNET["segments"]]
+    rows = []
+    for backward in (False, True):
+        leaves = [torch.randn(1, n, heads, dim, device=device, dtype=torch.bfloat16).requires_grad_(backward)
+                  for _ in range(3)]
+        dout = torch.randn_like(leaves[0]) if backward else None
+        with torch.enable_grad() if backward else torch.no_grad():
+            for name in ("ring P=8 (simulated)", "dilated (LongNet)"):
+                step = _step(_contestants(segs, device)[name][0], leaves, True, dout)
+                step()
+                sync(device)
+                with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+                    t0 = time.perf_counter()
+                    step()
+                    sync(device)
+                    wall = time.perf_counter() - t0
+                # On CUDA an op and its kernel both carry the kernel's time: count kernels only.
+                events = sorted((e for e in prof.key_averages() if not (cuda and e.key.startswith("aten::"))),
+                                key=lambda e: getattr(e, attr), reverse=True)
+                busy = sum(getattr(e, attr) for e in events) / 1e6
+                call = dict(call=name, mode="fwd+bwd" if backward else "fwd", N=n)
+                rows.append(call | dict(kernel="(all)", calls=sum(e.count for e in events), ms=busy * 1e3,
+                                        of_wall=busy / wall, wall_ms=wall * 1e3))
+                rows += [call | dict(kernel=e.key[:90], calls=e.count, ms=getattr(e, attr) / 1e3,
+                                     of_wall=getattr(e, attr) / 1e6 / wall) for e in events[:top]]
+                _clear(leaves, device)
     return rows
 
 
@@ -366,8 +420,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="run every step on CPU at toy sizes")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_check.{json,md} (default $OUT)")
-    parser.add_argument("--notebook-budget", type=float, default=150, help="seconds for the notebooks step")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["correctness", "speed", "chunks", "capacity", "notebooks"],
+    parser.add_argument("--notebook-budget", type=float, default=240, help="seconds for the notebooks step")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["correctness", "speed", "profile", "chunks", "capacity", "notebooks"],
                         help="steps to leave out")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
@@ -383,6 +437,9 @@ def main(argv=None) -> dict:
         speed = [] if "speed" in args.skip else _timed("speed", lambda: speed_rows(
             device, size["speed"], size["heads"], size["dim"], size["repeats"], size["scale"], peak), log)
         print(markdown_table(speed, SPEED_COLUMNS), flush=True)
+        profiled = [] if "profile" in args.skip else _timed("profile", lambda: profile_rows(
+            device, min(size["speed"]), size["heads"], size["dim"], size["scale"]), log)
+        print(markdown_table(profiled, PROFILE_COLUMNS), flush=True)
         chunks = [] if "chunks" in args.skip else _timed("chunks", lambda: unchunked_rows(
             device, max(size["speed"]), size["heads"], size["dim"], size["repeats"], size["scale"]), log)
         fit = [] if "capacity" in args.skip else _timed("capacity", lambda: capacity_rows(
@@ -404,6 +461,9 @@ def main(argv=None) -> dict:
                               "Contestants timed interleaved; best of the repeats. Targets: attention <= 1.05x "
                               "the fastest SDPA; ring P=8 <= 1.10x attention at 128K, 1.25x at 32K; dilated "
                               ">= 0.6x the TFLOP/s of the fastest dense backend."),
+                section("profile: causal, the largest self times", profiled, PROFILE_COLUMNS,
+                        notes="(all): the sum over every kernel (CPU: op) and its share of the wall time; "
+                              "a share well under 1 means the device waits for the host."),
                 section("head chunks: time and peak vs all heads at once (fwd+bwd)", chunks,
                         ["N", "call", "chunks", "chunked_over_whole_time", "peak_chunked_GiB", "peak_whole_GiB", "error"]),
                 section("capacity: dilated attention (LongNet config)", fit,
@@ -415,8 +475,9 @@ def main(argv=None) -> dict:
     return summary
 
 
-SPEED_COLUMNS = ["N", "causal", "mode", "call", "ms", "vs_best_sdpa", "TFLOPs", "of_matmul_peak", "peak_GiB",
-                 "model_over_measured", "backend", "error"]
+SPEED_COLUMNS = ["N", "causal", "mode", "call", "ms", "host_ms", "vs_best_sdpa", "TFLOPs", "of_matmul_peak",
+                 "peak_GiB", "model_over_measured", "backend", "error"]
+PROFILE_COLUMNS = ["call", "mode", "N", "kernel", "calls", "ms", "of_wall", "wall_ms"]
 
 
 def _targets(speed, fit) -> dict:

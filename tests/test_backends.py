@@ -46,8 +46,9 @@ SCHEMAS = {
 
 @pytest.fixture(autouse=True)
 def _fresh_backends(monkeypatch):
-    """Each test starts with no backend set aside, and leaves none behind."""
+    """Each test starts with no backend set aside or choice remembered, and leaves none behind."""
     monkeypatch.setattr(kernels, "_set_aside", {})
+    monkeypatch.setattr(kernels, "_chosen", {})
 
 
 def test_every_private_op_has_the_schema_ringlab_calls():

@@ -13,7 +13,7 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_json(tmp_path):
     summary = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
     assert summary["correctness_ok"], summary["failed_checks"]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
-    correctness, speed, chunks, capacity, notebooks, _ = data["sections"]
+    correctness, speed, profiled, chunks, capacity, notebooks, _ = data["sections"]
     checked = {r["check"].split()[0].rstrip(",") for r in correctness["rows"]}
     assert checked == {"attention", "dilated_attention", "ring_attention", "ring_dilated_attention", "dilated",
                        "ring", "MultiheadDilatedAttention"}
@@ -22,6 +22,10 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_json(tmp_path):
     assert {r["call"] for r in speed["rows"]} == {"SDPA flash", "attention", "ring P=8 (simulated)",
                                                    "dilated (LongNet)"}
     assert {r["call"] for r in chunks["rows"]} == {"ring P=8 (simulated)", "dilated (LongNet)"}
+    busy = {r["call"]: r for r in profiled["rows"] if r["kernel"] == "(all)"}
+    assert set(busy) == {"ring P=8 (simulated)", "dilated (LongNet)"}
+    assert all(0 < r["ms"] and 0 < r["of_wall"] <= 1.05 for r in busy.values())
+    assert all(r["host_ms"] > 0 for r in speed["rows"])
     assert summary["largest_N_fwd+bwd"] >= 512 and summary["largest_N_fwd"] >= 1024
     assert all(r["fits"] and abs(r["model_over_measured"] - 1) <= 0.1 for r in capacity["rows"])
     assert notebooks["rows"] == []  # the dry run leaves the notebooks to the CPU tests

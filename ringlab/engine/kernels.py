@@ -83,6 +83,13 @@ def _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale):
     return tuple(_bhsd(g) for g in grads)
 
 
+@functools.cache
+def _unused_rng_state(shape, dtype, device):
+    """The dropout RNG seed or offset a fused backward expects. Without dropout it is never
+    read, so one zero tensor per device serves every call (no allocation per block)."""
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 # ---------------------------------------------------------------- CUDA cuDNN
 @functools.cache
 def _cudnn_head_dim_limit(device: torch.device) -> int:
@@ -110,8 +117,7 @@ def _cudnn_forward(q, k, v, causal, scale):
 
 
 def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
-    # No dropout, so the RNG state the op expects is never read.
-    seed = torch.zeros((), dtype=torch.int64, device=q.device)
+    seed = _unused_rng_state((), torch.int64, q.device)
     grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.unsqueeze(-1), seed, seed, None,
         None, None, q.shape[1], k.shape[1], 0.0, causal, scale=scale)
@@ -132,8 +138,8 @@ def _cuda_flash_forward(q, k, v, causal, scale):
 
 
 def _cuda_flash_backward(dout, q, k, v, out, lse, causal, scale):
-    seed = torch.zeros(2, dtype=torch.uint64, device=q.device)
-    offset = torch.zeros((), dtype=torch.uint64, device=q.device)
+    seed = _unused_rng_state((2,), torch.uint64, q.device)
+    offset = _unused_rng_state((), torch.uint64, q.device)
     grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
         _bhsd(dout).contiguous(), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse.contiguous(),
         None, None, q.shape[1], k.shape[1], 0.0, causal, seed, offset, scale=scale)
@@ -154,7 +160,7 @@ def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
     sq = q.shape[1]
     padded = lse.new_full((*lse.shape[:2], -(-sq // 32) * 32), math.inf)
     padded[:, :, :sq] = lse
-    seed = torch.zeros((), dtype=torch.int64, device=q.device)
+    seed = _unused_rng_state((), torch.int64, q.device)
     grads = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
         _bhsd(dout).contiguous(), _bhsd(q), _bhsd(k), _bhsd(v), None, _bhsd(out), padded,
         seed, seed, 0.0, [True, True, True, False], causal, scale=scale)
@@ -179,6 +185,7 @@ CHOICES = ("auto", *BACKENDS, "math")
 
 _forced = "auto"
 _set_aside: dict[tuple, str] = {}    # (backend, device type, dtype, head dim) -> why
+_chosen: dict[tuple, str] = {}       # (device, dtype, q shape, k shape, causal) -> backend
 _served: list[collections.Counter] = []  # open record_backends() counters
 
 
@@ -227,6 +234,18 @@ def select_backend(q: torch.Tensor, k: torch.Tensor, causal: bool, mask=None) ->
         return _forced
     if mask is not None:
         return "math"
+    # Remembered per case: a ring or dilated call repeats a few shapes many times, and on a
+    # GPU the host time of choosing again would show in every short step.
+    case = (q.device, q.dtype, q.shape, k.shape, causal)
+    name = _chosen.get(case)
+    if name is None:
+        if len(_chosen) >= 4096:
+            _chosen.clear()
+        name = _chosen[case] = _first_backend(q, k, causal)
+    return name
+
+
+def _first_backend(q, k, causal) -> str:
     device = "cuda" if q.device.type == "meta" else q.device.type  # meta: the dry run models a CUDA rank
     for b in BACKENDS.values():
         if b.device == device and _key(b.name, q) not in _set_aside and b.applies(q, k, causal):
@@ -252,6 +271,7 @@ def _transient(err: Exception) -> bool:
 def _set_aside_now(name: str, q, why: str) -> None:
     key = _key(name, q)
     _set_aside[key] = why
+    _chosen.clear()
     warnings.warn(f"ringlab: backend {name!r} set aside for {key[1]} {key[2]} head_dim {key[3]}: "
                   f"{why}; using the next backend for these inputs", RuntimeWarning, stacklevel=4)
 
@@ -259,6 +279,8 @@ def _set_aside_now(name: str, q, why: str) -> None:
 def _kernel_layout(x):
     """Private ops read only unit-stride, non-overlapping rows: torch's CPU flash op ignores
     the head_dim stride and gives wrong results otherwise. Copy just the tensors that need it."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.is_contiguous():
+        return x
     if x.stride(-1) == 1 and all(s != 0 for s, n in zip(x.stride(), x.shape) if n > 1):
         return x
     return x.contiguous()
@@ -270,7 +292,7 @@ def _fused(pass_: str, q, k, causal: bool, mask, args):
     while (backend := select_backend(q, k, causal, mask)) != "math":
         fn = getattr(BACKENDS[backend], pass_)
         try:
-            result = fn(*(_kernel_layout(a) if isinstance(a, torch.Tensor) and a.dim() == 4 else a for a in args))
+            result = fn(*map(_kernel_layout, args))
         except (RuntimeError, NotImplementedError, TypeError) as err:
             if _forced != "auto" or _transient(err):
                 raise

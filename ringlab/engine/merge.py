@@ -2,10 +2,10 @@
 
 Two partial results over disjoint key sets, (o1, l1) and (o2, l2), combine exactly as
 
-    l = logaddexp(l1, l2),   o = exp(l1 - l) * o1 + exp(l2 - l) * o2.
+    l = logaddexp(l1, l2),   o = exp(l1 - l) * o1 + exp(l2 - l) * o2,
 
-Both weights are <= 1, so nothing overflows, and rows that have seen no key yet (l = -inf) get
-weight 0 instead of NaN.
+where exp(l2 - l) = sigmoid(l2 - l1) and exp(l1 - l) is one minus it. Both weights are <= 1,
+so nothing overflows, and rows that have seen no key yet (l = -inf) get weight 0, not NaN.
 """
 
 from __future__ import annotations
@@ -24,13 +24,14 @@ def merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
     ``out`` and ``lse`` are the float32 (or float64) accumulators and may be strided views;
     ``block_out`` may have a narrower dtype. Leading dims (...) are any batch dims.
     """
-    new_lse = torch.logaddexp(lse, block_lse)
-    # Where both are -inf, new_lse is -inf too; shifting by 0 there keeps both weights at 0.
-    shift = torch.where(new_lse == -math.inf, 0.0, new_lse)
-    w_old = torch.exp(lse - shift).transpose(-1, -2).unsqueeze(-1)
-    w_block = torch.exp(block_lse - shift).transpose(-1, -2).unsqueeze(-1)
-    out.mul_(w_old).addcmul_(block_out, w_block)
-    lse.copy_(new_lse)
+    # The block's weight exp(block_lse - new_lse) is sigmoid(block_lse - lse), and the old
+    # result's is one minus it. Few kernels (on a GPU each launch costs host time that short
+    # ring steps cannot hide), and no temporary the size of out. NaN comes only where both
+    # are -inf (no key yet), and there the block must weigh 0.
+    w = torch.sub(block_lse, lse).sigmoid_().nan_to_num_(0.0)
+    torch.logaddexp(lse, block_lse, out=lse)
+    w = w.transpose(-1, -2).unsqueeze(-1)
+    out.mul_(1 - w).addcmul_(block_out, w)
 
 
 def new_accumulators(q: torch.Tensor, into=None):

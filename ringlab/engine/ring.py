@@ -22,18 +22,24 @@ from .layout import get
 from .merge import merge, new_accumulators
 
 
-@contextlib.contextmanager
 def _traced_tile(rank, step, src, tile):
-    """Record the tile computed inside the block (or that it was skipped)."""
+    """A context that records the tile computed inside the block (or that it was skipped)."""
+    if not trace.recording():
+        return contextlib.nullcontext()
     if tile is None:
-        if trace.recording():
-            trace.record(kind="skip", rank=rank, step=step, src=src)
-        yield
-        return
-    with trace.span(kind="compute", rank=rank, step=step, src=src, causal=tile.causal,
-                    q_rows=(tile.q.start, tile.q.stop), k_rows=(tile.k.start, tile.k.stop),
-                    pairs=tile.pairs()):
-        yield
+        trace.record(kind="skip", rank=rank, step=step, src=src)
+        return contextlib.nullcontext()
+    return trace.span(kind="compute", rank=rank, step=step, src=src, causal=tile.causal,
+                      q_rows=(tile.q.start, tile.q.stop), k_rows=(tile.k.start, tile.k.stop),
+                      pairs=tile.pairs())
+
+
+def _rows(x, rows: slice, dim: int):
+    """Rows ``rows`` of x along ``dim``; x itself when that is all of them, since on a GPU
+    every view costs host time that a short ring step cannot hide."""
+    if rows.start == 0 and rows.stop == x.shape[dim]:
+        return x
+    return x.narrow(dim, rows.start, rows.stop - rows.start)
 
 
 def forward_rank(comm, q, k, v, *, config: RingConfig, heads: slice):
@@ -50,8 +56,9 @@ def forward_rank(comm, q, k, v, *, config: RingConfig, heads: slice):
         tile = lay.tile(rank, src, p, n, causal)
         with _traced_tile(rank, step, src, tile):
             if tile is not None:
-                merge(out[:, tile.q], lse[:, :, tile.q],
-                      *block_attention(q[:, tile.q], kv[0][:, tile.k], kv[1][:, tile.k],
+                qr, kr = tile.q, tile.k
+                merge(_rows(out, qr, 1), _rows(lse, qr, 2),
+                      *block_attention(_rows(q, qr, 1), _rows(kv[0], kr, 1), _rows(kv[1], kr, 1),
                                        causal=tile.causal, scale=scale))
         if step + 1 < p:
             yield from pending.wait()
@@ -81,12 +88,12 @@ def backward_rank(comm, dout, q, k, v, out, lse, dlse, *, config: RingConfig, he
             if tile is not None:
                 qr, kr = tile.q, tile.k
                 gq, gk, gv = block_attention_backward(
-                    dout[:, qr], q[:, qr], kv[0][:, kr], kv[1][:, kr], out[:, qr], lse[:, :, qr],
-                    causal=tile.causal, scale=scale,
-                    dlse=None if dlse is None else dlse[:, :, qr])
-                dq[:, qr] += gq
-                dkv[0][:, kr] += gk
-                dkv[1][:, kr] += gv
+                    _rows(dout, qr, 1), _rows(q, qr, 1), _rows(kv[0], kr, 1), _rows(kv[1], kr, 1),
+                    _rows(out, qr, 1), _rows(lse, qr, 2), causal=tile.causal, scale=scale,
+                    dlse=None if dlse is None else _rows(dlse, qr, 2))
+                _rows(dq, qr, 1).add_(gq)
+                _rows(dkv[0], kr, 1).add_(gk)
+                _rows(dkv[1], kr, 1).add_(gv)
                 del gq, gk, gv  # free them before the next step's kernel allocates its own
         if p == 1:
             return dq, dkv[0], dkv[1]
