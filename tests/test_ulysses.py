@@ -5,10 +5,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import check_against
-from ringcases import MESH_WORLD_SIZE, check_case, gathered, mesh_cases
+from ringcases import MESH_WORLD_SIZE, check_case, gathered, mesh_cases, ring_cases
 
 import ringlab
 from ringlab.engine.trace import record_events
+from ringlab.planning import strategies
+from ringlab.planning.memory_model import Problem
 from ringlab.reference import dense_attention, dense_dilated_attention
 
 MESHES = [(2, 1), (4, 1), (1, 2), (2, 2)]  # (ulysses_size, ring_size)
@@ -86,6 +88,44 @@ def test_trace_records_all_to_alls_per_mesh_rank():
             assert tr.bytes_sent(mesh_rank=m, label=label, pass_="forward") == nbytes, (m, label)
         assert tr.bytes_sent(mesh_rank=m, label="kv", pass_="forward") == 2 * b * (n // r) * (kv // u) * d * 4
         assert {e["mesh_rank"] for e in tr.of(kind="wait")} == set(range(u * r))
+
+
+def _sent(events) -> dict:
+    """Bytes one rank's trace says it sent, by kind of transfer."""
+    posts = [e for e in events if e["kind"] == "post"]
+    a2a = sum(e["bytes"] for e in posts if e["label"].startswith("a2a/"))
+    return {"all-to-all": a2a, "ring": sum(e["bytes"] for e in posts) - a2a}
+
+
+@pytest.mark.parametrize("mesh", [(1, 4), (4, 1), (2, 2)], ids=["ring", "ulysses", "hybrid"])
+def test_simulated_bytes_per_rank_equal_planner(mesh):
+    """bfloat16: the all-to-alls carry out and the gradients in bfloat16 and lse in float32,
+    the ring's dK/dV accumulators travel in float32."""
+    u, r = mesh
+    n, h, kv = 32, 4, 4
+    q, k, v = (x.bfloat16().requires_grad_() for x in _inputs(n, h, kv, seed=6))
+    with record_events() as tr:
+        ringlab.ulysses_attention(q, k, v, ulysses_size=u, ring_size=r, causal=True, layout="zigzag").sum().backward()
+    pb = Problem(seq_len=n, heads=h, head_dim=8, batch=2, dtype="bfloat16", kv_heads=kv, world_size=4, causal=True,
+                 layout="zigzag")
+    expected = strategies.traffic(pb, u, r)
+    for m in range(4):
+        assert _sent(e for e in tr.events if e["mesh_rank"] == m) == expected, m
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", [c for c in mesh_cases(MESH_WORLD_SIZE) if c["fn"] == "ring"]
+                         + [c for c in ring_cases(MESH_WORLD_SIZE) if c["layout"] == "zigzag"],
+                         ids=lambda c: f"{c.get('mesh', (1, MESH_WORLD_SIZE))}-{c['dtype']}-{c['causal']}")
+def test_gloo_bytes_per_rank_equal_planner(case):
+    """Measured bytes per rank (the traces of the gloo runs) equal the planner's, per strategy."""
+    u, r = case.get("mesh", (1, MESH_WORLD_SIZE))
+    pb = Problem(seq_len=case["n"], heads=case["heads"], head_dim=case["head_dim"], batch=case["batch"],
+                 dtype=case["dtype"], kv_heads=case.get("kv_heads", case["heads"]), world_size=u * r,
+                 causal=case["causal"], layout=case["layout"])
+    expected = strategies.traffic(pb, u, r, dlse=case["dlse"])
+    for rank, got in enumerate(gathered(MESH_WORLD_SIZE, case)[1]):
+        assert _sent(got["events"]) == expected, rank
 
 
 @pytest.mark.parametrize("bad, match", [
