@@ -264,12 +264,14 @@ def mesh_groups(ulysses_size: int, ring_size: int):
         raise ValueError(f"world size {world} is not ulysses_size x ring_size = {ulysses_size} x {ring_size}: "
                          "choose sizes whose product is the number of ranks")
     mine = [None, None]
-    for r in range(ring_size):
-        g = dist.new_group(list(range(r * ulysses_size, (r + 1) * ulysses_size)))
-        if me // ulysses_size == r and ulysses_size > 1:
-            mine[0] = g
-    for u in range(ulysses_size):
-        g = dist.new_group(list(range(u, world, ulysses_size)))
-        if me % ulysses_size == u and ring_size > 1:
-            mine[1] = g
+    if ulysses_size > 1:
+        for r in range(ring_size):
+            g = dist.new_group(list(range(r * ulysses_size, (r + 1) * ulysses_size)))
+            if me // ulysses_size == r:
+                mine[0] = g
+    if ring_size > 1:
+        for u in range(ulysses_size):
+            g = dist.new_group(list(range(u, world, ulysses_size)))
+            if me % ulysses_size == u:
+                mine[1] = g
     return tuple(mine)

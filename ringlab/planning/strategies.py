@@ -118,9 +118,10 @@ class StrategyPlan:
         return self.compute_s + self.exposed_s
 
 
-def _plan_one(pb: Problem, dev: Device, strategy: str, gpus: int, per_node: int, backward: bool) -> StrategyPlan:
+def _plan_one(pb: Problem, dev: Device, strategy: str, gpus: int, per_node: int, backward: bool,
+              fewest: bool) -> StrategyPlan:
     mesh = factorization(strategy, gpus, pb.kv_heads, per_node)
-    fewest = fewest_gpus(pb, dev, strategy, per_node, backward)
+    fewest = fewest_gpus(pb, dev, strategy, per_node, backward) if fewest else None
     if isinstance(mesh, str):
         return StrategyPlan(strategy, False, mesh, fewest_gpus=fewest)
     u, r = mesh
@@ -223,9 +224,11 @@ class Report:
 
 def compare(tokens, *, heads: int, head_dim: int, gpus: int, kv_heads: int | None = None, dtype: str = "bfloat16",
             gpu: str = "h100", gpus_per_node: int | None = None, batch: int = 1, causal: bool = True,
-            layout: str = "zigzag", backward: bool = True, strategies=STRATEGIES, device_profiles=None) -> Report:
+            layout: str = "zigzag", backward: bool = True, strategies=STRATEGIES, device_profiles=None,
+            fewest: bool = True) -> Report:
     """Plan dense attention over ``tokens`` on ``gpus`` GPUs for each of ``strategies`` and name
-    the best (see the module doc). ``gpus_per_node`` defaults to the device profile's."""
+    the best (see the module doc). ``gpus_per_node`` defaults to the device profile's.
+    ``fewest=False`` skips the search for each strategy's fewest GPUs (a map of many cells)."""
     tokens = parse_tokens(tokens)
     profiles = device_profiles or devices()
     if gpu not in profiles:
@@ -242,7 +245,7 @@ def compare(tokens, *, heads: int, head_dim: int, gpus: int, kv_heads: int | Non
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {s!r}")
     pb = Problem(seq_len=tokens, heads=heads, head_dim=head_dim, batch=batch, dtype=dtype, world_size=gpus,
                  causal=causal, layout=layout, device="cuda", kv_heads=kv_heads or heads)
-    plans = {s: _plan_one(pb, dev, s, gpus, per_node, backward) for s in strategies}
+    plans = {s: _plan_one(pb, dev, s, gpus, per_node, backward, fewest) for s in strategies}
     best, why = _best(plans, gpus)
     return Report(dataclasses.asdict(pb), dataclasses.asdict(dev), gpus, per_node, plans, best, why)
 
