@@ -2,6 +2,8 @@
 
     ringlab plan --tokens 1G --heads 32 --head-dim 128 [--kv-heads 8] --dtype bf16 --gpu h100 [--gpus N]
                  [--segments 4096,65536,1G --rates 1,8,64] [--dry-run] [--json]
+    ringlab plan --tokens 1M --heads 32 --kv-heads 8 --head-dim 128 --gpus 32
+                 --strategy ring|ulysses|hybrid|best [--gpus-per-node 8] [--json]
     ringlab sweep NOTEBOOK -p name v1 v2 ... [-p other ...] [--jobs 2] [--gpus-per-run K] [--sweep-id ID]
                   [--slurm --partition P --time T [--gpus-per-task G] [--nodes-per-task N]]
     ringlab sweep --collect SWEEP_ID
@@ -34,6 +36,8 @@ def _plan(args) -> int:
     from .planning.planner import devices, plan
 
     profiles = devices(args.devices) if args.devices else None
+    if args.strategy:
+        return _strategies(args, profiles)
     p = plan(args.tokens, heads=args.heads, head_dim=args.head_dim,
              dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
              segments=_ints(args.segments, "--segments") if args.segments else (),
@@ -97,6 +101,28 @@ def _figures(args) -> int:
                          out_dir=args.out or FIGURES, timeout=args.timeout)
 
 
+def _strategies(args, profiles) -> int:
+    """``plan --strategy``: the ring, Ulysses and the hybrid compared on --gpus GPUs."""
+    from .planning.strategies import STRATEGIES, compare
+
+    if args.gpus is None:
+        raise ValueError("--strategy compares strategies on a given number of GPUs: pass --gpus")
+    if args.segments or args.rates or args.dry_run:
+        raise ValueError("--strategy plans dense attention: leave out --segments, --rates and --dry-run "
+                         "(plan ring-dilated attention without --strategy)")
+    report = compare(args.tokens, heads=args.heads, head_dim=args.head_dim, gpus=args.gpus, kv_heads=args.kv_heads,
+                     dtype=DTYPE_ALIASES.get(args.dtype, args.dtype), gpu=args.gpu, gpus_per_node=args.gpus_per_node,
+                     batch=args.batch, causal=not args.no_causal, layout=args.layout,
+                     backward=not args.forward_only, device_profiles=profiles,
+                     strategies=STRATEGIES if args.strategy == "best" else (args.strategy,))
+    if args.json:
+        json.dump(report.to_dict(), sys.stdout, indent=1, default=str)
+        print()
+    else:
+        print(report.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ringlab", description="ring and dilated attention workbench")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default=None, help="a JSON file of device profiles to use instead")
     p.add_argument("--dry-run", action="store_true", help="also run rank 0's engine on meta tensors")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--strategy", default=None, choices=["ring", "ulysses", "hybrid", "best"],
+                   help="compare context-parallel strategies on --gpus GPUs (dense attention): one, or best of all")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs per node for --strategy (default: the device profile's)")
     p.set_defaults(run=_plan)
 
     s = sub.add_parser("sweep", help="execute a notebook over a parameter grid with papermill")

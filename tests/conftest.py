@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import settings
 
 from ringlab.reference import tolerance
@@ -75,3 +76,12 @@ def check_against(fn, ref, inputs, dtype, *, use_lse=False, check_lse=True, name
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo group of this process alone, as the default group while the test runs."""
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield dist.group.WORLD
+    dist.destroy_process_group()

@@ -55,8 +55,24 @@ def gqa_cases(p):
     return ring + dilated + [dict(ring[-1], kv_heads=4)]
 
 
+MESH_WORLD_SIZE = 4
+
+
+def mesh_cases(p):
+    """Ulysses (4 x 1) and the hybrid (2 x 2) in float64, causal (zigzag over the ring, a loss
+    using lse) or not, dense or dilated (segments inside a ring shard, across both, the whole
+    sequence); 4 query heads on 2 K/V heads for the hybrid, 4 on 4 for Ulysses."""
+    n = 4 * p * 2
+    return [dict(fn=fn, mesh=(u, p // u), n=n, batch=2, heads=4, kv_heads=4 if u == 4 else 2, head_dim=8,
+                 layout="zigzag" if causal else "contiguous", causal=causal, dtype="float64", seed=500 + i,
+                 dlse=causal, **(dict(segments=[4, 12, n], rates=[1, 2, 3], head_offsets="interleaved")
+                                 if fn == "ring_dilated" else {}))
+            for i, (u, causal, fn) in enumerate(itertools.product([4, 2], [False, True], ["ring", "ring_dilated"]))]
+
+
 def all_cases(p):
-    return ring_cases(p) + dilated_cases(p) + (gqa_cases(p) if p in GQA_WORLD_SIZES else [])
+    return (ring_cases(p) + dilated_cases(p) + (gqa_cases(p) if p in GQA_WORLD_SIZES else [])
+            + (mesh_cases(p) if p == MESH_WORLD_SIZE else []))
 
 
 @functools.cache
@@ -79,8 +95,11 @@ def distributed_results(p):
 
 def unsharded(case, per_rank):
     """The case's outputs and gradients reassembled from the per-rank results."""
-    return {key: ringlab.unshard([r[key] for r in per_rank], case["layout"], 2 if key == "lse" else 1)
-            for key in ("out", "lse", "dq", "dk", "dv")}
+    def whole(shards, dim):
+        if "mesh" in case:
+            return ringlab.unshard_mesh(shards, case["mesh"][0], case["layout"], dim)
+        return ringlab.unshard(shards, case["layout"], dim)
+    return {key: whole([r[key] for r in per_rank], 2 if key == "lse" else 1) for key in ("out", "lse", "dq", "dk", "dv")}
 
 
 def gathered(p, case):
@@ -112,7 +131,7 @@ def check_case(case, got, per_rank):
         assert_close(got[name], e, dtype, grad=True, name=name)
     # The simulated ring runs the same per-rank code: equal up to float rounding.
     sq, sk, sv = (x.to(dtype).clone().requires_grad_() for x in (q, k, v))
-    sout, slse = workers.call(case, sq, sk, sv, ring_size=len(per_rank))
+    sout, slse = workers.call(case, sq, sk, sv, **workers.simulated(case, len(per_rank)))
     sgrads = torch.autograd.grad(workers.loss(case, sout, slse, go, gl), (sq, sk, sv))
     eps = torch.finfo(dtype).eps
     for name, s in zip(("out", "lse", "dq", "dk", "dv"), (sout, slse, *sgrads)):

@@ -61,8 +61,11 @@ def test_command_lines_parse():
     assert {"make", "torchrun", "ringlab"} <= seen
 
 
-def test_plan_example_prints_what_the_readme_shows(capsys):
-    block = next(b for lang, b in BLOCKS if b.startswith("$ ringlab plan"))
+@pytest.mark.parametrize("which", [0, 1], ids=["dilated-billion", "strategies"])
+def test_plan_examples_print_what_the_readme_shows(capsys, which):
+    blocks = [b for lang, b in BLOCKS if b.startswith("$ ringlab plan")]
+    assert len(blocks) == 2
+    block = blocks[which]
     argv = next(command_lines(block, prompt="$ "))
     shown = block.split("\n", block.count("\\\n") + 1)[-1]
     assert cli.main(argv[1:]) == 0

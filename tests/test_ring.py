@@ -149,15 +149,6 @@ def test_distributed_rank_that_alone_changes_shape_raises_naming_it():
     assert "'seq (shard length)': 6" in str(err.value) and "did not join the check within 2 s" in str(err.value)
 
 
-@pytest.fixture
-def one_rank_group():
-    """A gloo group of this process alone, as the default group while the test runs."""
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-    yield dist.group.WORLD
-    dist.destroy_process_group()
-
-
 def test_group_check_runs_once_per_group_and_call(one_rank_group, monkeypatch):
     gathers = []
     all_gather = dist.all_gather

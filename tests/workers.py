@@ -29,12 +29,43 @@ def loss(case, out, lse, go, gl):
 
 
 def call(case, q, k, v, **ring):
-    """The ring function of a case on (q, k, v); ``ring`` is group= or ring_size=."""
+    """The ring function of a case on (q, k, v); ``ring`` is group= or ring_size= (a mesh case's:
+    ulysses_group= and ring_group=, or ulysses_size= and ring_size=)."""
     kw = dict(causal=case["causal"], layout=case["layout"], scale=case.get("scale"), return_lse=True, **ring)
+    dense, dilated = ((ringlab.ulysses_attention, ringlab.ulysses_dilated_attention) if "mesh" in case
+                      else (ringlab.ring_attention, ringlab.ring_dilated_attention))
     if case["fn"] == "ring":
-        return ringlab.ring_attention(q, k, v, **kw)
-    return ringlab.ring_dilated_attention(q, k, v, case["segments"], case["rates"],
-                                         head_offsets=case.get("head_offsets", "interleaved"), **kw)
+        return dense(q, k, v, **kw)
+    return dilated(q, k, v, case["segments"], case["rates"], head_offsets=case.get("head_offsets", "interleaved"),
+                   **kw)
+
+
+def simulated(case, p):
+    """The simulated-run keywords of a case on p ranks."""
+    if "mesh" in case:
+        return dict(ulysses_size=case["mesh"][0], ring_size=case["mesh"][1])
+    return dict(ring_size=p)
+
+
+_MESHES: dict = {}
+
+
+def _groups(case, group):
+    """The keywords that run a case on this rank: its ring group, or (a mesh case) its mesh's
+    groups, made once per mesh shape (every rank runs the cases in one order)."""
+    if "mesh" not in case:
+        return dict(group=group)
+    if case["mesh"] not in _MESHES:
+        _MESHES[case["mesh"]] = ringlab.mesh_groups(*case["mesh"])
+    ulysses_group, ring_group = _MESHES[case["mesh"]]
+    return dict(ulysses_group=ulysses_group, ring_group=ring_group)
+
+
+def shard_case(case, x, rank, p, dim=1):
+    """This rank's shard of a case's whole-sequence tensor."""
+    if "mesh" in case:
+        return ringlab.shard_mesh(x, rank, *case["mesh"], case["layout"], dim)
+    return ringlab.shard(x, rank, p, case["layout"], dim=dim)
 
 
 def run_cases(cases, group=None):
@@ -46,11 +77,11 @@ def run_cases(cases, group=None):
     for case in cases:
         dtype = getattr(torch, case["dtype"])
         q, k, v, go, gl = case_inputs(case)
-        q, k, v, go = (ringlab.shard(x, rank, p, case["layout"]) for x in (q, k, v, go))
-        gl = ringlab.shard(gl, rank, p, case["layout"], dim=2)
+        q, k, v, go = (shard_case(case, x, rank, p) for x in (q, k, v, go))
+        gl = shard_case(case, gl, rank, p, dim=2)
         q, k, v = (x.to(dtype).clone().requires_grad_() for x in (q, k, v))
         with record_events() as tr:
-            out, lse = call(case, q, k, v, group=group)
+            out, lse = call(case, q, k, v, **_groups(case, group))
             loss(case, out, lse, go, gl).backward()
         results.append(dict(out=out.detach(), lse=lse.detach(), dq=q.grad, dk=k.grad, dv=v.grad,
                             events=tr.events))

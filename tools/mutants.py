@@ -109,6 +109,13 @@ MUTANTS = (
            "        dk += gk\n        dv += gv\n",
            "        dk.copy_(gk)\n        dv += gv\n",
            "tests/test_gqa.py", "matches_repeated_kv and attention"),
+    # Ulysses: the received pieces must join in rank order, and a chunk's heads keep their global index.
+    Mutant("ulysses-all-to-all-joins-pieces-reversed", "ringlab/engine/comm.py",
+           "return torch.cat(self.parts, self.cat)", "return torch.cat(self.parts[::-1], self.cat)",
+           "tests/test_ulysses.py", "simulated_mesh and 2x2"),
+    Mutant("ulysses-head-group-ignores-chunk-start", "ringlab/engine/ulysses.py",
+           "start = heads.start + comm.rank * size", "start = comm.rank * size",
+           "tests/test_ulysses.py", "head_chunks"),
 )
 
 

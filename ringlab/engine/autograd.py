@@ -122,13 +122,15 @@ def _store(dst, src, into) -> None:
         dst.copy_(src)
 
 
-def exact_attention(q, k, v, algorithm, model: tuple[str, dict], *, chunked: bool = True):
+def exact_attention(q, k, v, algorithm, model: tuple[str, dict], *, chunked: bool = True, kv_unit: int = 1):
     """(out, lse) of ``algorithm`` on q, k, v, differentiable in all three (first order).
 
     ``model`` = (memory-model mode, its Problem fields beyond the shapes) explains an
     out-of-memory error with what the call needed. ``chunked=False`` runs all heads at once
-    (for algorithms with no accumulators)."""
-    chunks = head_chunks(*q.shape, q.dtype, q.device.type, k.shape[2]) if chunked else [slice(0, q.shape[2])]
+    (for algorithms with no accumulators). Each chunk holds a multiple of ``kv_unit`` K/V
+    heads (Ulysses splits every chunk's K/V heads over its ranks)."""
+    chunks = (head_chunks(*q.shape, q.dtype, q.device.type, k.shape[2] // kv_unit) if chunked
+              else [slice(0, q.shape[2])])
     return _ExactAttention.apply(q, k, v, algorithm, chunks, model)
 
 

@@ -131,8 +131,13 @@ def check_ring(group, ring_size) -> None:
         raise ValueError("pass either group= (a torch.distributed ProcessGroup: real ring) or "
                          "ring_size= (simulated ring on one device), not both")
     if ring_size is not None:
-        if isinstance(ring_size, bool) or not isinstance(ring_size, numbers.Integral):
-            raise TypeError(f"ring_size must be an int, got {type(ring_size).__name__}")
-        if ring_size < 1:
-            raise ValueError(f"ring_size must be >= 1, got {ring_size}")
+        check_size("ring_size", ring_size)
+
+
+def check_size(name: str, value) -> None:
+    """A simulated rank count: an int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
 

@@ -88,8 +88,31 @@ class RingComm:
         return incoming, self.exchange([(self.next, tensor)], [(self.prev, incoming)], step=step,
                                        label=label, tag=tag)
 
+    def all_to_all(self, x, split: int, cat: int, *, step: int, label: str, tag: int = 0) -> "AllToAll":
+        """Post an all-to-all: cut ``x`` into world_size equal parts along dim ``split`` and send
+        part j to rank j; receive one part from every rank. ``AllToAll.wait()`` returns the
+        received parts joined along dim ``cat`` in rank order. Nothing is sent to oneself."""
+        parts = x.chunk(self.world_size, split)
+        got = [parts[i] if i == self.rank else torch.empty_like(parts[i]) for i in range(self.world_size)]
+        others = [i for i in range(self.world_size) if i != self.rank]
+        pending = self.exchange([(i, parts[i]) for i in others], [(i, got[i]) for i in others],
+                                step=step, label=label, tag=tag)
+        return AllToAll(got, pending, cat)
+
     def _post(self, sends, recvs, tag, pending) -> None:
         raise NotImplementedError
+
+
+@dataclass
+class AllToAll:
+    """A posted all-to-all: ``yield from a.wait()`` returns the joined result."""
+    parts: list
+    pending: Pending
+    cat: int
+
+    def wait(self):
+        yield from self.pending.wait()
+        return torch.cat(self.parts, self.cat)
 
 
 class P2PComm(RingComm):
@@ -129,15 +152,19 @@ class Mailbox:
 
 
 class SimComm(RingComm):
-    """One simulated rank; all ranks of a simulated ring share one mailbox."""
+    """One simulated rank; all ranks of a simulated run share one mailbox. ``members``: the
+    run-wide id of each rank of this group (default: the ranks themselves), so that several
+    groups of one simulated mesh address one mailbox, like subgroups of one world."""
 
-    def __init__(self, rank: int, world_size: int, mailbox: Mailbox):
+    def __init__(self, rank: int, world_size: int, mailbox: Mailbox, members: tuple[int, ...] | None = None):
         self.rank, self.world_size, self.mailbox = rank, world_size, mailbox
+        self.members = members or tuple(range(world_size))
 
     def _post(self, sends, recvs, tag, pending) -> None:
+        me = self.members[self.rank]
         for peer, t in sends:
-            self.mailbox.put((self.rank, peer, tag), t)
-        pending.deliveries = [(self.mailbox, (peer, self.rank, tag), buf) for peer, buf in recvs]
+            self.mailbox.put((me, self.members[peer], tag), t)
+        pending.deliveries = [(self.mailbox, (self.members[peer], me, tag), buf) for peer, buf in recvs]
 
 
 def run_rank(gen):

@@ -86,9 +86,10 @@ class RingConfig:
 
 
 def ring_config(q, k, v, *, group, ring_size, causal, layout, scale, segment_lengths=None,
-                dilation_rates=None, head_offsets="interleaved") -> RingConfig:
+                dilation_rates=None, head_offsets="interleaved", seq_len: int | None = None) -> RingConfig:
     """Check a ring call's arguments (no communication yet) and return its configuration.
-    ``segment_lengths`` None: ring attention; otherwise ring-dilated."""
+    ``segment_lengths`` None: ring attention; otherwise ring-dilated. ``seq_len``: the whole
+    sequence when q is not (a hybrid's Ulysses rank holds part of a ring shard)."""
     dilated = segment_lengths is not None
     if dilated:
         segs, rates, scale = check_dilated_args(q, k, v, segment_lengths, dilation_rates, causal, scale,
@@ -103,7 +104,8 @@ def ring_config(q, k, v, *, group, ring_size, causal, layout, scale, segment_len
         raise ValueError("pass group= (a torch.distributed ProcessGroup; q, k, v are this rank's "
                          "shards) or ring_size= (simulate that many ranks on this device)")
     p = ring_size if group is None else dist.get_world_size(group)
-    seq_len = q.shape[1] * (1 if group is None else p)
+    if seq_len is None:
+        seq_len = q.shape[1] * (1 if group is None else p)
     lay.check_split(seq_len, p, **({} if group is None else dict(what="sequence length (shard length x ranks)")))
     if dilated:
         check_choice("layout", layout, with_pieces())

@@ -11,6 +11,9 @@ Event kinds (all carry ``rank``, ``step`` and ``pass`` = "forward" | "backward")
   skip     a tile lay wholly in the future and was not computed: ``src``.
   post     sends and receives were posted: ``t``, ``bytes`` sent, ``peers``, ``label``.
   wait     the rank waited for them: ``posted``, ``t0``, ``t1``, ``bytes``, ``label``.
+Ulysses and hybrid calls (ringlab.engine.ulysses) add ``mesh_rank`` (the rank in the U x R
+mesh, ring-major: r * U + u) to every event, since ``rank`` there is the rank within the
+Ulysses group (all-to-all events, labels "a2a/...") or within the ring group (the rest).
 Times are ``time.perf_counter()`` seconds, comparable across processes of one machine.
 When no recorder is open, :func:`recording` is False and the engine records nothing.
 """
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 
 _open: list["Trace"] = []
 _pass = ["forward"]
+_fields: list[dict] = [{}]
 
 
 @dataclass
@@ -63,6 +67,7 @@ def recording() -> bool:
 
 
 def record(**event) -> None:
+    event = {**_fields[-1], **event}
     event.setdefault("pass", _pass[-1])
     for tr in _open:
         tr.events.append(event)
@@ -76,6 +81,20 @@ def in_pass(name: str):
         yield
     finally:
         _pass.pop()
+
+
+def tagged(gen, **fields):
+    """Run the generator ``gen`` (a rank's algorithm) with ``fields`` added to every event it
+    records; the fields hold only while it runs, so simulated ranks in lockstep keep theirs."""
+    while True:
+        _fields.append({**_fields[-1], **fields})
+        try:
+            item = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            _fields.pop()
+        yield item
 
 
 @contextlib.contextmanager

@@ -190,8 +190,9 @@ def _communication(pb: Problem, backward: bool) -> dict:
             per_step[f"branch {b} (w={w}, r={r}), each of {hops} hops"] = hop
             fwd += hops * hop
     bwd = 0
-    if backward:  # K/V again, and the float32 dK/dV accumulators riding along (and home)
-        bwd = fwd + fwd * 4 // e + (2 * n * pb.kv_heads * row * 4 if not pb.segments and p > 1 else 0)
+    if backward:  # K/V again, and the dK/dV accumulators (float32; float64 for float64) riding along (and home)
+        acc = pb.acc_bytes
+        bwd = fwd + fwd * acc // e + (2 * n * pb.kv_heads * row * acc if not pb.segments and p > 1 else 0)
     return dict(per_step=per_step, total_forward=fwd, total=fwd + bwd, backward=backward)
 
 

@@ -399,3 +399,120 @@ def planner_sweep(tokens=(2**20, 2**24, 2**27, 2**30), *, gpus=("h100", "h200", 
                              total=p.memory["total"], capacity=p.memory["capacity"], overlap_ratio=ratio,
                              link=link, seconds=p.compute["seconds_total"]))
     return rows
+
+
+# ---------------------------------------------------------------- ring, Ulysses and hybrid
+MESH_STRATEGIES = {"ring": lambda p: (1, p), "ulysses": lambda p: (p, 1), "hybrid": lambda p: (2, p // 2)}
+
+
+def _mesh_call(cfg: dict, q, k, v, **mesh) -> list[dict]:
+    """Trace events of one Ulysses / hybrid call (forward and backward) on q, k, v."""
+    import ringlab
+
+    from ..engine.trace import record_events
+    for x in (q, k, v):
+        x.requires_grad_()
+    with record_events() as tr:
+        ringlab.ulysses_attention(q, k, v, causal=cfg["causal"], layout=cfg["layout"], **mesh).sum().backward()
+    return tr.events
+
+
+def mesh_trace(ulysses_size: int = 2, ring_size: int = 2, seq_len: int = 64, *, heads: int = 4, kv_heads: int = 0,
+               head_dim: int = 16, causal: bool = True, layout: str = "zigzag", device: str = "auto") -> list[dict]:
+    """Trace events of a simulated U x R mesh (ringlab.ulysses_attention), forward and backward;
+    every event carries its ``mesh_rank``."""
+    cfg = dict(seq_len=seq_len, heads=heads, kv_heads=kv_heads or heads, head_dim=head_dim, causal=causal,
+               layout=layout)
+    return _mesh_call(cfg, *_random_qkv(cfg, seq_len, resolve_device(device)), ulysses_size=ulysses_size,
+                      ring_size=ring_size)
+
+
+def mesh_frames(events, ulysses_size: int, ring_size: int, seq_len: int, heads: int, layout: str) -> list[dict]:
+    """The forward of a mesh trace as frames: what each mesh rank holds in each phase.
+
+    Phases come from the trace: the all-to-all to heads, each ring step (the K/V block a rank
+    attends, by its source ring rank) and the all-to-all back. Each frame: ``label``,
+    ``holds`` (mesh rank x token: 0 nothing, 1 its query tokens, 2 a visiting K/V block),
+    ``heads`` (per mesh rank, the [start, stop) of the heads it holds) and ``bytes`` (sent by
+    mesh rank 0 in that phase)."""
+    from ..engine.layout import shard_positions
+    u_size, r_size = ulysses_size, ring_size
+    ring_pos = [shard_positions(seq_len, r, r_size, layout).tolist() for r in range(r_size)]
+    own = {m: ring_pos[m // u_size] for m in range(u_size * r_size)}
+    piece = {m: own[m][(m % u_size) * len(own[m]) // u_size:(m % u_size + 1) * len(own[m]) // u_size] for m in own}
+    forward = [e for e in events if e.get("pass") == "forward"]
+    sent = lambda pred: sum(e["bytes"] for e in forward if e["kind"] == "post" and e["mesh_rank"] == 0 and pred(e))  # noqa: E731
+    group = heads // u_size
+
+    def frame(label, tokens, visiting, head_of, nbytes):
+        holds = [[0] * seq_len for _ in own]
+        for m in own:
+            for t in tokens[m]:
+                holds[m][t] = 1
+            for t in visiting.get(m, ()):
+                holds[m][t] = max(holds[m][t], 2)
+        return dict(label=label, holds=holds, heads=[head_of(m) for m in own], bytes=nbytes)
+
+    frames = [frame("start: sequence pieces, all heads", piece, {}, lambda m: (0, heads), 0)]
+    split = lambda m: ((m % u_size) * group, (m % u_size + 1) * group)  # noqa: E731
+    frames.append(frame("all-to-all: sequence for heads", own, {}, split,
+                        sent(lambda e: e["label"] in ("a2a/q", "a2a/kv"))))
+    for step in range(r_size):
+        visiting = {e["mesh_rank"]: ring_pos[e["src"]] for e in forward
+                    if e["kind"] in ("compute", "skip") and e["step"] == step and "src" in e}
+        frames.append(frame(f"ring step {step}", own, visiting, split,
+                            sent(lambda e, s=step: not e["label"].startswith("a2a/") and e["step"] == s)))
+    frames.append(frame("all-to-all back: heads for sequence", piece, {}, lambda m: (0, heads),
+                        sent(lambda e: e["label"] in ("a2a/out", "a2a/lse"))))
+    return frames
+
+
+def _mesh_bytes_rank(cfg: dict) -> dict:
+    """On every rank of a launched group: bytes this rank sent per strategy, by transfer kind."""
+    import ringlab
+    rank, p = dist.get_rank(), dist.get_world_size()
+    full = _random_qkv(cfg, cfg["seq_len"], "cpu")
+    sent = {}
+    for name, mesh in MESH_STRATEGIES.items():
+        u, r = mesh(p)
+        ulysses_group, ring_group = ringlab.mesh_groups(u, r)
+        q, k, v = (ringlab.shard_mesh(x, rank, u, r, cfg["layout"]).contiguous() for x in full)
+        posts = [e for e in _mesh_call(cfg, q, k, v, ulysses_group=ulysses_group, ring_group=ring_group)
+                 if e["kind"] == "post"]
+        a2a = sum(e["bytes"] for e in posts if e["label"].startswith("a2a/"))
+        sent[name] = {"all-to-all": a2a, "ring": sum(e["bytes"] for e in posts) - a2a}
+    return sent
+
+
+def mesh_bytes(world_size: int = 4, seq_len: int = 256, *, heads: int = 4, kv_heads: int = 0, head_dim: int = 16,
+               causal: bool = True, layout: str = "zigzag", timeout: float = 300) -> list[dict]:
+    """Bytes each rank sends in one call (forward and backward) on ``world_size`` gloo ranks, as
+    the ring (1 x P), Ulysses (P x 1) and the hybrid (2 x P/2), measured from their traces and
+    from the planner (ringlab.planning.strategies.traffic): one row per strategy, rank, kind."""
+    from ..engine.launch import launch
+    from ..planning.strategies import traffic
+    cfg = dict(seq_len=seq_len, heads=heads, kv_heads=kv_heads or heads, head_dim=head_dim, causal=causal,
+               layout=layout)
+    measured = launch(_mesh_bytes_rank, world_size, args=(cfg,), timeout=timeout)
+    pb = Problem(seq_len=seq_len, heads=heads, head_dim=head_dim, dtype="float32", world_size=world_size,
+                 causal=causal, layout=layout, kv_heads=kv_heads or heads)
+    rows = []
+    for name, mesh in MESH_STRATEGIES.items():
+        planned = traffic(pb, *mesh(world_size))
+        rows += [dict(strategy=name, rank=rank, kind=kind, measured=sent[name][kind], planned=planned[kind])
+                 for rank, sent in enumerate(measured) for kind in planned]
+    return rows
+
+
+def strategy_map(tokens=(2**17, 2**18, 2**19, 2**20, 2**21), gpus=(8, 16, 32, 64), *, gpu: str = "h100",
+                 gpus_per_node: int = 8, heads: int = 32, kv_heads: int = 8, head_dim: int = 128) -> list[dict]:
+    """The planner's best strategy on each (N, GPUs): one row per cell with each strategy's time."""
+    from ..planning.strategies import compare
+    rows = []
+    for n in tokens:
+        for g in gpus:
+            rep = compare(n, heads=heads, kv_heads=kv_heads, head_dim=head_dim, gpus=g, gpu=gpu,
+                          gpus_per_node=gpus_per_node, fewest=False)
+            rows.append(dict(tokens=n, gpus=g, best=rep.best, why=rep.why,
+                             seconds={s: p.time_s for s, p in rep.plans.items() if p.possible and p.fits}))
+    return rows

@@ -497,3 +497,71 @@ def save(name: str, figures: dict, *, data=None, params=None, summary=None, out_
                                     data=data), indent=1, default=str))
     written["json"] = str(meta)
     return written
+
+
+# ---------------------------------------------------------------- ring, Ulysses and hybrid
+MESH_NAMES = ["nothing", "its query tokens (and K/V)", "a visiting K/V block"]
+MESH_COLORS = ["#f2f2f2", "#0072B2", "#E69F00"]
+STRATEGY_COLORS = {"ring": "#0072B2", "ulysses": "#009E73", "hybrid": "#D55E00"}
+
+
+def mesh_figure(frames: list[dict], ulysses_size: int, *, title: str | None = None):
+    """An animated (mesh rank x token) grid, one frame per phase of a traced forward
+    (:func:`ringlab.workbench.experiments.mesh_frames`): which tokens each rank holds, and for
+    which heads (the row labels)."""
+    def data(f):
+        rows = [f"rank {m} (u={m % ulysses_size}, r={m // ulysses_size}) heads {a}-{b - 1}"
+                for m, (a, b) in enumerate(f["heads"])]
+        return [go.Heatmap(z=f["holds"], y=rows, zmin=-0.5, zmax=2.5, colorscale=_discrete_scale(MESH_COLORS),
+                           colorbar=dict(tickvals=[0, 1, 2], ticktext=MESH_NAMES, title="holds"),
+                           hovertemplate="%{y}<br>token %{x}<extra></extra>")]
+    label = lambda f: f"{f['label']} ({f['bytes']:,} B sent by rank 0)"  # noqa: E731
+    frames_ = [go.Frame(name=label(f), data=data(f)) for f in frames]
+    fig = go.Figure(data=frames_[0].data, frames=frames_)
+    steps = [dict(method="animate", label=f.name, args=[[f.name], dict(mode="immediate", frame=dict(duration=0, redraw=True))])
+             for f in frames_]
+    fig.update_layout(
+        title=title or f"Who holds which tokens and heads: {ulysses_size} x {len(frames[0]['holds']) // ulysses_size} mesh (forward)",
+        xaxis=dict(title="token position"), yaxis=dict(autorange="reversed"),
+        sliders=[dict(steps=steps, currentvalue=dict(prefix=""), pad=dict(t=50), x=0.15, len=0.85)],
+        updatemenus=[dict(type="buttons", showactive=False, direction="left", x=0, y=-0.1, xanchor="left",
+                          yanchor="top", pad=dict(t=50), buttons=[
+            dict(label="play", method="animate", args=[None, dict(frame=dict(duration=900, redraw=True), fromcurrent=True)]),
+            dict(label="pause", method="animate", args=[[None], dict(mode="immediate", frame=dict(duration=0))])])],
+        height=160 + 40 * len(frames[0]["holds"]))
+    return fig
+
+
+def mesh_bytes_figure(rows: list[dict], *, title: str | None = None):
+    """Bytes per rank per strategy: measured (bars, from gloo traces) against the planner (markers)."""
+    fig = go.Figure()
+    for kind, pattern in (("all-to-all", ""), ("ring", "/")):
+        sub = [r for r in rows if r["kind"] == kind]
+        x = [[r["strategy"] for r in sub], [f"rank {r['rank']}" for r in sub]]
+        fig.add_bar(x=x, y=[r["measured"] for r in sub], name=f"{kind}, measured", marker_pattern_shape=pattern,
+                    marker_color=[STRATEGY_COLORS[r["strategy"]] for r in sub])
+        fig.add_scatter(x=x, y=[r["planned"] for r in sub], mode="markers", name=f"{kind}, planner",
+                        marker=dict(symbol="x" if kind == "ring" else "circle-open", size=12, color="#000000"))
+    fig.update_layout(barmode="group", title=title or "Bytes each rank sends in one call: traces vs planner",
+                      yaxis=dict(title="bytes sent (forward + backward)"), height=460)
+    fit_legend(fig)
+    return fig
+
+
+def strategy_map_figure(rows: list[dict], *, title: str | None = None):
+    """The planner's best strategy over (N, GPUs), hover naming why."""
+    tokens = sorted({r["tokens"] for r in rows})
+    gpus = sorted({r["gpus"] for r in rows})
+    names = list(STRATEGY_COLORS)
+    cell = {(r["tokens"], r["gpus"]): r for r in rows}
+    z = [[names.index(cell[n, g]["best"]) if cell[n, g]["best"] else None for n in tokens] for g in gpus]
+    text = [[cell[n, g]["best"] or "none fits" for n in tokens] for g in gpus]
+    why = [[cell[n, g]["why"] for n in tokens] for g in gpus]
+    fig = go.Figure(go.Heatmap(z=z, x=[tokens_label(n) for n in tokens], y=[str(g) for g in gpus], text=text,
+                               customdata=why, texttemplate="%{text}", zmin=-0.5, zmax=len(names) - 0.5,
+                               colorscale=_discrete_scale(list(STRATEGY_COLORS.values())), showscale=False,
+                               hovertemplate="%{x} tokens on %{y} GPUs: %{text}<br>%{customdata}<extra></extra>"))
+    fig.update_layout(title=title or "Fastest strategy that fits, per the planner (H100 nodes of 8)",
+                      xaxis=dict(title="sequence length (tokens)", type="category"),
+                      yaxis=dict(title="GPUs", type="category"), height=420)
+    return fig

@@ -1,0 +1,275 @@
+"""Which way to spread a sequence over G GPUs: the ring, Ulysses or their hybrid (dense attention).
+
+    report = strategies.compare(2**20, heads=32, kv_heads=8, head_dim=128, gpus=32, gpu="h100")
+    print(report.table());  report.best
+
+A strategy is a U x R mesh (ringlab.engine.ulysses): ring = 1 x G, Ulysses = G x 1, hybrid =
+U x G/U with U the largest divisor of H_kv and of the GPUs per node (Ulysses inside a node).
+For each it reports, per GPU: memory by term, the bytes of each transfer and the link it
+takes (NVLink inside a node, InfiniBand across nodes; the worst GPU), whether it hides behind
+compute, and the fewest GPUs that fit N tokens. ``best`` is the strategy that fits with the
+least time, compute plus the transfer time that does not hide. Link and device numbers come
+from the editable profiles (``devices.json``).
+
+The bytes are the engine's, message for message (tests compare them with traces):
+  * all-to-all: each of the forward's q, k/v, out (input dtype) and lse (accumulation dtype),
+    and the backward's k/v, q, dout, out, lse (dlse) then dq, dk/dv, sends (U-1)/U of the tensor;
+    it cannot overlap attention, which needs all tokens of its heads first;
+  * ring: the ring's K/V hops and dK/dV accumulators (``planner``) on H/U heads over R ranks,
+    each hop hiding behind one step's compute when the link is fast enough.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, replace
+
+from ..engine.layout import LAYOUTS
+from .memory_model import Problem, estimate
+from .planner import Device, _communication, _overlap, devices, parse_tokens
+
+STRATEGIES = ("ring", "ulysses", "hybrid")
+NVLINK, IB = "NVLink", "InfiniBand"
+
+
+def mesh_problem(pb: Problem, ulysses: int, ring: int) -> Problem:
+    """What one rank runs after the all-to-all: the ring on H/U heads over R ranks."""
+    return replace(pb, heads=pb.heads // ulysses, kv_heads=pb.kv_heads // ulysses, world_size=ring)
+
+
+def traffic(pb: Problem, ulysses: int, ring: int, *, backward: bool = True, dlse: bool = False) -> dict:
+    """Bytes one GPU sends in one call on a ``ulysses`` x ``ring`` mesh over ``pb.seq_len``
+    tokens, as the engine's trace counts them: {"all-to-all": ..., "ring": ...}. ``dlse``: the
+    loss used lse (the backward then also trades its gradient)."""
+    u, n = ulysses, pb.seq_len // (ulysses * ring)
+    e, acc = pb.item_bytes, pb.acc_bytes
+    q, kv, lse = pb.elements(n), 2 * pb.kv_elements(n), pb.lse_elements(n)
+    sent = lambda elements: elements // u * (u - 1)  # noqa: E731 - all but one's own piece
+    a2a = sent(2 * q + kv) * e + sent(lse) * acc  # q, k/v; out, lse
+    if backward:  # k/v, q, dout, out, lse (dlse) to heads; dq, dk/dv back
+        a2a += sent(3 * q + kv) * e + sent(lse) * acc * (2 if dlse else 1) + sent(q + kv) * e
+    return {"all-to-all": a2a, "ring": _communication(mesh_problem(pb, u, ring), backward)["total"]}
+
+
+def memory(pb: Problem, ulysses: int, ring: int, backward: bool = True) -> dict:
+    """Per-GPU memory by term: the ring's on H/U heads over R ranks (the same resident inputs:
+    N/(U R) tokens of H heads is N/R tokens of H/U), plus the all-to-all's head-sharded copies
+    (modelled from the code, not yet measured): k/v stacked and received, q received; in the
+    backward also dout, out and lse."""
+    est = estimate(mesh_problem(pb, ulysses, ring), "ring", backward=backward)
+    terms = dict(est.terms)
+    if ulysses > 1:
+        n = pb.seq_len // ring
+        small = mesh_problem(pb, ulysses, ring)
+        copies = 2 * 2 * small.kv_elements(n) + small.elements(n) * (3 if backward else 1)
+        terms["all-to-all copies"] = copies * pb.item_bytes + (small.lse_elements(n) * pb.acc_bytes if backward else 0)
+    return dict(terms=terms, resident=est.resident, total=sum(terms.values()) + sum(est.resident.values()))
+
+
+def factorization(strategy: str, gpus: int, kv_heads: int, per_node: int) -> tuple[int, int] | str:
+    """(U, R) of ``strategy`` on ``gpus`` GPUs, or why it has none."""
+    if strategy == "ring":
+        return 1, gpus
+    if strategy == "ulysses":
+        if kv_heads % gpus:
+            return (f"Ulysses on {gpus} GPUs needs {gpus} to divide the {kv_heads} K/V heads "
+                    f"(at most {kv_heads} GPUs)")
+        return gpus, 1
+    u = max(d for d in range(1, per_node + 1) if kv_heads % d == 0 and per_node % d == 0 and gpus % d == 0)
+    if u == 1 or u == gpus:
+        return (f"no hybrid on {gpus} GPUs: the Ulysses size must divide the {kv_heads} K/V heads, the "
+                f"{per_node} GPUs per node and {gpus}, and leave a ring of at least 2")
+    return u, gpus // u
+
+
+def _splits(pb: Problem, u: int, r: int) -> bool:
+    return LAYOUTS[pb.layout].splits(pb.seq_len, r) and (pb.seq_len // r) % u == 0
+
+
+def _links(dev: Device, u: int, r: int, per_node: int, nbytes: dict) -> dict:
+    """Per link, the bytes the worst GPU sends on it. Ulysses groups are U consecutive ranks:
+    inside a node when U <= GPUs per node, else (U - per node) / (U - 1) of each GPU's
+    all-to-all peers sit in other nodes. Ring neighbours are U ranks apart: the ring crosses
+    nodes when U R > GPUs per node, and the GPU at a node's edge sends all its hops on IB."""
+    a2a, hops = nbytes["all-to-all"], nbytes["ring"]
+    off = max(0, u - per_node) * a2a // (u - 1) if u > 1 else 0
+    ring_ib = u * r > per_node
+    return {NVLINK: a2a - off + (0 if ring_ib else hops), IB: off + (hops if ring_ib else 0)}
+
+
+@dataclass
+class StrategyPlan:
+    strategy: str
+    possible: bool
+    why: str = ""
+    ulysses: int = 0
+    ring: int = 0
+    memory: dict = field(default_factory=dict)   # terms, resident, total (bytes per GPU)
+    fits: bool = False
+    bytes: dict = field(default_factory=dict)    # per link: bytes the worst GPU sends in one call
+    transfers: list = field(default_factory=list)  # one per transfer kind: bytes, link, seconds, hides
+    compute_s: float = 0.0
+    exposed_s: float = 0.0                       # transfer time that does not hide behind compute
+    fewest_gpus: int | None = None
+
+    @property
+    def time_s(self) -> float:
+        return self.compute_s + self.exposed_s
+
+
+def _plan_one(pb: Problem, dev: Device, strategy: str, gpus: int, per_node: int, backward: bool,
+              fewest: bool) -> StrategyPlan:
+    mesh = factorization(strategy, gpus, pb.kv_heads, per_node)
+    fewest = fewest_gpus(pb, dev, strategy, per_node, backward) if fewest else None
+    if isinstance(mesh, str):
+        return StrategyPlan(strategy, False, mesh, fewest_gpus=fewest)
+    u, r = mesh
+    if not _splits(pb, u, r):
+        return StrategyPlan(strategy, False, f"layout {pb.layout!r} cannot split {pb.seq_len:,} tokens over "
+                            f"{r} ring ranks and then {u} Ulysses ranks", u, r, fewest_gpus=fewest)
+    mem = memory(pb, u, r, backward)
+    nbytes = traffic(pb, u, r, backward=backward)
+    links = _links(dev, u, r, per_node, nbytes)
+    pairs = pb.seq_len * (pb.seq_len + 1) / 2 if pb.causal else pb.seq_len ** 2
+    compute = 4 * pb.batch * pb.heads * pb.head_dim * pairs / gpus * (3.5 if backward else 1.0) / dev.flops(pb.dtype)
+    transfers, exposed = [], 0.0
+    if u > 1:
+        off = links[IB] - (nbytes["ring"] if u * r > per_node else 0)
+        seconds = (nbytes["all-to-all"] - off) / (dev.nvlink_gb_s * 1e9) + off / (dev.ib_gb_s * 1e9)
+        transfers.append(dict(name="all-to-all", bytes=nbytes["all-to-all"], link=IB if off else NVLINK,
+                              seconds=seconds, hides=False, why="attention needs all tokens of its heads first"))
+        exposed += seconds
+    if r > 1:
+        # Ring hops: one step's compute against one hop, on the slowest link a ring step uses.
+        step = _overlap(mesh_problem(pb, u, r), replace(dev, gpus_per_node=max(1, per_node // u)))
+        link, o = (IB, step["InfiniBand (nodes)"]) if u * r > per_node else (NVLINK, step["NVLink (in node)"])
+        hops = 2 * r - 1 if backward else r - 1  # forward hops, then the backward's
+        bandwidth = (dev.ib_gb_s if link == IB else dev.nvlink_gb_s) * 1e9
+        transfers.append(dict(name="ring hops", bytes=nbytes["ring"], link=link, seconds=nbytes["ring"] / bandwidth,
+                              hides=o["hides"], why=f"a step's compute {o['compute_s'] * 1e3:.3f} ms vs its hop "
+                              f"{o['transfer_s'] * 1e3:.3f} ms"))
+        exposed += max(0.0, o["transfer_s"] - o["compute_s"]) * hops
+    return StrategyPlan(strategy, True, "", u, r, mem, mem["total"] <= dev.capacity, links, transfers, compute,
+                        exposed, fewest)
+
+
+def fewest_gpus(pb: Problem, dev: Device, strategy: str, per_node: int, backward: bool,
+                most: int = 1 << 16) -> int | None:
+    """The fewest GPUs on which ``strategy`` fits N tokens in memory (None: none up to ``most``).
+    Memory per GPU falls as GPUs are added, so a binary search over the counts the strategy
+    can use settles it."""
+    meshes = [factorization(strategy, g, pb.kv_heads, per_node)
+              for g in (range(1, pb.kv_heads + 1) if strategy == "ulysses" else _powers_and_multiples(most))]
+    counts = [u * r for u, r in (m for m in meshes if not isinstance(m, str)) if _splits(pb, u, r)]
+
+    def fits(g):
+        return memory(pb, *factorization(strategy, g, pb.kv_heads, per_node), backward)["total"] <= dev.capacity
+    lo, hi = 0, len(counts)
+    while lo < hi:  # the first count that fits
+        mid = (lo + hi) // 2
+        if fits(counts[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return counts[lo] if lo < len(counts) and fits(counts[lo]) else None
+
+
+def _powers_and_multiples(most: int) -> list[int]:
+    """GPU counts worth trying: 1..8, then multiples of 8 (whole nodes) up to ``most``."""
+    return [g for g in range(1, most + 1) if g <= 8 or g % 8 == 0]
+
+
+@dataclass
+class Report:
+    problem: dict
+    device: dict
+    gpus: int
+    gpus_per_node: int
+    plans: dict            # strategy -> StrategyPlan
+    best: str | None
+    why: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        gib = lambda b: f"{b / 2**30:,.2f} GiB"  # noqa: E731
+        p = self.problem
+        lines = [f"{p['seq_len']:,} tokens, H={p['heads']}, H_kv={p['kv_heads']}, D={p['head_dim']}, {p['dtype']}, "
+                 f"{'causal ' if p['causal'] else ''}{p['layout']}, on {self.gpus} x {self.device['name']} "
+                 f"({self.gpus_per_node} per node; NVLink {self.device['nvlink_gb_s']:g} GB/s, "
+                 f"InfiniBand {self.device['ib_gb_s']:g} GB/s per GPU)"]
+        for name, sp in self.plans.items():
+            lines += ["", f"{name}" + (f"  (U={sp.ulysses} x R={sp.ring})" if sp.possible else "")]
+            if not sp.possible:
+                lines.append(f"  not possible: {sp.why}")
+            else:
+                lines.append("  memory per GPU")
+                for term, b in {**sp.memory["resident"], **sp.memory["terms"]}.items():
+                    lines.append(f"    {term:<36} {gib(b):>12}")
+                lines.append(f"    {'total':<36} {gib(sp.memory['total']):>12}   "
+                             + ("fits" if sp.fits else "DOES NOT FIT"))
+                lines.append(f"  bytes per GPU: NVLink {gib(sp.bytes[NVLINK])}, InfiniBand {gib(sp.bytes[IB])}")
+                for t in sp.transfers:
+                    lines.append(f"    {t['name']:<12} {gib(t['bytes']):>12} on {t['link']:<10} {t['seconds'] * 1e3:10.2f} ms  "
+                                 f"{'hides' if t['hides'] else 'EXPOSED'} ({t['why']})")
+                lines.append(f"  compute {sp.compute_s * 1e3:,.1f} ms + exposed transfers {sp.exposed_s * 1e3:,.1f} ms "
+                             f"= {sp.time_s * 1e3:,.1f} ms")
+            lines.append(f"  fewest GPUs for {p['seq_len']:,} tokens: "
+                         + (f"{sp.fewest_gpus}" if sp.fewest_gpus else "none (memory or head count)"))
+        lines += ["", f"best: {self.best}: {self.why}" if self.best else f"best: none. {self.why}"]
+        return "\n".join(lines)
+
+
+def compare(tokens, *, heads: int, head_dim: int, gpus: int, kv_heads: int | None = None, dtype: str = "bfloat16",
+            gpu: str = "h100", gpus_per_node: int | None = None, batch: int = 1, causal: bool = True,
+            layout: str = "zigzag", backward: bool = True, strategies=STRATEGIES, device_profiles=None,
+            fewest: bool = True) -> Report:
+    """Plan dense attention over ``tokens`` on ``gpus`` GPUs for each of ``strategies`` and name
+    the best (see the module doc). ``gpus_per_node`` defaults to the device profile's.
+    ``fewest=False`` skips the search for each strategy's fewest GPUs (a map of many cells)."""
+    tokens = parse_tokens(tokens)
+    profiles = device_profiles or devices()
+    if gpu not in profiles:
+        raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(sorted(profiles))}")
+    dev = profiles[gpu]
+    per_node = gpus_per_node or dev.gpus_per_node
+    for name, val in (("gpus", gpus), ("gpus_per_node", per_node)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if gpus > per_node and gpus % per_node:
+        raise ValueError(f"gpus ({gpus}) must fill whole nodes of {per_node}")
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {s!r}")
+    pb = Problem(seq_len=tokens, heads=heads, head_dim=head_dim, batch=batch, dtype=dtype, world_size=gpus,
+                 causal=causal, layout=layout, device="cuda", kv_heads=kv_heads or heads)
+    plans = {s: _plan_one(pb, dev, s, gpus, per_node, backward, fewest) for s in strategies}
+    best, why = _best(plans, gpus)
+    return Report(dataclasses.asdict(pb), dataclasses.asdict(dev), gpus, per_node, plans, best, why)
+
+
+def _best(plans: dict, gpus: int) -> tuple[str | None, str]:
+    """The fitting strategy with the least time, and a sentence on why."""
+    ok = {s: p for s, p in plans.items() if p.possible and p.fits}
+    if not ok:
+        return None, f"no strategy fits on {gpus} GPUs; see each one's fewest GPUs"
+    win = min(ok, key=lambda s: ok[s].time_s)
+    w = ok[win]
+    reasons = []
+    for s, p in plans.items():
+        if s == win:
+            continue
+        if not p.possible:
+            reasons.append(f"{s} is not possible ({p.why})")
+        elif not p.fits:
+            reasons.append(f"{s} does not fit ({p.memory['total'] / 2**30:,.1f} GiB per GPU)")
+        else:
+            reasons.append(f"{s} exposes {p.exposed_s * 1e3:,.1f} ms of transfers against {w.exposed_s * 1e3:,.1f} ms "
+                           f"(+{(p.time_s / w.time_s - 1) * 100:.1f}% time)")
+    hidden = [t["name"] for t in w.transfers if t["hides"]]
+    shown = [f"{t['name']} on {t['link']}" for t in w.transfers if not t["hides"]]
+    own = (f"its {' and '.join(hidden)} hide behind compute" if hidden else "") + \
+          ((", " if hidden else "its ") + f"{' and '.join(shown)} cost {w.exposed_s * 1e3:,.1f} ms" if shown else "")
+    return win, f"{math.ceil(w.time_s * 1e3):,} ms per call; {own or 'nothing to send'}; " + "; ".join(reasons)

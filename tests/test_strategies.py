@@ -1,0 +1,78 @@
+"""The strategy planner: ring, Ulysses and hybrid compared (its bytes equal the traces: test_ulysses.py)."""
+
+import json
+
+import pytest
+
+from ringlab.cli import main
+from ringlab.planning import strategies
+from ringlab.planning.memory_model import Problem
+from ringlab.planning.strategies import IB, NVLINK, compare
+
+
+@pytest.fixture(scope="module")
+def million():
+    """The README's case: 1M tokens, 32 heads on 8 K/V heads, 4 nodes of 8 H100s."""
+    return compare(2**20, heads=32, kv_heads=8, head_dim=128, gpus=32, gpu="h100")
+
+
+def test_factorizations_and_links(million):
+    ring, ulysses, hybrid = (million.plans[s] for s in ("ring", "ulysses", "hybrid"))
+    assert (ring.ulysses, ring.ring) == (1, 32) and (hybrid.ulysses, hybrid.ring) == (8, 4)
+    assert not ulysses.possible and "divide the 8 K/V heads" in ulysses.why
+    # The hybrid's all-to-all stays in the node; its ring and the plain ring's edge hop cross nodes.
+    assert hybrid.bytes[NVLINK] == strategies.traffic(_problem(million), 8, 4)["all-to-all"]
+    assert hybrid.bytes[IB] == strategies.traffic(_problem(million), 8, 4)["ring"]
+    assert ring.bytes == {NVLINK: 0, IB: strategies.traffic(_problem(million), 1, 32)["ring"]}
+    # A hybrid hop carries as many bytes as a ring hop (H_kv / 8 heads of N / 4 tokens against
+    # H_kv heads of N / 32), but its ring has 4 ranks, not 32.
+    assert hybrid.bytes[IB] < ring.bytes[IB] / 8
+
+
+def _problem(report):
+    return Problem(**report.problem)
+
+
+def test_best_is_the_fastest_that_fits(million):
+    fitting = {s: p for s, p in million.plans.items() if p.possible and p.fits}
+    assert million.best == min(fitting, key=lambda s: fitting[s].time_s)
+    assert "ulysses is not possible" in million.why
+    table = million.table()
+    assert f"best: {million.best}" in table and "fewest GPUs for 1,048,576 tokens" in table
+
+
+def test_short_sequences_favour_the_hybrid():
+    """At 4K tokens per GPU a ring hop on InfiniBand no longer hides; the hybrid's ring is 8x
+    shorter in bytes and steps, its all-to-all on NVLink."""
+    report = compare(2**17, heads=32, kv_heads=8, head_dim=128, gpus=32)
+    assert report.best == "hybrid"
+    ring_hops = [t for t in report.plans["ring"].transfers if t["name"] == "ring hops"][0]
+    assert not ring_hops["hides"] and ring_hops["link"] == IB
+
+
+def test_ulysses_in_one_node():
+    report = compare(2**17, heads=32, kv_heads=8, head_dim=128, gpus=8)
+    ulysses = report.plans["ulysses"]
+    assert ulysses.possible and ulysses.bytes[IB] == 0 and ulysses.fits
+    assert not report.plans["hybrid"].possible  # one node: U = 8 leaves no ring
+
+
+def test_fewest_gpus_fit_and_half_as_many_do_not():
+    report = compare(2**24, heads=32, kv_heads=8, head_dim=128, gpus=64)
+    fewest = {name: sp.fewest_gpus for name, sp in report.plans.items()}
+    assert fewest["ulysses"] is None  # 16M tokens need more than the 8 GPUs Ulysses can use
+    for name in ("ring", "hybrid"):
+        at = lambda g: compare(2**24, heads=32, kv_heads=8, head_dim=128, gpus=g, strategies=(name,)).plans[name]  # noqa: E731
+        assert at(fewest[name]).fits and not at(fewest[name] // 2).fits, name
+
+
+def test_cli_strategy(capsys):
+    args = ["plan", "--tokens", "128K", "--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--gpus", "32"]
+    assert main([*args, "--strategy", "best"]) == 0
+    assert "best: hybrid" in capsys.readouterr().out
+    assert main([*args, "--strategy", "hybrid", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert list(printed["plans"]) == ["hybrid"] and printed["plans"]["hybrid"]["ulysses"] == 8
+    with pytest.raises(SystemExit):
+        main(["plan", "--tokens", "128K", "--heads", "32", "--head-dim", "128", "--strategy", "best"])
+    assert "pass --gpus" in capsys.readouterr().err
