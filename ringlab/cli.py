@@ -107,14 +107,15 @@ def _strategies(args, profiles) -> int:
 
     if args.gpus is None:
         raise ValueError("--strategy compares strategies on a given number of GPUs: pass --gpus")
-    if args.segments or args.rates or args.dry_run:
-        raise ValueError("--strategy plans dense attention: leave out --segments, --rates and --dry-run "
-                         "(plan ring-dilated attention without --strategy)")
+    if args.dry_run:
+        raise ValueError("--strategy has no --dry-run: dry-run one strategy's ring with a plain plan")
     report = compare(args.tokens, heads=args.heads, head_dim=args.head_dim, gpus=args.gpus, kv_heads=args.kv_heads,
                      dtype=DTYPE_ALIASES.get(args.dtype, args.dtype), gpu=args.gpu, gpus_per_node=args.gpus_per_node,
                      batch=args.batch, causal=not args.no_causal, layout=args.layout,
                      backward=not args.forward_only, device_profiles=profiles,
-                     strategies=STRATEGIES if args.strategy == "best" else (args.strategy,))
+                     strategies=STRATEGIES if args.strategy == "best" else (args.strategy,),
+                     segments=_ints(args.segments, "--segments") if args.segments else (),
+                     rates=_ints(args.rates, "--rates") if args.rates else (), head_offsets=args.head_offsets)
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=1, default=str)
         print()

@@ -76,3 +76,20 @@ def test_cli_strategy(capsys):
     with pytest.raises(SystemExit):
         main(["plan", "--tokens", "128K", "--heads", "32", "--head-dim", "128", "--strategy", "best"])
     assert "pass --gpus" in capsys.readouterr().err
+
+
+def test_dilated_strategies_plan_ring_dilated_on_the_ring_dimension(capsys):
+    """Dilation cuts the compute by the score pairs it skips; every strategy still plans, and
+    the ring dimension's layout must hold whole pieces."""
+    kw = dict(heads=32, kv_heads=8, head_dim=128, gpus=32)
+    dense = compare(2**20, **kw)
+    dilated = compare(2**20, segments=(4096, 65536, 2**20), rates=(1, 4, 16), **kw)
+    for name in ("ring", "hybrid"):
+        assert dilated.plans[name].compute_s < dense.plans[name].compute_s / 4, name
+        assert dilated.plans[name].memory["total"] < dense.plans[name].memory["total"], name
+    assert "dilated, segments [4096, 65536, 1048576]" in dilated.table()
+    with pytest.raises(ValueError, match="layout"):
+        compare(2**20, segments=(4096,), rates=(1,), layout="striped", **kw)
+    args = ["plan", "--tokens", "1M", "--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--gpus", "32"]
+    assert main([*args, "--strategy", "best", "--segments", "4096,65536,1M", "--rates", "1,4,16"]) == 0
+    assert "best: " in capsys.readouterr().out

@@ -113,6 +113,20 @@ def test_simulated_bytes_per_rank_equal_planner(mesh):
         assert _sent(e for e in tr.events if e["mesh_rank"] == m) == expected, m
 
 
+@pytest.mark.parametrize("mesh", [(2, 2), (4, 1)])
+def test_simulated_dilated_bytes_of_the_first_ring_rank_equal_planner(mesh):
+    """Ring-dilated over the ring dimension: the planner counts ring rank 0's sub-ring hops."""
+    u, r = mesh
+    n, h, kv, segs, rates = 64, 4, 4, (8, 32, 64), (1, 2, 4)
+    q, k, v = (x.bfloat16().requires_grad_() for x in _inputs(n, h, kv, seed=7))
+    with record_events() as tr:
+        ringlab.ulysses_dilated_attention(q, k, v, segs, rates, ulysses_size=u, ring_size=r, causal=True,
+                                          layout="zigzag").sum().backward()
+    pb = Problem(seq_len=n, heads=h, head_dim=8, batch=2, dtype="bfloat16", kv_heads=kv, world_size=u * r,
+                 causal=True, layout="zigzag", segments=segs, rates=rates)
+    assert _sent(e for e in tr.events if e["mesh_rank"] == 0) == strategies.traffic(pb, u, r)
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", [c for c in mesh_cases(MESH_WORLD_SIZE) if c["fn"] == "ring"]
                          + [c for c in ring_cases(MESH_WORLD_SIZE) if c["layout"] == "zigzag"],
@@ -169,3 +183,25 @@ def test_distributed_one_rank_mesh_is_attention(one_rank_group):
 def test_gloo_mesh_matches_reference(case):
     got, per_rank = gathered(MESH_WORLD_SIZE, case)
     check_case(case, got, per_rank)
+
+
+MEMORY_CASES = [(2, 1, False, "contiguous", "float32", 4), (4, 1, True, "contiguous", "bfloat16", 4),
+                (2, 2, True, "zigzag", "float32", 2), (2, 2, False, "contiguous", "bfloat16", 4)]
+
+
+@pytest.mark.parametrize("dilated", [False, True])
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("u,r,causal,layout,dtype,kv_heads", MEMORY_CASES)
+def test_memory_model_matches_each_mesh_ranks_measured_peak(u, r, causal, layout, dtype, kv_heads, backward, dilated):
+    """Each mesh rank's own code, run alone with instant transfers on CPU, measured by the
+    tracker: the planner's terms (the ring's on H/U heads plus the all-to-all copies, or the
+    K/V join when that is larger) agree."""
+    from ringlab.planning.dryrun import run_one_mesh_rank
+
+    branches = dict(segments=(64, 256, 1024), rates=(1, 2, 4)) if dilated else {}
+    pb = Problem(1024, 4, 32, dtype=dtype, world_size=u * r, causal=causal, layout=layout, kv_heads=kv_heads,
+                 **branches)
+    model = sum(strategies.memory(pb, u, r, backward=backward)["terms"].values())
+    for rank in sorted({0, u * r - 1}):
+        measured = run_one_mesh_rank(pb, u, r, rank, backward=backward)
+        assert abs(model - measured) <= 0.1 * measured, (rank, model, measured)

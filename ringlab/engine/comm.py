@@ -112,7 +112,9 @@ class AllToAll:
 
     def wait(self):
         yield from self.pending.wait()
-        return torch.cat(self.parts, self.cat)
+        joined = torch.cat(self.parts, self.cat)
+        self.parts = []  # the pieces (and, through our own, the sent tensor) can go now
+        return joined
 
 
 class P2PComm(RingComm):

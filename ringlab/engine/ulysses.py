@@ -121,32 +121,37 @@ def _to_heads(comm: RingComm, named) -> list:
 
 def forward_rank(mesh: Mesh, q, k, v, *, config: MeshConfig, heads: slice):
     """One mesh rank's forward (a generator; see ringlab.engine.comm): (out, lse) of its shard."""
-    u, forward = mesh.ulysses, rank_functions(config.ring)[0]
-    posted = _to_heads(u, [("kv", torch.stack([k, v]), 3, 2), ("q", q, 2, 1)])
-    kv = yield from posted[0].wait()
-    q = yield from posted[1].wait()
+    u, forward, dtype = mesh.ulysses, rank_functions(config.ring)[0], q.dtype
+    kv, q = _to_heads(u, [("kv", torch.stack([k, v]), 3, 2), ("q", q, 2, 1)])
+    kv = yield from kv.wait()
+    q = yield from q.wait()
     out, lse = yield from forward(mesh.ring, q, kv[0], kv[1], heads=_head_group(heads, u))
-    back = [u.all_to_all(out.to(q.dtype), 1, 2, step=1, label="a2a/out", tag=0),
-            u.all_to_all(lse, 2, 1, step=1, label="a2a/lse", tag=1)]
-    out = yield from back[0].wait()
-    lse = yield from back[1].wait()
+    del q, kv  # the way back needs only out and lse
+    out = u.all_to_all(out.to(dtype), 1, 2, step=1, label="a2a/out", tag=0)
+    lse = u.all_to_all(lse, 2, 1, step=1, label="a2a/lse", tag=1)
+    out = yield from out.wait()
+    lse = yield from lse.wait()
     return out, lse
 
 
 def backward_rank(mesh: Mesh, dout, q, k, v, out, lse, dlse, *, config: MeshConfig, heads: slice):
     """One mesh rank's backward (a generator): (dq, dk, dv) of its shard."""
-    u, backward = mesh.ulysses, rank_functions(config.ring)[1]
+    u, backward, dtype = mesh.ulysses, rank_functions(config.ring)[1], q.dtype
     named = [("kv", torch.stack([k, v]), 3, 2), ("q", q, 2, 1), ("dout", dout, 2, 1), ("out", out, 2, 1),
              ("lse", lse, 1, 2)] + ([] if dlse is None else [("dlse", dlse, 1, 2)])
+    posted = _to_heads(u, named)
     got = []
-    for a in _to_heads(u, named):
-        got.append((yield from a.wait()))
+    while posted:
+        got.append((yield from posted.pop(0).wait()))
     kv, q, dout, out, lse, dlse = *got[:5], (got[5] if dlse is not None else None)
+    del got
     dq, dk, dv = yield from backward(mesh.ring, dout, q, kv[0], kv[1], out, lse, dlse, heads=_head_group(heads, u))
-    back = [u.all_to_all(torch.stack([dk, dv]).to(q.dtype), 2, 3, step=1, label="a2a/dkv", tag=0),
-            u.all_to_all(dq.to(q.dtype), 1, 2, step=1, label="a2a/dq", tag=1)]
-    dkv = yield from back[0].wait()
-    dq = yield from back[1].wait()
+    del kv, q, dout, out, lse, dlse  # the way back needs only the gradients
+    dkv = u.all_to_all(torch.stack([dk, dv]).to(dtype), 2, 3, step=1, label="a2a/dkv", tag=0)
+    del dk, dv
+    dq = u.all_to_all(dq.to(dtype), 1, 2, step=1, label="a2a/dq", tag=1)
+    dkv = yield from dkv.wait()
+    dq = yield from dq.wait()
     return dq, dkv[0], dkv[1]
 
 

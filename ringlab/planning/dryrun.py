@@ -18,6 +18,7 @@ internal workspace is not allocated on meta; the report adds the CUDA kernel-scr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 
 import torch
@@ -141,6 +142,32 @@ def run_one_rank(pb: Problem, rank: int = 0, *, backward: bool = True, device="m
     tracker = AllocationTracker(existing=(q, k, v, dout)) if meta else memory.track(device)
     with tracker as report, torch.enable_grad():
         out, lse = exact_attention(q, k, v, algorithm, pb.ring_config().model(simulated=False))
+        if backward:
+            out.backward(dout.detach())
+        del out, lse
+    return report.peak
+
+
+def run_one_mesh_rank(pb: Problem, ulysses: int, ring: int, rank: int = 0, *, backward: bool = True,
+                      device="cpu") -> int:
+    """:func:`run_one_rank` for a Ulysses or hybrid call on a ``ulysses`` x ``ring`` mesh
+    (ringlab.engine.ulysses): mesh rank ``rank``'s generators, all-to-alls and ring hops
+    completing at once; the peak bytes the call allocated on this rank."""
+    from ..engine.ulysses import Mesh, MeshConfig, backward_rank, forward_rank
+
+    dtype = getattr(torch, pb.dtype)
+    local = pb.seq_len // (ulysses * ring)
+    q, k, v, dout = (torch.empty(pb.batch, local, h, pb.head_dim, dtype=dtype, device=device)
+                     .requires_grad_(backward) for h in (pb.heads, pb.kv_heads, pb.kv_heads, pb.heads))
+    config = MeshConfig(dataclasses.replace(pb, world_size=ring).ring_config(), ulysses)
+    r, u = divmod(rank, ulysses)
+    algorithm = _OneRank(functools.partial(forward_rank, config=config),
+                         functools.partial(backward_rank, config=config),
+                         Mesh(InstantComm(u, ulysses), InstantComm(r, ring)))
+    meta = torch.device(device).type == "meta"
+    tracker = AllocationTracker(existing=(q, k, v, dout)) if meta else memory.track(device)
+    with tracker as report, torch.enable_grad():
+        out, lse = exact_attention(q, k, v, algorithm, config.model(), kv_unit=ulysses)
         if backward:
             out.backward(dout.detach())
         del out, lse

@@ -1,4 +1,4 @@
-"""Which way to spread a sequence over G GPUs: the ring, Ulysses or their hybrid (dense attention).
+"""Which way to spread a sequence over G GPUs: the ring, Ulysses or their hybrid (dense or dilated).
 
     report = strategies.compare(2**20, heads=32, kv_heads=8, head_dim=128, gpus=32, gpu="h100")
     print(report.table());  report.best
@@ -25,9 +25,10 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, replace
 
-from ..engine.layout import LAYOUTS
+from ..engine.checks import HEAD_OFFSETS, check_branches, check_choice
+from ..engine.layout import LAYOUTS, with_pieces
 from .memory_model import Problem, estimate
-from .planner import Device, _communication, _overlap, devices, parse_tokens
+from .planner import Device, _communication, _overlap, _pairs_per_rank, devices, parse_tokens
 
 STRATEGIES = ("ring", "ulysses", "hybrid")
 NVLINK, IB = "NVLink", "InfiniBand"
@@ -53,17 +54,22 @@ def traffic(pb: Problem, ulysses: int, ring: int, *, backward: bool = True, dlse
 
 
 def memory(pb: Problem, ulysses: int, ring: int, backward: bool = True) -> dict:
-    """Per-GPU memory by term: the ring's on H/U heads over R ranks (the same resident inputs:
-    N/(U R) tokens of H heads is N/R tokens of H/U), plus the all-to-all's head-sharded copies
-    (modelled from the code, not yet measured): k/v stacked and received, q received; in the
-    backward also dout, out and lse."""
-    est = estimate(mesh_problem(pb, ulysses, ring), "ring", backward=backward)
+    """Per-GPU memory by term: the ring's (or ring-dilated's) on H/U heads over R ranks (the
+    same resident inputs: N/(U R) tokens of H heads is N/R tokens of H/U), plus the
+    all-to-all's head-sharded copies that live through it: k/v and q received; in the backward
+    also dout, out and lse, and k/v stacked once more. When that ring is small (dilated
+    attention), the peak comes earlier instead, as K/V joins its pieces: k/v stacked to send,
+    the pieces of k/v and q received, and the joined k/v. Tests measure both."""
+    small = mesh_problem(pb, ulysses, ring)
+    est = estimate(small, "ring_dilated" if pb.segments else "ring", backward=backward)
     terms = dict(est.terms)
     if ulysses > 1:
-        n = pb.seq_len // ring
-        small = mesh_problem(pb, ulysses, ring)
-        copies = 2 * 2 * small.kv_elements(n) + small.elements(n) * (3 if backward else 1)
-        terms["all-to-all copies"] = copies * pb.item_bytes + (small.lse_elements(n) * pb.acc_bytes if backward else 0)
+        u, n = ulysses, pb.seq_len // ring
+        kv, q = 2 * small.kv_elements(n) * pb.item_bytes, small.elements(n) * pb.item_bytes
+        terms["all-to-all copies"] = (2 * kv + 3 * q + small.lse_elements(n) * pb.acc_bytes) if backward else kv + q
+        joining = kv * (3 * u - 1) // u + q * (u - 1) // u
+        if joining > sum(terms.values()):
+            terms = {"all-to-all: K/V joining": joining}
     return dict(terms=terms, resident=est.resident, total=sum(terms.values()) + sum(est.resident.values()))
 
 
@@ -131,7 +137,7 @@ def _plan_one(pb: Problem, dev: Device, strategy: str, gpus: int, per_node: int,
     mem = memory(pb, u, r, backward)
     nbytes = traffic(pb, u, r, backward=backward)
     links = _links(dev, u, r, per_node, nbytes)
-    pairs = pb.seq_len * (pb.seq_len + 1) / 2 if pb.causal else pb.seq_len ** 2
+    pairs = _pairs_per_rank(replace(pb, world_size=1))  # per head, dilated or dense
     compute = 4 * pb.batch * pb.heads * pb.head_dim * pairs / gpus * (3.5 if backward else 1.0) / dev.flops(pb.dtype)
     transfers, exposed = [], 0.0
     if u > 1:
@@ -196,7 +202,8 @@ class Report:
     def table(self) -> str:
         gib = lambda b: f"{b / 2**30:,.2f} GiB"  # noqa: E731
         p = self.problem
-        lines = [f"{p['seq_len']:,} tokens, H={p['heads']}, H_kv={p['kv_heads']}, D={p['head_dim']}, {p['dtype']}, "
+        dilated = (f"dilated, segments {list(p['segments'])}, rates {list(p['rates'])}, " if p["segments"] else "")
+        lines = [f"{p['seq_len']:,} tokens, {dilated}H={p['heads']}, H_kv={p['kv_heads']}, D={p['head_dim']}, {p['dtype']}, "
                  f"{'causal ' if p['causal'] else ''}{p['layout']}, on {self.gpus} x {self.device['name']} "
                  f"({self.gpus_per_node} per node; NVLink {self.device['nvlink_gb_s']:g} GB/s, "
                  f"InfiniBand {self.device['ib_gb_s']:g} GB/s per GPU)"]
@@ -225,11 +232,17 @@ class Report:
 def compare(tokens, *, heads: int, head_dim: int, gpus: int, kv_heads: int | None = None, dtype: str = "bfloat16",
             gpu: str = "h100", gpus_per_node: int | None = None, batch: int = 1, causal: bool = True,
             layout: str = "zigzag", backward: bool = True, strategies=STRATEGIES, device_profiles=None,
-            fewest: bool = True) -> Report:
-    """Plan dense attention over ``tokens`` on ``gpus`` GPUs for each of ``strategies`` and name
-    the best (see the module doc). ``gpus_per_node`` defaults to the device profile's.
-    ``fewest=False`` skips the search for each strategy's fewest GPUs (a map of many cells)."""
+            fewest: bool = True, segments=(), rates=(), head_offsets: str = "interleaved") -> Report:
+    """Plan attention over ``tokens`` on ``gpus`` GPUs for each of ``strategies`` and name the
+    best (see the module doc): dense, or dilated with ``segments`` and ``rates`` (the ring
+    dimension then runs ring-dilated attention, and needs a layout with whole pieces).
+    ``gpus_per_node`` defaults to the device profile's. ``fewest=False`` skips the search for
+    each strategy's fewest GPUs (a map of many cells)."""
     tokens = parse_tokens(tokens)
+    if segments or rates:
+        segments, rates = check_branches(segments, rates)
+        check_choice("layout", layout, with_pieces())
+        check_choice("head_offsets", head_offsets, HEAD_OFFSETS)
     profiles = device_profiles or devices()
     if gpu not in profiles:
         raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(sorted(profiles))}")
@@ -244,7 +257,8 @@ def compare(tokens, *, heads: int, head_dim: int, gpus: int, kv_heads: int | Non
         if s not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {s!r}")
     pb = Problem(seq_len=tokens, heads=heads, head_dim=head_dim, batch=batch, dtype=dtype, world_size=gpus,
-                 causal=causal, layout=layout, device="cuda", kv_heads=kv_heads or heads)
+                 causal=causal, layout=layout, device="cuda", kv_heads=kv_heads or heads, segments=tuple(segments),
+                 rates=tuple(rates), head_offsets=head_offsets)
     plans = {s: _plan_one(pb, dev, s, gpus, per_node, backward, fewest) for s in strategies}
     best, why = _best(plans, gpus)
     return Report(dataclasses.asdict(pb), dataclasses.asdict(dev), gpus, per_node, plans, best, why)
