@@ -28,9 +28,15 @@ def loss(case, out, lse, go, gl):
     return total
 
 
+def cu_seqlens(case):
+    """The case's packed documents as a tensor, or None."""
+    return torch.tensor(case["cu_seqlens"]) if "cu_seqlens" in case else None
+
+
 def call(case, q, k, v, **ring):
     """The ring function of a case on (q, k, v); ``ring`` is group= or ring_size=."""
-    kw = dict(causal=case["causal"], layout=case["layout"], scale=case.get("scale"), return_lse=True, **ring)
+    kw = dict(causal=case["causal"], layout=case["layout"], scale=case.get("scale"), return_lse=True,
+              cu_seqlens=cu_seqlens(case), **ring)
     if case["fn"] == "ring":
         return ringlab.ring_attention(q, k, v, **kw)
     return ringlab.ring_dilated_attention(q, k, v, case["segments"], case["rates"],
@@ -46,8 +52,9 @@ def run_cases(cases, group=None):
     for case in cases:
         dtype = getattr(torch, case["dtype"])
         q, k, v, go, gl = case_inputs(case)
-        q, k, v, go = (ringlab.shard(x, rank, p, case["layout"]) for x in (q, k, v, go))
-        gl = ringlab.shard(gl, rank, p, case["layout"], dim=2)
+        docs = cu_seqlens(case)
+        q, k, v, go = (ringlab.shard(x, rank, p, case["layout"], cu_seqlens=docs) for x in (q, k, v, go))
+        gl = ringlab.shard(gl, rank, p, case["layout"], dim=2, cu_seqlens=docs)
         q, k, v = (x.to(dtype).clone().requires_grad_() for x in (q, k, v))
         with record_events() as tr:
             out, lse = call(case, q, k, v, group=group)
