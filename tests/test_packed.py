@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import check_against, rand_qkv
+from conftest import assert_close, check_against, rand_qkv
 from ringcases import PACKED_WORLD_SIZES, check_case, gathered, packed_cases, packed_documents
 
 import ringlab
@@ -153,6 +153,31 @@ def test_doc_zigzag_shard_unshard():
     assert torch.equal(ringlab.shard(x, 1, p, "doc_zigzag"), ringlab.shard(x, 1, p, "zigzag"))
     with pytest.raises(ValueError, match="document 1 .* has 10 tokens. Pad each document to a multiple of 4"):
         ringlab.shard(x, 0, p, "doc_zigzag", cu_seqlens=torch.tensor([0, 4, 14, 20]))
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_nn_modules_pass_cu_seqlens(checkpoint):
+    """A packed call of the modules equals the module on each document alone (projections act
+    per token), gradients included."""
+    from ringlab.engine.nn import LongNetBlock, RingAttention
+
+    torch.manual_seed(0)
+    block = LongNetBlock(16, 4, *BRANCHES, num_kv_heads=2, checkpoint=checkpoint, dtype=torch.float64)
+    x = torch.randn(1, 40, 16, dtype=torch.float64)
+
+    def run(fn):
+        block.zero_grad()
+        out = fn()
+        out.square().sum().backward()
+        return [out.detach()] + [p.grad.clone() for p in block.parameters()]
+
+    packed = run(lambda: block(x, cu_seqlens=torch.tensor(DOCS)))
+    alone = run(lambda: torch.cat([block(x[:, a:b]) for a, b in zip(DOCS, DOCS[1:])], 1))
+    for i, (got, want) in enumerate(zip(packed, alone)):
+        assert_close(got, want, torch.float64, grad=i > 0)
+    q, k, v = rand_qkv(1, 40, 2, 8, seed=6)
+    ring = RingAttention(ring_size=2, layout="striped")(q, k, v, is_causal=True, cu_seqlens=torch.tensor(DOCS))
+    assert_close(ring, per_document(dense(True), DOCS)(q, k, v)[0], torch.float64)
 
 
 # ---------------------------------------------------------------- wrong cu_seqlens
