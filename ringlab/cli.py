@@ -29,6 +29,13 @@ def _ints(text: str, what: str) -> list[int]:
         raise ValueError(f"{what} must be comma-separated positive numbers (K/M/G suffixes allowed), got {text!r}") from None
 
 
+def _documents(text: str | None):
+    """--documents: comma-separated lengths, or a distribution like exp:4096 (passed on as is)."""
+    if text is None or ":" in text:
+        return text
+    return _ints(text, "--documents")
+
+
 def _plan(args) -> int:
     from .planning.memory_model import Problem
     from .planning.planner import devices, plan
@@ -39,7 +46,8 @@ def _plan(args) -> int:
              segments=_ints(args.segments, "--segments") if args.segments else (),
              rates=_ints(args.rates, "--rates") if args.rates else (), gpu=args.gpu, gpus=args.gpus,
              batch=args.batch, causal=not args.no_causal, layout=args.layout, head_offsets=args.head_offsets,
-             backward=not args.forward_only, device_profiles=profiles, kv_heads=args.kv_heads)
+             backward=not args.forward_only, device_profiles=profiles, kv_heads=args.kv_heads,
+             documents=_documents(args.documents))
     result = p.to_dict()
     if args.dry_run:
         from .planning.dryrun import dry_run
@@ -120,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default=None, help="a JSON file of device profiles to use instead")
     p.add_argument("--dry-run", action="store_true", help="also run rank 0's engine on meta tensors")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--documents", default=None,
+                   help="packed documents (ring attention): comma-separated lengths adding up to --tokens, or "
+                        "exp:MEAN (exponentially distributed lengths); reports the compute of every rank")
     p.set_defaults(run=_plan)
 
     s = sub.add_parser("sweep", help="execute a notebook over a parameter grid with papermill")

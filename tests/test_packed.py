@@ -233,6 +233,26 @@ def test_distributed_packed(p, i):
     check_case(case, got, per_rank)
 
 
+# ---------------------------------------------------------------- planner
+def test_plan_reports_compute_per_rank():
+    from ringlab.planning.planner import document_lengths, plan
+
+    lengths = [3072] + [64] * 16
+    args = dict(heads=8, head_dim=64, gpus=4, layout="doc_zigzag")
+    p = plan(4096, **args, documents=lengths)
+    cu = [0, *itertools.accumulate(lengths)]
+    assert p.compute["pairs_per_rank"] == work_per_rank("doc_zigzag", 4, cu)
+    assert p.compute["imbalance"] <= 1.1 and p.compute["flops_total"] == max(p.compute["flops_per_rank"])
+    assert p.memory == plan(4096, **args).memory  # no mask: the memory of one sequence
+    assert "rank 3" in p.table() and "17 packed documents" in p.table()
+    drawn = document_lengths("exp:512", 8192, multiple=8)
+    assert sum(drawn) == 8192 and all(n % 8 == 0 and n > 0 for n in drawn) and len(drawn) > 4
+    with pytest.raises(ValueError, match="add up to 4,000 tokens, not the 4,096"):
+        plan(4096, **args, documents=[4000])
+    with pytest.raises(ValueError, match="packed documents for ring attention only"):
+        plan(4096, heads=8, head_dim=64, gpus=4, segments=[512], rates=[2], documents=[4096])
+
+
 def test_packed_calls_need_no_more_memory_than_one_sequence():
     """The memory model of the unpacked call covers the packed one: no (N, N) mask or other N^2
     term appears (an N^2 float32 matrix per head here is 8 MiB, 10x the modelled peak). Ragged
