@@ -271,3 +271,23 @@ def test_packed_calls_need_no_more_memory_than_one_sequence():
             fn(*leaves).backward(go)
         model = estimate(Problem(seq_len=n, heads=2, head_dim=16, causal=True, **branches), mode, backward=True)
         assert m.peak <= 1.15 * model.peak, mode
+
+
+@pytest.mark.parametrize("dilated", [False, True])
+def test_grouped_query_attention(dilated):
+    """4 query heads reading 2 K/V heads: the ring in doc_zigzag, ring-dilated in zigzag."""
+    p, layout = 2, "doc_zigzag" if not dilated else "zigzag"
+    docs = packed_documents(p, layout)
+    q, = rand_qkv(1, docs[-1], 4, 8, seed=7, count=1)
+    k, v = rand_qkv(1, docs[-1], 2, 8, seed=8, count=2)
+    ref = dense_dilated(True) if dilated else dense(True)
+    repeated = per_document(lambda a, b, c: ref(a, b.repeat_interleave(2, 2), c.repeat_interleave(2, 2)), docs)
+    fn = _ring(p, layout, True, docs, dilated)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = fn(*leaves)
+    grads = torch.autograd.grad(out.square().sum() + lse.sum(), leaves)
+    rleaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    rout, rlse = repeated(*rleaves)
+    rgrads = torch.autograd.grad(rout.square().sum() + rlse.sum(), rleaves)
+    for i, (got, want) in enumerate(zip((out, lse, *grads), (rout, rlse, *rgrads))):
+        assert_close(got, want, torch.float64, grad=i >= 2)
