@@ -31,6 +31,13 @@ def _ints(text: str, what: str) -> list[int]:
         raise ValueError(f"{what} must be comma-separated positive numbers (K/M/G suffixes allowed), got {text!r}") from None
 
 
+def _documents(text: str | None):
+    """--documents: comma-separated lengths, or a distribution like exp:4096 (passed on as is)."""
+    if text is None or ":" in text:
+        return text
+    return _ints(text, "--documents")
+
+
 def _plan(args) -> int:
     from .planning.memory_model import Problem
     from .planning.planner import devices, plan
@@ -43,7 +50,8 @@ def _plan(args) -> int:
              segments=_ints(args.segments, "--segments") if args.segments else (),
              rates=_ints(args.rates, "--rates") if args.rates else (), gpu=args.gpu, gpus=args.gpus,
              batch=args.batch, causal=not args.no_causal, layout=args.layout, head_offsets=args.head_offsets,
-             backward=not args.forward_only, device_profiles=profiles, kv_heads=args.kv_heads)
+             backward=not args.forward_only, device_profiles=profiles, kv_heads=args.kv_heads,
+             documents=_documents(args.documents))
     result = p.to_dict()
     if args.dry_run:
         from .planning.dryrun import dry_run
@@ -107,8 +115,9 @@ def _strategies(args, profiles) -> int:
 
     if args.gpus is None:
         raise ValueError("--strategy compares strategies on a given number of GPUs: pass --gpus")
-    if args.dry_run:
-        raise ValueError("--strategy has no --dry-run: dry-run one strategy's ring with a plain plan")
+    if args.dry_run or args.documents:
+        raise ValueError("--strategy takes neither --dry-run nor --documents: dry-run or plan packed documents "
+                         "for the ring with a plain plan")
     report = compare(args.tokens, heads=args.heads, head_dim=args.head_dim, gpus=args.gpus, kv_heads=args.kv_heads,
                      dtype=DTYPE_ALIASES.get(args.dtype, args.dtype), gpu=args.gpu, gpus_per_node=args.gpus_per_node,
                      batch=args.batch, causal=not args.no_causal, layout=args.layout,
@@ -148,9 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="also run rank 0's engine on meta tensors")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--strategy", default=None, choices=["ring", "ulysses", "hybrid", "best"],
-                   help="compare context-parallel strategies on --gpus GPUs (dense attention): one, or best of all")
+                   help="compare context-parallel strategies on --gpus GPUs: one, or best of all")
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="GPUs per node for --strategy (default: the device profile's)")
+    p.add_argument("--documents", default=None,
+                   help="packed documents (ring attention): comma-separated lengths adding up to --tokens, or "
+                        "exp:MEAN (exponentially distributed lengths); reports the compute of every rank")
     p.set_defaults(run=_plan)
 
     s = sub.add_parser("sweep", help="execute a notebook over a parameter grid with papermill")

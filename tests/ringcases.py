@@ -10,10 +10,11 @@ from conftest import assert_close, max_err
 
 import ringlab
 from ringlab.engine.launch import launch
-from ringlab.engine.layout import LAYOUTS as REGISTRY
+from ringlab.engine.layout import LAYOUTS as REGISTRY, with_pieces
 from ringlab.reference import dense_attention, dense_dilated_attention
 
-LAYOUTS = list(REGISTRY)
+# doc_zigzag without packed documents is zigzag (same chunks, same tiles): packed_cases test it.
+LAYOUTS = [name for name in REGISTRY if name != "doc_zigzag"]
 WORLD_SIZES = [1, 2, 3, 4, 8]
 
 
@@ -70,9 +71,35 @@ def mesh_cases(p):
             for i, (u, causal, fn) in enumerate(itertools.product([4, 2], [False, True], ["ring", "ring_dilated"]))]
 
 
+PACKED_WORLD_SIZES = [2, 4]
+
+
+def packed_documents(p, layout):
+    """cu_seqlens of a packed sequence of 12P tokens (shards of 12): a document shorter than a
+    segment, one spanning several ranks, one of a single token. doc_zigzag needs every document
+    a multiple of 2P: lengths 1 : 3 : 1 : 1 of 2P."""
+    lengths = [2 * p, 6 * p, 2 * p, 2 * p] if layout == "doc_zigzag" else [3, 6 * p + 2, 1, 6 * p - 8, 2]
+    return [0, *itertools.accumulate(lengths)]
+
+
+def packed_cases(p):
+    """Packed documents (batch 1, float64, loss using lse): the ring in every layout and
+    ring-dilated in every layout with pieces (segments restart at each document; 30 spans
+    ranks), causal or not."""
+    ring = [dict(fn="ring", layout=layout, causal=causal)
+            for layout, causal in itertools.product(REGISTRY, [False, True])]
+    dilated = [dict(fn="ring_dilated", layout=layout, causal=causal, segments=[4, 12, 30], rates=[1, 2, 3],
+                    head_offsets="interleaved")
+               for layout, causal in itertools.product(with_pieces(), [False, True])]
+    return [dict(case, n=12 * p, batch=1, heads=2, head_dim=8, dtype="float64", seed=500 * p + i, dlse=True,
+                 cu_seqlens=packed_documents(p, case["layout"]))
+            for i, case in enumerate(ring + dilated)]
+
+
 def all_cases(p):
     return (ring_cases(p) + dilated_cases(p) + (gqa_cases(p) if p in GQA_WORLD_SIZES else [])
-            + (mesh_cases(p) if p == MESH_WORLD_SIZE else []))
+            + (mesh_cases(p) if p == MESH_WORLD_SIZE else [])
+            + (packed_cases(p) if p in PACKED_WORLD_SIZES else []))
 
 
 @functools.cache
@@ -98,7 +125,7 @@ def unsharded(case, per_rank):
     def whole(shards, dim):
         if "mesh" in case:
             return ringlab.unshard_mesh(shards, case["mesh"][0], case["layout"], dim)
-        return ringlab.unshard(shards, case["layout"], dim)
+        return ringlab.unshard(shards, case["layout"], dim, cu_seqlens=workers.cu_seqlens(case))
     return {key: whole([r[key] for r in per_rank], 2 if key == "lse" else 1) for key in ("out", "lse", "dq", "dk", "dv")}
 
 
@@ -109,6 +136,11 @@ def gathered(p, case):
 
 
 def reference(case, rounded):
+    """The float64 reference; with packed documents, each document alone, concatenated."""
+    if "cu_seqlens" in case:
+        docs, alone = case["cu_seqlens"], {key: x for key, x in case.items() if key != "cu_seqlens"}
+        parts = [reference(alone, [x[:, a:b] for x in rounded]) for a, b in zip(docs, docs[1:])]
+        return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
     q, k, v = rounded
     group = q.shape[2] // k.shape[2]  # grouped-query attention: each K/V head serves `group` query heads
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)

@@ -35,7 +35,10 @@ def notebook_figures() -> dict:
                             steps_backward=viz.ring_steps_figure(rot["events"], world, pass_="backward"),
                             timeline=viz.timeline_figure(rot["events"]),
                             balance=viz.work_balance_figure({k: {int(r): w for r, w in v.items()}
-                                                             for k, v in rot["work"].items()})),
+                                                             for k, v in rot["work"].items()}),
+                            packed_balance=viz.work_balance_figure(  # the notebook's packed mix, rebuilt
+                                experiments.packed_view(world, [64 * 2 * world] + [2 * world] * 32)["work"],
+                                title="Packed documents: causal work per rank")),
         "dilation": dict(pattern=viz.multiplicity_figure(geo["m"]),
                          coverage=viz.coverage_figure(geo["coverage"], geo["pairs_ratio"]),
                          receptive=viz.receptive_field_figure(geo["receptive"])),

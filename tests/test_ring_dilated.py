@@ -107,7 +107,7 @@ def test_plan_subrings_for_unaligned_segments():
 
 
 def test_striped_is_refused():
-    with pytest.raises(ValueError, match="layout must be one of \\('contiguous', 'zigzag'\\)"):
+    with pytest.raises(ValueError, match="layout must be one of \\('contiguous', 'zigzag', 'doc_zigzag'\\)"):
         ringlab.ring_dilated_attention(*rand_qkv(1, 16, 2, 4), [8], [1], ring_size=2, layout="striped")
 
 

@@ -25,7 +25,7 @@ CLAIMS = {
     "memory": lambda s: s["max_model_error"] <= 0.1,                     # the model within 10% of measured
     "billion_tokens": lambda s: abs(s["dry_run_ratio"] - 1) <= 0.1,      # dry run within 10% of the planner
     "kv_rotation": lambda s: s["imbalance"]["zigzag"] <= 1.1 < s["imbalance"]["contiguous"]
-    and 0 <= s["overlap"] <= 1,
+    and 0 <= s["overlap"] <= 1 and s["packed_imbalance"]["doc_zigzag"] <= 1.1 < s["packed_imbalance"]["zigzag"],
     "parallelism": lambda s: s["bytes_mismatch"] == 0 and s["phases"] >= 4 and "hybrid" in s["winners"],
     "dilation": lambda s: 0 < s["pairs_ratio"] < 1 and 0 < s["reach_after_layers"] <= 1,
     "scaling": lambda s: s["attention_over_sdpa"]["median"] > 0 and s["dilated_over_sdpa"]["median"] > 0

@@ -28,12 +28,20 @@ def loss(case, out, lse, go, gl):
     return total
 
 
+def cu_seqlens(case):
+    """The case's packed documents as a tensor, or None."""
+    return torch.tensor(case["cu_seqlens"]) if "cu_seqlens" in case else None
+
+
 def call(case, q, k, v, **ring):
     """The ring function of a case on (q, k, v); ``ring`` is group= or ring_size= (a mesh case's:
     ulysses_group= and ring_group=, or ulysses_size= and ring_size=)."""
     kw = dict(causal=case["causal"], layout=case["layout"], scale=case.get("scale"), return_lse=True, **ring)
-    dense, dilated = ((ringlab.ulysses_attention, ringlab.ulysses_dilated_attention) if "mesh" in case
-                      else (ringlab.ring_attention, ringlab.ring_dilated_attention))
+    if "mesh" in case:
+        dense, dilated = ringlab.ulysses_attention, ringlab.ulysses_dilated_attention
+    else:
+        dense, dilated = ringlab.ring_attention, ringlab.ring_dilated_attention
+        kw["cu_seqlens"] = cu_seqlens(case)
     if case["fn"] == "ring":
         return dense(q, k, v, **kw)
     return dilated(q, k, v, case["segments"], case["rates"], head_offsets=case.get("head_offsets", "interleaved"),
@@ -65,7 +73,7 @@ def shard_case(case, x, rank, p, dim=1):
     """This rank's shard of a case's whole-sequence tensor."""
     if "mesh" in case:
         return ringlab.shard_mesh(x, rank, *case["mesh"], case["layout"], dim)
-    return ringlab.shard(x, rank, p, case["layout"], dim=dim)
+    return ringlab.shard(x, rank, p, case["layout"], dim=dim, cu_seqlens=cu_seqlens(case))
 
 
 def run_cases(cases, group=None):

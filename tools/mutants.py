@@ -116,6 +116,16 @@ MUTANTS = (
     Mutant("ulysses-head-group-ignores-chunk-start", "ringlab/engine/ulysses.py",
            "start = heads.start + comm.rank * size", "start = comm.rank * size",
            "tests/test_ulysses.py", "head_chunks"),
+    # Packed documents: a ring step must not skip a document its ranks share, and a document's
+    # dilation segments start at the document's start.
+    Mutant("packed-ring-skips-shared-documents", "ringlab/engine/layout.py",
+           "for k in theirs.get(d, ())",
+           "for k in (theirs.get(d, ()) if src == rank else ())",
+           "tests/test_packed.py", "simulated_ring and not dilated"),
+    Mutant("packed-dilated-segments-from-sequence-start", "ringlab/engine/dilation.py",
+           "yield s, tuple(inside), first",
+           "yield 0, tuple((a + s, b + s) for a, b in inside), first",
+           "tests/test_packed.py", "test_dilated_attention"),
 )
 
 

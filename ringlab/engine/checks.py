@@ -141,3 +141,32 @@ def check_size(name: str, value) -> None:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
+
+
+def check_cu_seqlens(cu_seqlens, seq_len: int | None, batch: int | None) -> tuple[int, ...]:
+    """``cu_seqlens`` (packed documents) as a tuple 0 = c_0 < c_1 < ... < c_D = seq_len:
+    document i holds the positions [c_i, c_{i+1}) of the one sequence of the batch (``batch``
+    must be 1). None skips a check: no batch (shard), any length (a balance report)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a 1-D torch.Tensor of int32 or int64 document boundaries, got "
+                        f"{type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must hold int32 or int64 document boundaries, got {cu_seqlens.dtype}; "
+                        "pass cu_seqlens.long()")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be 1-D with at least 2 entries (0 and the sequence length), got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if batch not in (None, 1):
+        raise ValueError(f"cu_seqlens needs batch 1, got batch {batch}: pack the batch's sequences into one "
+                         "sequence and list every document's boundaries in cu_seqlens")
+    bounds = tuple(cu_seqlens.tolist())
+    if bounds[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
+    if seq_len is not None and bounds[-1] != seq_len:
+        raise ValueError(f"cu_seqlens must end at the sequence length {seq_len} (the whole sequence, all ranks "
+                         f"together), got {bounds[-1]}")
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        if b <= a:
+            raise ValueError(f"cu_seqlens must increase strictly (every document holds a token); got "
+                             f"cu_seqlens[{i}] = {a} and cu_seqlens[{i + 1}] = {b}")
+    return bounds

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import trace
-from .layout import shard, unshard
+from .layout import get
 
 BLOCKED = "blocked"  # what a simulated rank yields while its message has not arrived
 
@@ -271,13 +271,15 @@ class RingAlgorithm:
     k, v, out, lse, dlse, heads=)`` returns (dq, dk, dv); ``heads`` is the slice of the call's
     heads that q, k, v hold. Real (``group`` given): tensors are this rank's
     shards. Simulated (``ring_size``): tensors are whole sequences, sharded by ``layout`` for
-    each simulated rank, and the ranks' results are unsharded.
+    each simulated rank, and the ranks' results are unsharded (``documents``: the packed
+    documents, for a layout that splits each one).
     """
     forward_rank: Callable
     backward_rank: Callable
     group: object
     ring_size: int | None
     layout: str
+    documents: tuple[int, ...] = ()
 
     def forward(self, q, k, v, heads, into):
         return self._run(functools.partial(self.forward_rank, heads=heads), (q, k, v), (1, 1, 1), (1, 2))
@@ -289,9 +291,9 @@ class RingAlgorithm:
     def _run(self, rank_fn, tensors, dims, out_dims):
         if self.group is not None:
             return run_rank(rank_fn(P2PComm(self.group), *tensors))
-        p, layout = self.ring_size, self.layout
-        local = [[None if t is None else shard(t, r, p, layout, d) for t, d in zip(tensors, dims)]
+        p, layout, docs = self.ring_size, get(self.layout), self.documents or None
+        local = [[None if t is None else layout.shard(t, r, p, d, docs) for t, d in zip(tensors, dims)]
                  for r in range(p)]
         box = Mailbox()
         results = run_lockstep([rank_fn(SimComm(r, p, box), *local[r]) for r in range(p)], box)
-        return tuple(unshard([res[i] for res in results], layout, d) for i, d in enumerate(out_dims))
+        return tuple(layout.unshard([res[i] for res in results], d, docs) for i, d in enumerate(out_dims))

@@ -13,13 +13,15 @@ ring-dilated when it has segments.
 from __future__ import annotations
 
 import functools
+import hashlib
 import struct
 from dataclasses import dataclass
 
 import torch.distributed as dist
 
 from .autograd import exact_attention
-from .checks import DTYPES, HEAD_OFFSETS, check_causal, check_choice, check_qkv, check_ring, resolve_scale
+from .checks import (DTYPES, HEAD_OFFSETS, check_causal, check_choice, check_cu_seqlens, check_qkv, check_ring,
+                     resolve_scale)
 from .comm import RingAlgorithm, check_group_agrees
 from .dilated import check_dilated_args
 from .layout import LAYOUTS, get, with_pieces
@@ -32,7 +34,8 @@ class RingConfig:
     ``seq_len`` is the whole sequence (all ranks together). ``kv_heads``: the K/V heads (a
     divisor of ``heads``; 0 means ``heads``). ``segments`` empty: ring attention; otherwise
     ring-dilated attention with one dilation rate per segment (see
-    :func:`ringlab.dilated_attention` for ``head_offsets``).
+    :func:`ringlab.dilated_attention` for ``head_offsets``). ``documents``: the boundaries of
+    packed documents in the whole sequence (cu_seqlens as a tuple); () for one sequence.
     """
     seq_len: int
     world_size: int
@@ -44,6 +47,7 @@ class RingConfig:
     rates: tuple[int, ...] = ()
     head_offsets: str = "interleaved"
     kv_heads: int = 0
+    documents: tuple[int, ...] = ()
 
     def __post_init__(self):
         if not self.kv_heads:
@@ -74,7 +78,11 @@ class RingConfig:
         layouts = tuple(LAYOUTS)
         meta = [*q.shape, k.shape[2], DTYPES.index(q.dtype), int(self.causal), layouts.index(self.layout),
                 struct.unpack("<q", struct.pack("<d", self.scale))[0]]
-        names = ["batch", "seq (shard length)", "heads", "head_dim", "kv_heads", "dtype", "causal", "layout", "scale"]
+        # Documents: their count and a 63-bit digest of the boundaries (equal on every rank).
+        digest = hashlib.blake2b(struct.pack(f"<{len(self.documents)}q", *self.documents), digest_size=8).digest()
+        meta += [max(len(self.documents) - 1, 0), int.from_bytes(digest, "little") >> 1]
+        names = ["batch", "seq (shard length)", "heads", "head_dim", "kv_heads", "dtype", "causal", "layout", "scale",
+                 "documents (cu_seqlens)", "cu_seqlens digest"]
         show = dict(dtype=lambda i: str(DTYPES[i]).removeprefix("torch."), causal=bool, layout=layouts.__getitem__,
                     scale=lambda b: struct.unpack("<d", struct.pack("<q", b))[0])
         if self.dilated:
@@ -86,10 +94,12 @@ class RingConfig:
 
 
 def ring_config(q, k, v, *, group, ring_size, causal, layout, scale, segment_lengths=None,
-                dilation_rates=None, head_offsets="interleaved", seq_len: int | None = None) -> RingConfig:
+                dilation_rates=None, head_offsets="interleaved", cu_seqlens=None,
+                seq_len: int | None = None) -> RingConfig:
     """Check a ring call's arguments (no communication yet) and return its configuration.
-    ``segment_lengths`` None: ring attention; otherwise ring-dilated. ``seq_len``: the whole
-    sequence when q is not (a hybrid's Ulysses rank holds part of a ring shard)."""
+    ``segment_lengths`` None: ring attention; otherwise ring-dilated. ``cu_seqlens``: packed
+    documents of the whole sequence. ``seq_len``: the whole sequence when q is not (a
+    hybrid's Ulysses rank holds part of a ring shard)."""
     dilated = segment_lengths is not None
     if dilated:
         segs, rates, scale = check_dilated_args(q, k, v, segment_lengths, dilation_rates, causal, scale,
@@ -106,12 +116,14 @@ def ring_config(q, k, v, *, group, ring_size, causal, layout, scale, segment_len
     p = ring_size if group is None else dist.get_world_size(group)
     if seq_len is None:
         seq_len = q.shape[1] * (1 if group is None else p)
-    lay.check_split(seq_len, p, **({} if group is None else dict(what="sequence length (shard length x ranks)")))
+    docs = () if cu_seqlens is None else check_cu_seqlens(cu_seqlens, seq_len, q.shape[0])
+    lay.check_split(seq_len, p, **({} if group is None else dict(what="sequence length (shard length x ranks)")),
+                    documents=docs)
     if dilated:
         check_choice("layout", layout, with_pieces())
     else:
         scale = resolve_scale(scale, q.shape[-1])
-    return RingConfig(seq_len, p, q.shape[2], scale, causal, layout, segs, rates, head_offsets, k.shape[2])
+    return RingConfig(seq_len, p, q.shape[2], scale, causal, layout, segs, rates, head_offsets, k.shape[2], docs)
 
 
 def rank_functions(config: RingConfig):
@@ -128,5 +140,5 @@ def run_ring(config: RingConfig, q, k, v, *, group, ring_size):
     whole sequence with ``ring_size``. Ranks of a group first check that they agree."""
     if group is not None:
         check_group_agrees(group, q.device, *config.agreement(q, k))
-    algorithm = RingAlgorithm(*rank_functions(config), group, ring_size, config.layout)
+    algorithm = RingAlgorithm(*rank_functions(config), group, ring_size, config.layout, config.documents)
     return exact_attention(q, k, v, algorithm, config.model(simulated=group is None))

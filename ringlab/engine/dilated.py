@@ -21,10 +21,11 @@ from .checks import (
     check_branches,
     check_causal,
     check_choice,
+    check_cu_seqlens,
     check_qkv,
     resolve_scale,
 )
-from .dilation import Rows, local_blocks
+from .dilation import Rows, document_blocks
 from .kernels import accum_dtype, block_attention, block_attention_backward
 from .merge import merge, new_accumulators
 
@@ -105,10 +106,11 @@ class _Dilated:
     head_offsets: str
     causal: bool
     scale: float
+    documents: tuple[int, ...] = ()  # packed documents (cu_seqlens); () for one sequence
 
     def blocks(self, q, k, heads: slice):
-        return local_blocks(((0, q.shape[1]),), self.num_heads, self.segments, self.rates, self.head_offsets,
-                            self.causal, (heads.start, heads.stop), q.shape[2] // k.shape[2])
+        return document_blocks(((0, q.shape[1]),), self.documents, self.num_heads, self.segments, self.rates,
+                               self.head_offsets, self.causal, (heads.start, heads.stop), q.shape[2] // k.shape[2])
 
     def forward(self, q, k, v, heads, into):
         out, lse = new_accumulators(q, into)
@@ -132,7 +134,7 @@ def check_dilated_args(q, k, v, segment_lengths, dilation_rates, causal, scale, 
 
 def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal: bool = False,
                       scale: float | None = None, head_offsets: str = "interleaved",
-                      return_lse: bool = False):
+                      return_lse: bool = False, cu_seqlens=None):
     """LongNet dilated attention of q, k, v (B, N, H, D), branches merged exactly.
 
     Args:
@@ -141,6 +143,9 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal: bool 
         causal: key k is visible to query q only if k <= q (within the segment).
         head_offsets: "interleaved" (head h reads offset h % r) or "grouped"
             (h // ceil(H / r)).
+        cu_seqlens: packed documents (see :func:`ringlab.attention`; batch 1). Each document
+            is its own LongNet sequence: its segments start at its first position and its last
+            segment may be ragged.
 
     Returns:
         out (B, N, H, D), or (out, lse) with lse (B, H, N). Equals softmax attention with the
@@ -148,7 +153,8 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal: bool 
     """
     segs, rates, scale = check_dilated_args(q, k, v, segment_lengths, dilation_rates, causal,
                                             scale, head_offsets)
-    out, lse = exact_attention(q, k, v, _Dilated(q.shape[2], segs, rates, head_offsets, causal, scale),
+    docs = () if cu_seqlens is None else check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
+    out, lse = exact_attention(q, k, v, _Dilated(q.shape[2], segs, rates, head_offsets, causal, scale, docs),
                                ("dilated", dict(segments=segs, rates=rates, head_offsets=head_offsets,
                                                 causal=causal, kv_heads=k.shape[2])))
     return (out, lse) if return_lse else out

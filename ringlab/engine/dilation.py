@@ -8,6 +8,7 @@ interact in branch i iff they share a w-segment, both are selected (and k <= q w
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import math
@@ -285,6 +286,47 @@ def _segments(rows: Rows, first: int, count: int) -> Rows:
     step = first * rows.seg_stride
     return Rows(rows.start + step, rows.pos + step, rows.seg + first, count, rows.count, rows.stride,
                 rows.seg_stride)
+
+
+def document_pieces(pieces: Pieces, documents: tuple[int, ...]):
+    """Packed documents (boundaries ``documents``, as cu_seqlens): for each document that
+    ``pieces`` reach, yield (its start, the pieces inside it counted from that start, the local
+    row of its first position held). Positions increase along the local rows, so a document's
+    rows are consecutive local rows; each document is its own sequence, its segments restarting
+    at its start."""
+    found: dict[int, list] = {}  # document index -> [start, relative pieces, first local row]
+    local0 = 0
+    for a, b in pieces:
+        for i in range(bisect.bisect_right(documents, a) - 1, bisect.bisect_left(documents, b)):
+            s, e = documents[i], documents[i + 1]
+            lo, hi = max(a, s), min(b, e)
+            found.setdefault(i, [s, [], local0 + lo - a])[1].append((lo - s, hi - s))
+        local0 += b - a
+    for s, inside, first in found.values():
+        yield s, tuple(inside), first
+
+
+def relocated(rows: Rows, start: int, pos: int) -> Rows:
+    """``rows`` with their local rows moved on by ``start`` and their positions by ``pos``."""
+    return dataclasses.replace(rows, start=rows.start + start, pos=rows.pos + pos)
+
+
+@functools.lru_cache(maxsize=256)
+def document_blocks(pieces: Pieces, documents: tuple[int, ...], num_heads: int, segment_lengths: tuple,
+                    dilation_rates: tuple, head_offsets: str, causal: bool, heads: tuple[int, int] | None = None,
+                    kv_group: int = 1) -> tuple[Block, ...]:
+    """:func:`local_blocks` of the rows in ``pieces`` when the packed documents ``documents``
+    (cu_seqlens boundaries; () for one document) are separate sequences. A rank's rows of one
+    document are consecutive local rows (positions increase), so each document's blocks are its
+    own sequence's blocks moved to those rows."""
+    args = (num_heads, segment_lengths, dilation_rates, head_offsets, causal, heads, kv_group)
+    if not documents:
+        return local_blocks(pieces, *args)
+    out = []
+    for s, inside, local0 in document_pieces(pieces, documents):
+        out += [dataclasses.replace(blk, q=relocated(blk.q, local0, s), k=relocated(blk.k, local0, s))
+                for blk in local_blocks(inside, *args)]
+    return tuple(out)
 
 
 def multiplicity(seq_len: int, num_heads: int, segment_lengths, dilation_rates, *,

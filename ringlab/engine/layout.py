@@ -30,17 +30,25 @@ Adding a layout whose ranks hold whole chunks (the usual case) takes one ``Chunk
 Then ``layout="reversed"`` works in every public function; add its tests (the simulated ring
 against the float64 reference, forward and backward, is the one that catches a wrong tile).
 A layout that interleaves positions, like striped, subclasses :class:`Layout` instead.
+
+Packed documents (``cu_seqlens``; docs/design.md §13). Layout methods take the boundaries as
+an optional ``documents`` tuple, which only a :class:`DocumentLayout` reads: "doc_zigzag"
+applies zigzag to every document alone (each a multiple of 2P tokens), so every rank gets its
+share of every document's causal work. A ring step then computes :func:`document_tiles`, each
+shared document's rows as blocks, or nothing; :func:`balance` reports each layout's max/mean
+work per rank for a given packing.
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .checks import check_choice
+from .checks import check_choice, check_cu_seqlens
 
 
 @dataclass(frozen=True)
@@ -51,9 +59,21 @@ class Tile:
     causal: bool
 
     def pairs(self) -> int:
-        """Score pairs computed: the work of this tile."""
+        """Score pairs computed: the work of this tile (causal: query i sees keys 0..i)."""
         rows, cols = self.q.stop - self.q.start, self.k.stop - self.k.start
-        return rows * (rows + 1) // 2 if self.causal else rows * cols
+        if not self.causal:
+            return rows * cols
+        tri = min(rows, cols)
+        return tri * (tri + 1) // 2 + (rows - tri) * cols
+
+
+@dataclass(frozen=True)
+class Run:
+    """Positions pos, pos + stride, ... (``count`` of them) held at local rows local, local + 1, ..."""
+    local: int
+    pos: int
+    count: int
+    stride: int
 
 
 @dataclass(frozen=True)
@@ -71,8 +91,14 @@ class Layout:
         """Whether ``seq_len`` positions split into equal shards over ``world_size`` ranks."""
         return seq_len % (self.unit * world_size) == 0
 
-    def check_split(self, seq_len: int, world_size: int, what: str = "sequence length") -> None:
-        """A ValueError that says how to pad unless ``splits``."""
+    def document_unit(self, world_size: int) -> int:
+        """Every packed document's length must be a multiple of this (1 unless the layout
+        splits each document)."""
+        return 1
+
+    def check_split(self, seq_len: int, world_size: int, what: str = "sequence length", documents=None) -> None:
+        """A ValueError that says how to pad unless ``splits``. ``documents`` (cu_seqlens
+        boundaries, a tuple) matter only to a layout that splits each document."""
         parts = self.unit * world_size
         if not self.splits(seq_len, world_size):
             raise ValueError(
@@ -80,19 +106,28 @@ class Layout:
                 f"needs a multiple of {parts}. Pad the sequence to {-(-seq_len // parts) * parts} "
                 "tokens or choose another world size")
 
-    def positions(self, seq_len: int, rank: int, world_size: int) -> torch.Tensor:
+    def positions(self, seq_len: int, rank: int, world_size: int, documents=None) -> torch.Tensor:
         """Global positions held by ``rank``, in local order."""
         raise NotImplementedError
 
-    def pieces(self, seq_len: int, rank: int, world_size: int) -> tuple[tuple[int, int], ...]:
+    def pieces(self, seq_len: int, rank: int, world_size: int, documents=None) -> tuple[tuple[int, int], ...]:
         """The contiguous position ranges [start, stop) held by ``rank``."""
         raise ValueError(f"layout {self.name!r} has no contiguous pieces; use shard_positions")
 
-    def shard(self, x: torch.Tensor, rank: int, world_size: int, dim: int) -> torch.Tensor:
+    def runs(self, seq_len: int, rank: int, world_size: int, documents=None) -> tuple[Run, ...]:
+        """The positions held by ``rank`` as strided runs, in local order."""
+        local = 0
+        out = []
+        for a, b in self.pieces(seq_len, rank, world_size, documents):
+            out.append(Run(local, a, b - a, 1))
+            local += b - a
+        return tuple(out)
+
+    def shard(self, x: torch.Tensor, rank: int, world_size: int, dim: int, documents=None) -> torch.Tensor:
         """This rank's shard of x along ``dim`` (>= 0, length already checked)."""
         raise NotImplementedError
 
-    def unshard(self, shards: list[torch.Tensor], dim: int) -> torch.Tensor:
+    def unshard(self, shards: list[torch.Tensor], dim: int, documents=None) -> torch.Tensor:
         """The whole tensor from every rank's shard (equal shapes, checked)."""
         raise NotImplementedError
 
@@ -112,7 +147,7 @@ class ChunkLayout(Layout):
 
     has_pieces = True
 
-    def pieces(self, seq_len, rank, world_size):
+    def pieces(self, seq_len, rank, world_size, documents=None):
         self.check_split(seq_len, world_size)
         c = seq_len // (self.unit * world_size)
         merged: list[list[int]] = []
@@ -123,14 +158,14 @@ class ChunkLayout(Layout):
                 merged.append([i * c, (i + 1) * c])
         return tuple((a, b) for a, b in merged)
 
-    def positions(self, seq_len, rank, world_size):
-        return torch.cat([torch.arange(a, b) for a, b in self.pieces(seq_len, rank, world_size)])
+    def positions(self, seq_len, rank, world_size, documents=None):
+        return torch.cat([torch.arange(a, b) for a, b in self.pieces(seq_len, rank, world_size, documents)])
 
-    def shard(self, x, rank, world_size, dim):
-        parts = [x.narrow(dim, a, b - a) for a, b in self.pieces(x.shape[dim], rank, world_size)]
+    def shard(self, x, rank, world_size, dim, documents=None):
+        parts = [x.narrow(dim, a, b - a) for a, b in self.pieces(x.shape[dim], rank, world_size, documents)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim)  # one piece: a view
 
-    def unshard(self, shards, dim):
+    def unshard(self, shards, dim, documents=None):
         p = len(shards)
         if shards[0].shape[dim] % self.unit:
             raise ValueError(f"{self.name} shards hold {self.unit} equal chunks, so their length along dim "
@@ -141,33 +176,73 @@ class ChunkLayout(Layout):
                 chunk[i] = part
         return torch.cat(chunk, dim)
 
-    def owners(self, world_size: int) -> tuple[int, ...]:
-        """The rank holding each chunk."""
-        return _owners(self, world_size)
-
-
-@functools.lru_cache(maxsize=64)
-def _owners(layout: ChunkLayout, world_size: int) -> tuple[int, ...]:
-    owner = [0] * (layout.unit * world_size)
-    for r in range(world_size):
-        for i in layout.chunks(r, world_size):
-            owner[i] = r
-    return tuple(owner)
-
 
 @dataclass(frozen=True)
 class StripedLayout(Layout):
     """Rank r holds the positions p with p % P == r."""
 
-    def positions(self, seq_len, rank, world_size):
+    def positions(self, seq_len, rank, world_size, documents=None):
         self.check_split(seq_len, world_size)
         return torch.arange(rank, seq_len, world_size)
 
-    def shard(self, x, rank, world_size, dim):
+    def runs(self, seq_len, rank, world_size, documents=None):
+        self.check_split(seq_len, world_size)
+        return (Run(0, rank, seq_len // world_size, world_size),)
+
+    def shard(self, x, rank, world_size, dim, documents=None):
         return x.unflatten(dim, (x.shape[dim] // world_size, world_size)).select(dim + 1, rank)
 
-    def unshard(self, shards, dim):
+    def unshard(self, shards, dim, documents=None):
         return torch.stack(shards, dim + 1).flatten(dim, dim + 1)
+
+
+def _merged(pieces) -> tuple[tuple[int, int], ...]:
+    """Sorted [start, stop) ranges with the adjacent ones joined."""
+    out: list[list[int]] = []
+    for a, b in pieces:
+        if out and out[-1][1] == a:
+            out[-1][1] = b
+        else:
+            out.append([a, b])
+    return tuple((a, b) for a, b in out)
+
+
+@dataclass(frozen=True)
+class DocumentLayout(ChunkLayout):
+    """A chunk layout applied to every packed document on its own: each document is cut into
+    unit * P equal chunks and rank r holds ``chunks(r, P)`` of each, so every rank gets its
+    share of every document's causal work. Without documents it is the plain chunk layout."""
+
+    def document_unit(self, world_size):
+        return self.unit * world_size
+
+    def check_split(self, seq_len, world_size, what="sequence length", documents=None):
+        super().check_split(seq_len, world_size, what)
+        parts = self.document_unit(world_size)
+        for i, (a, b) in enumerate(zip(documents or (), (documents or ())[1:])):
+            if (b - a) % parts:
+                raise ValueError(
+                    f"layout {self.name!r} cuts every document into {parts} equal chunks ({world_size} ranks), but "
+                    f"document {i} (cu_seqlens[{i}:{i + 2}] = {a}, {b}) has {b - a} tokens. Pad each document to a "
+                    f"multiple of {parts} tokens, or choose another layout")
+
+    def pieces(self, seq_len, rank, world_size, documents=None):
+        if not documents:
+            return super().pieces(seq_len, rank, world_size)
+        self.check_split(seq_len, world_size, documents=documents)
+        chunked = super().pieces  # each document split alone
+        return _merged((a + x, a + y) for a, b in zip(documents, documents[1:])
+                       for x, y in chunked(b - a, rank, world_size))
+
+    def unshard(self, shards, dim, documents=None):
+        if not documents:
+            return super().unshard(shards, dim)
+        p, seq_len = len(shards), shards[0].shape[dim] * len(shards)
+        parts = []
+        for r, x in enumerate(shards):
+            for run in self.runs(seq_len, r, p, documents):
+                parts.append((run.pos, x.narrow(dim, run.local, run.count)))
+        return torch.cat([x for _, x in sorted(parts, key=lambda t: t[0])], dim)
 
 
 def _contiguous_tile(rank, src, world_size, n):
@@ -207,6 +282,7 @@ def register(layout: Layout) -> Layout:
 register(ChunkLayout("contiguous", 1, _contiguous_tile, lambda rank, world_size: (rank,)))
 register(ChunkLayout("zigzag", 2, _zigzag_tile, _zigzag_chunks))
 register(StripedLayout("striped", 1, _striped_tile))
+register(DocumentLayout("doc_zigzag", 2, _zigzag_tile, _zigzag_chunks))
 
 
 def get(name: str) -> Layout:
@@ -220,19 +296,108 @@ def with_pieces() -> tuple[str, ...]:
     return tuple(name for name, lay in LAYOUTS.items() if lay.has_pieces)
 
 
-def check_split(layout: str, seq_len: int, world_size: int, what: str = "sequence length") -> None:
-    """``layout`` must split ``seq_len`` into equal shards over ``world_size`` ranks."""
-    get(layout).check_split(seq_len, world_size, what)
+def check_split(layout: str, seq_len: int, world_size: int, what: str = "sequence length", documents=None) -> None:
+    """``layout`` must split ``seq_len`` into equal shards over ``world_size`` ranks (and
+    the packed ``documents``, cu_seqlens as a tuple, where the layout splits each one)."""
+    get(layout).check_split(seq_len, world_size, what, documents)
 
 
-def shard_positions(seq_len: int, rank: int, world_size: int, layout: str) -> torch.Tensor:
+def shard_positions(seq_len: int, rank: int, world_size: int, layout: str, documents=None) -> torch.Tensor:
     """Global positions held by ``rank``, in local order."""
-    return get(layout).positions(seq_len, rank, world_size)
+    return get(layout).positions(seq_len, rank, world_size, documents)
 
 
-def shard_pieces(seq_len: int, rank: int, world_size: int, layout: str) -> tuple[tuple[int, int], ...]:
+def shard_pieces(seq_len: int, rank: int, world_size: int, layout: str, documents=None) -> tuple[tuple[int, int], ...]:
     """The contiguous position ranges [start, stop) held by ``rank`` (layouts with pieces)."""
-    return get(layout).pieces(seq_len, rank, world_size)
+    return get(layout).pieces(seq_len, rank, world_size, documents)
+
+
+def _document_runs(runs, documents) -> dict[int, list[Run]]:
+    """``runs`` cut at the document boundaries: {document index: its runs}."""
+    out: dict[int, list[Run]] = {}
+    for r in runs:
+        last = r.pos + (r.count - 1) * r.stride
+        for i in range(bisect.bisect_right(documents, r.pos) - 1, bisect.bisect_right(documents, last)):
+            lo = max(0, -(-(documents[i] - r.pos) // r.stride))
+            hi = min(r.count, -(-(documents[i + 1] - r.pos) // r.stride))
+            if lo < hi:
+                out.setdefault(i, []).append(Run(r.local + lo, r.pos + lo * r.stride, hi - lo, r.stride))
+    return out
+
+
+def _visible(q: Run, k: Run, causal: bool) -> list[Tile]:
+    """Query run q against key run k (one document, one stride): everything, or under the causal
+    mask the keys at or before each query, which is a full block and a triangle at most."""
+    qs, ks = slice(q.local, q.local + q.count), slice(k.local, k.local + k.count)
+    if not causal:
+        return [Tile(qs, ks, False)]
+    off = (q.pos - k.pos) // q.stride  # key j precedes query i iff j <= i + off
+    tiles = [Tile(qs, slice(k.local, k.local + min(off, k.count)), False)] if off > 0 else []
+    q0, k0 = max(0, -off), max(0, off)
+    if q0 < q.count and k0 < k.count:
+        rows = q.count - q0
+        tiles.append(Tile(slice(q.local + q0, qs.stop), slice(k.local + k0, k.local + min(k.count, k0 + rows)), True))
+    return tiles
+
+
+@functools.lru_cache(maxsize=1024)
+def document_tiles(layout: str, rank: int, src: int, world_size: int, documents: tuple[int, ...],
+                   causal: bool) -> tuple[Tile, ...]:
+    """What ``rank`` computes against the K/V block of ``src`` when the packed ``documents``
+    (cu_seqlens as a tuple) attend only within themselves: for each document both hold, its
+    query rows against its key rows, as blocks. () when they share no document (a skip)."""
+    lay = get(layout)
+    mine, theirs = (_document_runs(lay.runs(documents[-1], r, world_size, documents), documents) for r in (rank, src))
+    return tuple(t for d, qs in mine.items() for q in qs for k in theirs.get(d, ()) for t in _visible(q, k, causal))
+
+
+def ring_tiles(layout: str, rank: int, src: int, world_size: int, n: int, causal: bool,
+               documents: tuple[int, ...] = ()) -> tuple[Tile, ...]:
+    """The tiles ``rank`` computes against the K/V block of ``src`` (n rows each) at one ring
+    step: the layout's causal tile, or with packed ``documents`` their :func:`document_tiles`.
+    () means skip the step."""
+    if documents:
+        return document_tiles(layout, rank, src, world_size, documents, causal)
+    tile = get(layout).tile(rank, src, world_size, n, causal)
+    return () if tile is None else (tile,)
+
+
+def work_per_rank(layout: str, world_size: int, cu_seqlens, causal: bool = True) -> list[int]:
+    """Score pairs each rank computes in one ring pass (the trace's ``pairs``, summed) when the
+    packed documents ``cu_seqlens`` (a tensor or a list of boundaries) attend within themselves.
+    The tiles compute exactly the visible pairs, so each query row counts the keys of its
+    document it sees: all of them, or causally those up to its own position."""
+    docs = check_cu_seqlens(torch.as_tensor(cu_seqlens), None, None)
+    lay = get(layout)
+    lay.check_split(docs[-1], world_size, documents=docs)
+    work = []
+    for rank in range(world_size):
+        total = 0
+        for d, runs in _document_runs(lay.runs(docs[-1], rank, world_size, docs), docs).items():
+            for r in runs:
+                if causal:  # sum over the run's positions p of p - start + 1
+                    total += r.count * (r.pos - docs[d] + 1) + r.stride * r.count * (r.count - 1) // 2
+                else:
+                    total += r.count * (docs[d + 1] - docs[d])
+        work.append(total)
+    return work
+
+
+def imbalance(layout: str, world_size: int, cu_seqlens, causal: bool = True) -> float:
+    """max / mean of :func:`work_per_rank`: 1.0 is a perfect balance."""
+    work = work_per_rank(layout, world_size, cu_seqlens, causal)
+    return max(work) * len(work) / sum(work)
+
+
+def balance(world_size: int, cu_seqlens, causal: bool = True) -> dict[str, float | None]:
+    """:func:`imbalance` of every registered layout; None where a layout cannot split them."""
+    out = {}
+    for name in LAYOUTS:
+        try:
+            out[name] = imbalance(name, world_size, cu_seqlens, causal)
+        except ValueError:
+            out[name] = None
+    return out
 
 
 def _seq_dim(dim, ndim: int, name: str) -> int:
@@ -245,22 +410,24 @@ def _seq_dim(dim, ndim: int, name: str) -> int:
 
 
 def shard(x: torch.Tensor, rank: int, world_size: int, layout: str = "contiguous",
-          dim: int = 1) -> torch.Tensor:
+          dim: int = 1, *, cu_seqlens=None) -> torch.Tensor:
     """This rank's shard of x along ``dim`` (the sequence dimension by default; negative
-    dims count from the end)."""
+    dims count from the end). ``cu_seqlens``: the packed documents of the whole sequence,
+    for a layout that splits each document ("doc_zigzag")."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     dim = _seq_dim(dim, x.dim(), "x")
     lay = get(layout)
-    lay.check_split(x.shape[dim], world_size, what=f"dim {dim} of length")
-    return lay.shard(x, rank, world_size, dim)
+    docs = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, x.shape[dim], None)
+    lay.check_split(x.shape[dim], world_size, what=f"dim {dim} of length", documents=docs)
+    return lay.shard(x, rank, world_size, dim, docs)
 
 
-def unshard(shards, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
-    """Reassemble the full tensor from the list of every rank's shard (inverse of shard).
-    Every shard must have the same shape (the layouts split evenly)."""
+def unshard(shards, layout: str = "contiguous", dim: int = 1, *, cu_seqlens=None) -> torch.Tensor:
+    """Reassemble the full tensor from the list of every rank's shard (inverse of shard, with
+    the same ``cu_seqlens``). Every shard must have the same shape (the layouts split evenly)."""
     shards = list(shards)
     if not shards:
         raise ValueError("unshard needs at least one shard")
@@ -271,4 +438,10 @@ def unshard(shards, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
         if s.shape != shards[0].shape:
             raise ValueError(f"unshard needs shards of equal shape (every layout splits evenly); shard 0 "
                              f"has {tuple(shards[0].shape)}, shard {r} has {tuple(s.shape)}")
-    return lay.unshard(shards, _seq_dim(dim, shards[0].dim(), "the shards"))
+    dim = _seq_dim(dim, shards[0].dim(), "the shards")
+    seq_len = shards[0].shape[dim] * len(shards)
+    docs = None
+    if cu_seqlens is not None:
+        docs = check_cu_seqlens(cu_seqlens, seq_len, None)
+        lay.check_split(seq_len, len(shards), what=f"dim {dim} of length", documents=docs)
+    return lay.unshard(shards, dim, docs)

@@ -41,6 +41,8 @@ class DilatedAttention(nn.Module):
         attention_dropout: must be 0.0 (kept for call compatibility).
         head_offsets: "interleaved" or "grouped" (see ringlab.dilated_attention).
         group, layout: sequence parallel over a process group (inputs are shards).
+
+    ``forward(..., cu_seqlens=)`` takes packed documents (see ringlab.dilated_attention).
     """
 
     def __init__(self, segment_lengths, dilation_rates, softmax_scale: float | None = None,
@@ -52,8 +54,8 @@ class DilatedAttention(nn.Module):
         self.softmax_scale, self.head_offsets = softmax_scale, head_offsets
         self.group, self.layout = group, layout
 
-    def forward(self, query, key, value, is_causal: bool = False):
-        kw = dict(causal=is_causal, scale=self.softmax_scale, head_offsets=self.head_offsets)
+    def forward(self, query, key, value, is_causal: bool = False, *, cu_seqlens=None):
+        kw = dict(causal=is_causal, scale=self.softmax_scale, head_offsets=self.head_offsets, cu_seqlens=cu_seqlens)
         if self.group is None:
             return dilated_attention(query, key, value, self.segment_lengths, self.dilation_rates, **kw)
         return ring_dilated_attention(query, key, value, self.segment_lengths, self.dilation_rates,
@@ -67,16 +69,17 @@ class DilatedAttention(nn.Module):
 
 class RingAttention(nn.Module):
     """Exact dense attention over (B, N, H, D), sequence parallel over ``group`` (inputs are
-    shards), or a simulated ring of ``ring_size`` ranks on one device."""
+    shards), or a simulated ring of ``ring_size`` ranks on one device. ``forward(...,
+    cu_seqlens=)`` takes packed documents of the whole sequence (see ringlab.ring_attention)."""
 
     def __init__(self, *, group=None, ring_size: int | None = None, layout: str = "contiguous",
                  softmax_scale: float | None = None):
         super().__init__()
         self.group, self.ring_size, self.layout, self.softmax_scale = group, ring_size, layout, softmax_scale
 
-    def forward(self, query, key, value, is_causal: bool = False):
+    def forward(self, query, key, value, is_causal: bool = False, *, cu_seqlens=None):
         return ring_attention(query, key, value, group=self.group, ring_size=self.ring_size,
-                              causal=is_causal, layout=self.layout, scale=self.softmax_scale)
+                              causal=is_causal, layout=self.layout, scale=self.softmax_scale, cu_seqlens=cu_seqlens)
 
 
 class MultiheadDilatedAttention(nn.Module):
@@ -87,7 +90,8 @@ class MultiheadDilatedAttention(nn.Module):
     torch.nn.MultiheadAttention without weights. ``checkpoint=True`` recomputes the attention
     (and its norm) in the backward instead of keeping its output. ``num_kv_heads`` (a divisor
     of ``num_heads``; default ``num_heads``) gives grouped-query attention: the k and v
-    projections produce that many heads of E / num_heads each.
+    projections produce that many heads of E / num_heads each. ``forward(..., cu_seqlens=)``
+    takes packed documents (batch 1), as :class:`DilatedAttention`.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths, dilation_rates, *,
@@ -125,11 +129,11 @@ class MultiheadDilatedAttention(nn.Module):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
 
-    def _attend(self, q, k, v, is_causal: bool):
-        x = self.attention(q, k, v, is_causal=is_causal).flatten(2)
+    def _attend(self, q, k, v, is_causal: bool, cu_seqlens=None):
+        x = self.attention(q, k, v, is_causal=is_causal, cu_seqlens=cu_seqlens).flatten(2)
         return self.norm(x) if self.norm is not None else x
 
-    def forward(self, query, key=None, value=None, is_causal: bool = False):
+    def forward(self, query, key=None, value=None, is_causal: bool = False, *, cu_seqlens=None):
         key = query if key is None else key
         value = key if value is None else value
         if not self.batch_first:
@@ -138,15 +142,16 @@ class MultiheadDilatedAttention(nn.Module):
         q = split(self.q_proj(query), self.num_heads)
         k, v = split(self.k_proj(key), self.num_kv_heads), split(self.v_proj(value), self.num_kv_heads)
         if self.checkpoint and torch.is_grad_enabled():
-            x = checkpoint(self._attend, q, k, v, is_causal, use_reentrant=False)
+            x = checkpoint(self._attend, q, k, v, is_causal, cu_seqlens, use_reentrant=False)
         else:
-            x = self._attend(q, k, v, is_causal)
+            x = self._attend(q, k, v, is_causal, cu_seqlens)
         out = self.out_proj(x)
         return (out if self.batch_first else out.transpose(0, 1)), None
 
 
 class LongNetBlock(nn.Module):
-    """Pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x))."""
+    """Pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x)); ``cu_seqlens``
+    (packed documents) goes to the attention."""
 
     def __init__(self, embed_dim: int, num_heads: int, segment_lengths, dilation_rates, *,
                  num_kv_heads: int | None = None, mlp_ratio: int = 4, group=None, layout: str = "contiguous",
@@ -161,8 +166,8 @@ class LongNetBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(embed_dim, mlp_ratio * embed_dim, **kw), nn.GELU(),
                                  nn.Linear(mlp_ratio * embed_dim, embed_dim, **kw))
 
-    def forward(self, x, is_causal: bool = True):
-        x = x + self.attn(self.norm1(x), is_causal=is_causal)[0]
+    def forward(self, x, is_causal: bool = True, *, cu_seqlens=None):
+        x = x + self.attn(self.norm1(x), is_causal=is_causal, cu_seqlens=cu_seqlens)[0]
         return x + self.mlp(self.norm2(x))
 
 

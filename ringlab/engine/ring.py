@@ -18,20 +18,22 @@ import torch
 from . import trace
 from .config import RingConfig, ring_config, run_ring
 from .kernels import accum_dtype, block_attention, block_attention_backward
-from .layout import get
+from .layout import ring_tiles
 from .merge import merge, new_accumulators
 
 
-def _traced_tile(rank, step, src, tile):
-    """A context that records the tile computed inside the block (or that it was skipped)."""
+def _traced_tiles(rank, step, src, tiles):
+    """A context that records the tiles computed inside the block (or that the step was
+    skipped): rows are the range the tiles cover, ``blocks`` how many kernel calls they take."""
     if not trace.recording():
         return contextlib.nullcontext()
-    if tile is None:
+    if not tiles:
         trace.record(kind="skip", rank=rank, step=step, src=src)
         return contextlib.nullcontext()
-    return trace.span(kind="compute", rank=rank, step=step, src=src, causal=tile.causal,
-                      q_rows=(tile.q.start, tile.q.stop), k_rows=(tile.k.start, tile.k.stop),
-                      pairs=tile.pairs())
+    return trace.span(kind="compute", rank=rank, step=step, src=src, causal=any(t.causal for t in tiles),
+                      q_rows=(min(t.q.start for t in tiles), max(t.q.stop for t in tiles)),
+                      k_rows=(min(t.k.start for t in tiles), max(t.k.stop for t in tiles)),
+                      pairs=sum(t.pairs() for t in tiles), blocks=len(tiles))
 
 
 def _rows(x, rows: slice, dim: int):
@@ -45,17 +47,16 @@ def _rows(x, rows: slice, dim: int):
 def forward_rank(comm, q, k, v, *, config: RingConfig, heads: slice):
     """One rank's forward (a generator; see ringlab.engine.comm). Returns (out, lse) accumulators.
     Every head attends alike, so ``heads`` (which of the call's heads q holds) is not needed."""
-    p, rank, n = comm.world_size, comm.rank, q.shape[1]
-    lay, causal, scale = get(config.layout), config.causal, config.scale
+    p, rank, n, scale = comm.world_size, comm.rank, q.shape[1], config.scale
     out, lse = new_accumulators(q)
     kv = torch.stack([k, v])  # one buffer, one transfer per step
     for step in range(p):
         src = (rank - step) % p
         if step + 1 < p:
             incoming, pending = comm.pass_on(kv, step=step, label="kv")
-        tile = lay.tile(rank, src, p, n, causal)
-        with _traced_tile(rank, step, src, tile):
-            if tile is not None:
+        tiles = ring_tiles(config.layout, rank, src, p, n, config.causal, config.documents)
+        with _traced_tiles(rank, step, src, tiles):
+            for tile in tiles:
                 qr, kr = tile.q, tile.k
                 merge(_rows(out, qr, 1), _rows(lse, qr, 2),
                       *block_attention(_rows(q, qr, 1), _rows(kv[0], kr, 1), _rows(kv[1], kr, 1),
@@ -68,8 +69,7 @@ def forward_rank(comm, q, k, v, *, config: RingConfig, heads: slice):
 
 def backward_rank(comm, dout, q, k, v, out, lse, dlse, *, config: RingConfig, heads: slice):
     """One rank's backward (a generator). Returns (dq, dk, dv) in the accumulation dtype."""
-    p, rank, n = comm.world_size, comm.rank, q.shape[1]
-    lay, causal, scale = get(config.layout), config.causal, config.scale
+    p, rank, n, scale = comm.world_size, comm.rank, q.shape[1], config.scale
     acc = accum_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])
@@ -83,9 +83,9 @@ def backward_rank(comm, dout, q, k, v, out, lse, dlse, *, config: RingConfig, he
         else:
             yield from dkv_pending.wait()
             dkv = dkv_incoming
-        tile = lay.tile(rank, src, p, n, causal)
-        with _traced_tile(rank, step, src, tile):
-            if tile is not None:
+        tiles = ring_tiles(config.layout, rank, src, p, n, config.causal, config.documents)
+        with _traced_tiles(rank, step, src, tiles):
+            for tile in tiles:
                 qr, kr = tile.q, tile.k
                 gq, gk, gv = block_attention_backward(
                     _rows(dout, qr, 1), _rows(q, qr, 1), _rows(kv[0], kr, 1), _rows(kv[1], kr, 1),
@@ -107,7 +107,7 @@ def backward_rank(comm, dout, q, k, v, out, lse, dlse, *, config: RingConfig, he
 
 def ring_attention(q, k, v, *, group=None, ring_size: int | None = None, causal: bool = False,
                    layout: str = "contiguous", scale: float | None = None,
-                   return_lse: bool = False):
+                   return_lse: bool = False, cu_seqlens=None):
     """Exact softmax attention with the sequence split over a ring of ranks.
 
     Distributed: ``group`` is a torch.distributed ProcessGroup and q, k, v (B, N/P, H, D) are
@@ -121,9 +121,14 @@ def ring_attention(q, k, v, *, group=None, ring_size: int | None = None, causal:
             last two balance causal work), or one you registered.
         scale: default 1/sqrt(D).
         return_lse: also return lse (B, H, S) for the same rows as out.
+        cu_seqlens: packed documents (batch 1): boundaries 0 = c_0 < ... < c_D = N of the
+            *whole* sequence, the same on every rank whatever the layout. Documents attend only
+            within themselves; a step whose query and key rows share no document is skipped.
+            "doc_zigzag" balances causal work by cutting every document into 2P chunks.
 
     Equals ``ringlab.attention`` on the whole sequence, outputs and gradients.
     """
-    config = ring_config(q, k, v, group=group, ring_size=ring_size, causal=causal, layout=layout, scale=scale)
+    config = ring_config(q, k, v, group=group, ring_size=ring_size, causal=causal, layout=layout, scale=scale,
+                         cu_seqlens=cu_seqlens)
     out, lse = run_ring(config, q, k, v, group=group, ring_size=ring_size)
     return (out, lse) if return_lse else out

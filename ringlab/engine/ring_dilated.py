@@ -16,6 +16,7 @@ same plan for every other rank, so message sizes need no handshake.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ import torch
 from . import trace
 from .config import RingConfig, ring_config, run_ring
 from .dilated import attend, attend_backward, blocks_backward, blocks_forward, lse_view, rows_view
-from .dilation import Block, Rows, fusable, head_count, head_groups, head_shift, local_blocks, runs, shifted
+from .dilation import (Block, Rows, document_blocks, document_pieces, fusable, head_count, head_groups, head_shift,
+                       relocated, runs, shifted)
 from .kernels import accum_dtype
 from .layout import get
 from .merge import new_accumulators
@@ -93,12 +95,14 @@ def _message_layout(pieces, w: int, r: int, seg: int, groups) -> tuple[tuple[Par
 
 @dataclass(frozen=True)
 class SubRing:
-    """The ranks holding one segment of one branch, and what each of them sends."""
+    """The ranks holding one segment of one branch (of one packed document), and what each
+    of them sends."""
     branch: int
     segment: int
     members: tuple[int, ...]
     parts: tuple[tuple[Part, ...], ...]  # per member: its message layout
     sizes: tuple[int, ...]                # per member: message slots
+    document: int = 0
 
     def hops(self) -> int:
         return len(self.members) - 1
@@ -111,41 +115,49 @@ class RankPlan:
     steps: tuple[int, ...]                     # per branch: the most hops of any sub-ring
 
 
-def _members(seq_len: int, owners: tuple[int, ...], w: int, seg: int) -> tuple[int, ...]:
-    """Ranks holding positions of segment ``seg``: the owners of the chunks it overlaps
-    (``owners``: the rank of each chunk, see ringlab.engine.layout.ChunkLayout.owners)."""
-    c = seq_len // len(owners)
-    lo, hi = seg * w // c, (min((seg + 1) * w, seq_len) - 1) // c
-    return tuple(sorted({owners[i] for i in range(lo, hi + 1)}))
+def _moved(part: Part, local0: int, start: int) -> Part:
+    """A part of a document's message, its rows moved to the sender's local rows and positions."""
+    return dataclasses.replace(part, rows=relocated(part.rows, local0, start)) if local0 or start else part
 
 
 @functools.lru_cache(maxsize=64)
 def rank_plan(config: RingConfig, rank: int, heads: tuple[int, int] | None = None) -> RankPlan:
     """Local blocks and sub-rings of ``rank`` (see module doc), for the heads h0 <= h < h1
-    of ``heads`` = (h0, h1) (default all), numbered from h0."""
+    of ``heads`` = (h0, h1) (default all), numbered from h0. Packed documents are separate
+    sequences: segments and sub-rings are per document, in document order on every rank."""
     seq_len, world_size, num_heads = config.seq_len, config.world_size, config.heads
-    lay = get(config.layout)
-    pieces_of = [lay.pieces(seq_len, x, world_size) for x in range(world_size)]
-    owners = lay.owners(world_size)
-    own = local_blocks(pieces_of[rank], num_heads, config.segments, config.rates, config.head_offsets,
-                       config.causal, heads, config.kv_group)
+    docs = config.documents or (0, seq_len)
+    pieces_of = [get(config.layout).pieces(seq_len, x, world_size, config.documents or None)
+                 for x in range(world_size)]
+    own = document_blocks(pieces_of[rank], config.documents, num_heads, config.segments, config.rates,
+                          config.head_offsets, config.causal, heads, config.kv_group)
     local = tuple(tuple(x for x in own if x.branch == b) for b in range(len(config.segments)))
+    # Per document: {rank: (its pieces inside, counted from the document's start; its first local row)}.
+    inside: list[dict[int, tuple]] = [{} for _ in docs[1:]]
+    for x, pieces in enumerate(pieces_of):
+        for start, rel, local0 in document_pieces(pieces, docs):
+            inside[bisect.bisect_left(docs, start)][x] = (rel, local0)
+    spans = [sorted((a, e, x) for x, (rel, _) in held.items() for a, e in rel) for held in inside]  # disjoint
     subrings, steps = [], []
     for b, (w, r) in enumerate(zip(config.segments, config.rates)):
         groups = head_groups(num_heads, r, config.head_offsets, heads, config.kv_group)
-        # Only a piece's first and last segments can reach another rank.
-        edge_segments = sorted({s for pieces in pieces_of for a, e in pieces for s in (a // w, (e - 1) // w)})
         mine = []
         most = 0
-        for seg in edge_segments:
-            members = _members(seq_len, owners, w, seg)
-            if len(members) < 2:
-                continue
-            most = max(most, len(members) - 1)
-            if rank not in members:
-                continue
-            layouts = [_message_layout(pieces_of[x], w, r, seg, groups) for x in members]
-            mine.append(SubRing(b, seg, members, tuple(p for p, _ in layouts), tuple(n for _, n in layouts)))
+        for d, (held, held_spans) in enumerate(zip(inside, spans)):
+            starts, stops = [a for a, _, _ in held_spans], [e for _, e, _ in held_spans]
+            # Only a piece's first and last segments can reach another rank.
+            for seg in sorted({s for a, e, _ in held_spans for s in (a // w, (e - 1) // w)}):
+                lo, hi = bisect.bisect_right(stops, seg * w), bisect.bisect_left(starts, (seg + 1) * w)
+                members = tuple(sorted({x for _, _, x in held_spans[lo:hi]}))
+                if len(members) < 2:
+                    continue
+                most = max(most, len(members) - 1)
+                if rank not in members:
+                    continue
+                layouts = [_message_layout(held[x][0], w, r, seg, groups) for x in members]
+                parts = tuple(tuple(_moved(part, held[x][1], docs[d]) for part in p)
+                              for x, (p, _) in zip(members, layouts))
+                mine.append(SubRing(b, seg, members, parts, tuple(n for _, n in layouts), d))
         subrings.append(tuple(mine))
         steps.append(most)
     return RankPlan(local, tuple(subrings), tuple(steps))
@@ -194,7 +206,9 @@ def _rotate(comm, subs, idx, held, step):
 
 
 def _tag(sub: SubRing, grads: bool) -> int:
-    return 2 + 2 * (sub.branch * 4096 + sub.segment % 4096) + int(grads)
+    """A message tag per (document, branch, segment); equal tags of two sub-rings between the
+    same ranks stay apart because both ranks post them in the same order."""
+    return 2 + 2 * ((sub.document * 64 + sub.branch) * 4096 % 2**28 + sub.segment % 4096) + int(grads)
 
 
 def _event(comm, step, sub, src, q_part, k_part):
@@ -291,7 +305,7 @@ def backward_rank(comm, dout, q, k, v, out, lse, dlse, *, config: RingConfig, he
 def ring_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, group=None,
                            ring_size: int | None = None, causal: bool = False,
                            layout: str = "contiguous", scale: float | None = None,
-                           head_offsets: str = "interleaved", return_lse: bool = False):
+                           head_offsets: str = "interleaved", return_lse: bool = False, cu_seqlens=None):
     """LongNet dilated attention with the sequence sharded over a ring of ranks.
 
     Same semantics as :func:`ringlab.dilated_attention` on the whole sequence, and the same
@@ -301,9 +315,12 @@ def ring_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, group=No
 
     Args:
         layout: one whose ranks hold whole chunks: "contiguous", "zigzag" or one you registered
-            (striped would put every segment on every rank).
+            (striped would put every segment on every rank), or "doc_zigzag" with cu_seqlens.
+        cu_seqlens: packed documents of the whole sequence, as in :func:`ringlab.ring_attention`;
+            each document is its own LongNet sequence (see :func:`ringlab.dilated_attention`).
     """
     config = ring_config(q, k, v, group=group, ring_size=ring_size, causal=causal, layout=layout, scale=scale,
-                         segment_lengths=segment_lengths, dilation_rates=dilation_rates, head_offsets=head_offsets)
+                         segment_lengths=segment_lengths, dilation_rates=dilation_rates, head_offsets=head_offsets,
+                         cu_seqlens=cu_seqlens)
     out, lse = run_ring(config, q, k, v, group=group, ring_size=ring_size)
     return (out, lse) if return_lse else out

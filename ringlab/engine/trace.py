@@ -7,8 +7,10 @@
 Event kinds (all carry ``rank``, ``step`` and ``pass`` = "forward" | "backward"):
   compute  a tile was computed: ``src`` (whose K/V block is held), ``q_rows``, ``k_rows``
            ([start, stop) local rows), ``causal``, ``pairs`` (score pairs), ``t0``, ``t1``;
-           ring-dilated adds ``branch``.
-  skip     a tile lay wholly in the future and was not computed: ``src``.
+           ring attention adds ``blocks`` (kernel calls: one per shared packed document, or
+           two), and ``q_rows``, ``k_rows`` then span them; ring-dilated adds ``branch``.
+  skip     a tile lay wholly in the future, or its ranks share no packed document, and was
+           not computed: ``src``.
   post     sends and receives were posted: ``t``, ``bytes`` sent, ``peers``, ``label``.
   wait     the rank waited for them: ``posted``, ``t0``, ``t1``, ``bytes``, ``label``.
 Ulysses and hybrid calls (ringlab.engine.ulysses) add ``mesh_rank`` (the rank in the U x R

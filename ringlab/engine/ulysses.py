@@ -216,7 +216,8 @@ def run_mesh(config: MeshConfig, q, k, v, *, ulysses_group, ring_group):
             check_group_agrees(group, q.device, *config.agreement(q, k))
     algorithm = MeshAlgorithm(functools.partial(forward_rank, config=config),
                               functools.partial(backward_rank, config=config), ring_group, config.ring_size,
-                              config.ring.layout, ulysses_group, config.ulysses_size, distributed)
+                              config.ring.layout, ulysses_group=ulysses_group, ulysses_size=config.ulysses_size,
+                              distributed=distributed)
     return exact_attention(q, k, v, algorithm, config.model(), kv_unit=config.ulysses_size)
 
 

@@ -15,14 +15,17 @@ data in ``ringlab/planning/devices.json``.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import math
 import pathlib
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 from ..engine.checks import HEAD_OFFSETS, check_branches, check_choice
 from ..engine.dilation import score_pairs
-from ..engine.layout import LAYOUTS
+from ..engine.layout import LAYOUTS, imbalance, work_per_rank
 from ..engine.ring_dilated import rank_plan
 from .memory_model import DTYPE_BYTES, Problem, estimate
 
@@ -91,7 +94,8 @@ class Plan:
     fits: bool
     memory: dict            # per rank: {"terms": {...}, "resident": {...}, "total": bytes, "capacity": bytes}
     communication: dict     # per rank: bytes per step, steps, totals
-    compute: dict           # per rank: FLOPs per step and in total, seconds at the device's rate
+    compute: dict           # per rank: FLOPs per step and in total, seconds at the device's rate;
+                            # with packed documents also score pairs and FLOPs of every rank
     overlap: dict           # per link: step compute vs transfer seconds, hides, shard needed
     min_gpus: int | None = None
     max_tokens: int | None = None
@@ -125,11 +129,16 @@ class Plan:
         if c["backward"]:
             lines.append(f"  {'total, forward+backward':<38} {gib(c['total']):>14}")
         k = self.compute
-        lines += ["", "compute per GPU",
+        lines += ["", "compute per GPU" + (" (the busiest rank)" if "documents" in k else ""),
                   f"  {'FLOPs per ring step (forward)':<38} {k['flops_per_step']:>14.3e}",
                   f"  {'FLOPs, whole call':<38} {k['flops_total']:>14.3e}",
-                  f"  {'time at the device rate':<38} {k['seconds_total']:>12.2f} s", "",
-                  "overlap: does a step's transfer hide behind its compute?"]
+                  f"  {'time at the device rate':<38} {k['seconds_total']:>12.2f} s"]
+        if "documents" in k:
+            lengths = k["documents"]
+            lines += [f"  {len(lengths):,} packed documents, {min(lengths):,} to {max(lengths):,} tokens; "
+                      f"imbalance (max/mean work) {k['imbalance']:.3f}"]
+            lines += [f"  rank {r:<33} {f:>14.3e} FLOPs" for r, f in enumerate(k["flops_per_rank"])]
+        lines += ["", "overlap: does a step's transfer hide behind its compute?"]
         if not self.overlap:
             lines.append("  every segment stays on its rank: nothing is sent")
         for link, o in self.overlap.items():
@@ -286,6 +295,40 @@ def _max_tokens(pb: Problem, dev: Device, backward: bool) -> int | None:
     return m * unit
 
 
+def document_lengths(spec, tokens: int, multiple: int = 1, seed: int = 0) -> list[int]:
+    """The document lengths of a packed ``tokens``-token sequence. ``spec``: a list of lengths
+    (adding up to ``tokens``), or "exp:MEAN": lengths drawn from an exponential distribution of
+    mean MEAN (with ``seed``), each rounded to a positive multiple of ``multiple`` (what a layout
+    that splits every document needs), the last one cut to what is left."""
+    if isinstance(spec, str):
+        kind, _, mean = spec.partition(":")
+        if kind != "exp" or not mean:
+            raise ValueError(f"documents must be a list of lengths or 'exp:MEAN', got {spec!r}")
+        mean = parse_tokens(mean)
+        g = torch.Generator().manual_seed(seed)
+        lengths, left = [], tokens
+        while left > 0:
+            draw = float(torch.empty(1).exponential_(1 / mean, generator=g))
+            n = min(left, max(1, round(draw / multiple)) * multiple)
+            lengths.append(n)
+            left -= n
+        return lengths
+    lengths = [parse_tokens(x) for x in spec]
+    if sum(lengths) != tokens:
+        raise ValueError(f"the document lengths add up to {sum(lengths):,} tokens, not the {tokens:,} planned")
+    return lengths
+
+
+def _packed_compute(pb: Problem, documents, flops_per_pair: float) -> dict:
+    """Score pairs and FLOPs of every rank when packed documents attend within themselves."""
+    multiple = LAYOUTS[pb.layout].document_unit(pb.world_size)
+    lengths = document_lengths(documents, pb.seq_len, multiple)
+    cu = [0, *itertools.accumulate(lengths)]
+    pairs = work_per_rank(pb.layout, pb.world_size, cu, pb.causal)
+    return dict(documents=lengths, pairs_per_rank=pairs, flops_per_rank=[flops_per_pair * x for x in pairs],
+                imbalance=imbalance(pb.layout, pb.world_size, cu, pb.causal))
+
+
 def parse_tokens(text) -> int:
     """'1G' = 2**30, '512K' = 2**19, '1M', '65536', '1e9'."""
     if isinstance(text, int):
@@ -305,10 +348,13 @@ def parse_tokens(text) -> int:
 def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments=(), rates=(),
          gpu: str = "h100", gpus: int | None = None, batch: int = 1, causal: bool = True,
          layout: str = "zigzag", head_offsets: str = "interleaved", backward: bool = True,
-         device_profiles=None, kv_heads: int | None = None) -> Plan:
+         device_profiles=None, kv_heads: int | None = None, documents=None) -> Plan:
     """Plan ring (or, with segments and rates, ring-dilated) attention over ``tokens`` tokens.
     ``kv_heads``: K/V heads of grouped-query attention (a divisor of ``heads``; default
-    ``heads``): k, v, their gradients and every message hold that many heads.
+    ``heads``): k, v, their gradients and every message hold that many heads. ``documents``:
+    packed documents (ring attention), as :func:`document_lengths` takes them; compute is then
+    reported per rank, and the busiest rank's sets the time. Memory is the same as for one
+    sequence: no mask is formed.
 
     Without ``gpus``, picks the fewest GPUs that fit, among every count the layout can split
     ``tokens`` over; if none fits, the ValueError says which rule failed (the layout's split or
@@ -332,6 +378,9 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
     check_choice("head_offsets", head_offsets, HEAD_OFFSETS)
     if segments or rates:
         segments, rates = check_branches(segments, rates)
+        if documents is not None:
+            raise ValueError("the planner counts packed documents for ring attention only: drop documents, or "
+                             "segments and rates")
         if layout == "striped":
             raise ValueError("ring-dilated attention supports layouts 'contiguous' and 'zigzag'")
     dev = profiles[gpu]
@@ -346,8 +395,11 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
         unit = (2 if layout == "zigzag" else 1) * gpus
         raise ValueError(f"layout {layout!r} cannot split {tokens:,} tokens over {gpus} GPUs: use a multiple of {unit}")
     est = _memory(pb, backward)
-    flops_fwd = 4 * pb.batch * pb.heads * pb.head_dim * _pairs_per_rank(pb)
-    flops = flops_fwd * (3.5 if backward else 1.0)  # backward: 5 matmuls to the forward's 2
+    # backward: 5 matmuls to the forward's 2
+    per_pair = 4 * pb.batch * pb.heads * pb.head_dim * (3.5 if backward else 1.0)
+    packed = _packed_compute(pb, documents, per_pair) if documents is not None else {}
+    flops = max(packed["flops_per_rank"]) if packed else per_pair * _pairs_per_rank(pb)
+    flops_fwd = flops / (3.5 if backward else 1.0)
     steps = pb.world_size
     return Plan(
         problem=asdict(pb), device=asdict(dev), gpus=pb.world_size, tokens_per_gpu=pb.local,
@@ -355,7 +407,7 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
         memory=dict(terms=est.terms, resident=est.resident, total=est.total, capacity=dev.capacity),
         communication=_communication(pb, backward),
         compute=dict(flops_per_step=flops_fwd / steps, flops_total=flops,
-                     seconds_total=flops / dev.flops(dtype)),
+                     seconds_total=flops / dev.flops(dtype), **packed),
         overlap=_overlap(pb, dev), min_gpus=min_gpus,
         max_tokens=_max_tokens(pb, dev, backward) if gpus is not None else None,
         notes=["memory: per GPU for one attention layer (q, k, v and the output gradient resident, plus the "

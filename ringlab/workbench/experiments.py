@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from ..planning import memory
 from .baselines import materialized_attention, sdpa
-from ..engine.layout import LAYOUTS, get, with_pieces
+from ..engine.layout import LAYOUTS, document_tiles, get, with_pieces, work_per_rank
 from ..planning.memory_model import Problem, estimate
 
 
@@ -210,6 +210,21 @@ def layout_work(world_size: int = 4, seq_len: int = 1024) -> dict:
     return {layout: Trace(ring_trace(world_size, seq_len, layout=layout, simulated=True, backward=False,
                                      heads=1, head_dim=8, device="cpu")).work_per_rank()
             for layout in LAYOUTS}
+
+
+def packed_view(world_size: int, lengths) -> dict:
+    """Packed documents of ``lengths`` tokens under a causal ring, per layout that can split
+    them: {"work": {layout: {rank: score pairs}}, "skipped": {layout: fraction of the P^2 ring
+    steps that no document crosses, which the ring skips}}."""
+    cu = [0, *itertools.accumulate(lengths)]
+    work, skipped = {}, {}
+    for name, lay in LAYOUTS.items():
+        if not lay.splits(cu[-1], world_size) or any(n % lay.document_unit(world_size) for n in lengths):
+            continue
+        work[name] = dict(enumerate(work_per_rank(name, world_size, cu)))
+        steps = list(itertools.product(range(world_size), repeat=2))
+        skipped[name] = sum(not document_tiles(name, r, s, world_size, tuple(cu), True) for r, s in steps) / len(steps)
+    return dict(work=work, skipped=skipped)
 
 
 def overlap_fraction(events) -> float | None:

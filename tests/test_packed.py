@@ -1,0 +1,293 @@
+"""Packed variable-length documents (cu_seqlens, issue 14): every function against the float64
+reference of each document alone, the tiles a ring skips, the balance of the layouts, and the
+errors of a wrong cu_seqlens."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import assert_close, check_against, rand_qkv
+from ringcases import PACKED_WORLD_SIZES, check_case, gathered, packed_cases, packed_documents
+
+import ringlab
+from ringlab.engine.config import ring_config
+from ringlab.engine.layout import (LAYOUTS, balance, document_tiles, imbalance, ring_tiles, with_pieces,
+                                  work_per_rank)
+from ringlab.engine.trace import record_events
+from ringlab.reference import dense_attention, dense_dilated_attention
+
+# Ragged documents of a 40-token sequence: shorter than a segment (3, 1), spanning segments.
+DOCS = [0, 3, 20, 21, 34, 40]
+BRANCHES = ([4, 8, 16], [1, 2, 4])
+
+
+def per_document(ref, docs):
+    """ref applied to each document alone, concatenated: what a packed call must equal."""
+    def fn(q, k, v):
+        parts = [ref(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in zip(docs, docs[1:])]
+        return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
+    return fn
+
+
+def dense(causal):
+    return lambda q, k, v: dense_attention(q, k, v, causal=causal)
+
+
+def dense_dilated(causal, mode="interleaved"):
+    return lambda q, k, v: dense_dilated_attention(q, k, v, *BRANCHES, causal=causal, head_offsets=mode)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention(dtype, causal):
+    cu = torch.tensor(DOCS, dtype=torch.int32)
+    fn = lambda q, k, v: ringlab.attention(q, k, v, causal=causal, cu_seqlens=cu, return_lse=True)  # noqa: E731
+    check_against(fn, per_document(dense(causal), DOCS), rand_qkv(1, 40, 3, 16, seed=1), dtype, use_lse=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", ["interleaved", "grouped"])
+def test_dilated_attention(dtype, causal, mode):
+    cu = torch.tensor(DOCS)
+    fn = lambda q, k, v: ringlab.dilated_attention(q, k, v, *BRANCHES, causal=causal, head_offsets=mode,  # noqa: E731
+                                                   cu_seqlens=cu, return_lse=True)
+    check_against(fn, per_document(dense_dilated(causal, mode), DOCS), rand_qkv(1, 40, 4, 8, seed=2), dtype,
+                  use_lse=True)
+
+
+def test_one_document_is_the_unpacked_call():
+    q, k, v = rand_qkv(1, 24, 2, 8, seed=3)
+    whole = torch.tensor([0, 24])
+    assert torch.equal(ringlab.attention(q, k, v, causal=True, cu_seqlens=whole),
+                       ringlab.attention(q, k, v, causal=True))
+    assert torch.equal(ringlab.dilated_attention(q, k, v, *BRANCHES, cu_seqlens=whole),
+                       ringlab.dilated_attention(q, k, v, *BRANCHES))
+
+
+# ---------------------------------------------------------------- simulated rings
+def _ring(p, layout, causal, docs, dilated):
+    cu = torch.tensor(docs)
+    if dilated:
+        return lambda q, k, v: ringlab.ring_dilated_attention(q, k, v, *BRANCHES, ring_size=p, causal=causal,
+                                                              layout=layout, cu_seqlens=cu, return_lse=True)
+    return lambda q, k, v: ringlab.ring_attention(q, k, v, ring_size=p, causal=causal, layout=layout,
+                                                  cu_seqlens=cu, return_lse=True)
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_simulated_ring(p, layout, causal):
+    docs = packed_documents(p, layout)
+    check_against(_ring(p, layout, causal, docs, False), per_document(dense(causal), docs),
+                  rand_qkv(1, docs[-1], 2, 8, seed=p), torch.float64, use_lse=True)
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+@pytest.mark.parametrize("layout", with_pieces())
+@pytest.mark.parametrize("causal", [False, True])
+def test_simulated_ring_dilated(p, layout, causal):
+    docs = packed_documents(p, layout)
+    check_against(_ring(p, layout, causal, docs, True), per_document(dense_dilated(causal), docs),
+                  rand_qkv(1, docs[-1], 4, 8, seed=10 + p), torch.float64, use_lse=True)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_document_tiles_are_the_layout_tiles(layout, causal):
+    """The tiles cut per document cover exactly the layout's own causal tile for one document."""
+    for p in (1, 2, 3, 4):
+        n = 4 * p
+        for rank, src in itertools.product(range(p), repeat=2):
+            packed = document_tiles(layout, rank, src, p, (0, n * p), causal)
+            plain = ring_tiles(layout, rank, src, p, n, causal)
+            assert sum(t.pairs() for t in packed) == sum(t.pairs() for t in plain), (p, rank, src)
+
+
+def test_skipped_tiles_in_the_trace():
+    """Documents that each lie inside one shard: every step but a rank's own block is skipped,
+    and the pairs computed are exactly the documents' causal pairs."""
+    p, docs = 4, [0, 5, 12, 20, 24, 30, 36, 41, 48]
+    q, k, v = (x.requires_grad_() for x in rand_qkv(1, 48, 2, 8, seed=4))
+    with record_events() as tr:
+        ringlab.ring_attention(q, k, v, ring_size=p, causal=True, cu_seqlens=torch.tensor(docs)).sum().backward()
+    for pass_ in ("forward", "backward"):
+        computed, skipped = tr.of(kind="compute", pass_=pass_), tr.of(kind="skip", pass_=pass_)
+        assert len(computed) == p and len(skipped) == p * (p - 1)
+        assert all(e["src"] == e["rank"] for e in computed)
+        assert sum(tr.work_per_rank(pass_).values()) == sum((b - a) * (b - a + 1) // 2 for a, b in zip(docs, docs[1:]))
+    # A document across a shard boundary makes that one step compute, only its rows.
+    with record_events() as tr:
+        ringlab.ring_attention(q, k, v, ring_size=p, causal=True, cu_seqlens=torch.tensor([0, 10, 14, 48]))
+    assert sorted((e["rank"], e["src"]) for e in tr.of(kind="compute") if e["src"] != e["rank"]) == [
+        (1, 0), (2, 1), (3, 1), (3, 2)]
+    assert tr.of(kind="compute", rank=1, src=0)[0]["q_rows"] == (0, 2)
+
+
+def test_balance_of_a_skewed_mix():
+    """One long document and many short ones: doc_zigzag stays within 1.1 of perfect balance,
+    where zigzag (and contiguous, striped) does worse."""
+    p = 4
+    lengths = [256] + [8] * 32
+    cu = torch.tensor([0, *itertools.accumulate(lengths)])
+    got = balance(p, cu)
+    assert got["doc_zigzag"] <= 1.1
+    assert got["zigzag"] > 1.1 and got["contiguous"] > got["zigzag"]
+    assert got == {name: imbalance(name, p, cu) for name in LAYOUTS}
+    # The figure is the trace's: score pairs per rank of a real (simulated) call.
+    q, k, v = rand_qkv(1, cu[-1].item(), 1, 4, seed=5)
+    for layout, causal in itertools.product(LAYOUTS, [False, True]):
+        with record_events() as tr:
+            ringlab.ring_attention(q, k, v, ring_size=p, causal=causal, layout=layout, cu_seqlens=cu)
+        work = tr.work_per_rank()
+        assert [work[r] for r in range(p)] == work_per_rank(layout, p, cu, causal)
+
+
+def test_doc_zigzag_shard_unshard():
+    p, docs = 2, torch.tensor([0, 4, 16, 20])
+    x = torch.arange(20)[None]
+    shards = [ringlab.shard(x, r, p, "doc_zigzag", cu_seqlens=docs) for r in range(p)]
+    assert shards[0].tolist() == [[0, 3, 4, 5, 6, 13, 14, 15, 16, 19]]
+    assert torch.equal(ringlab.unshard(shards, "doc_zigzag", cu_seqlens=docs), x)
+    assert torch.equal(ringlab.shard(x, 1, p, "doc_zigzag"), ringlab.shard(x, 1, p, "zigzag"))
+    with pytest.raises(ValueError, match="document 1 .* has 10 tokens. Pad each document to a multiple of 4"):
+        ringlab.shard(x, 0, p, "doc_zigzag", cu_seqlens=torch.tensor([0, 4, 14, 20]))
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_nn_modules_pass_cu_seqlens(checkpoint):
+    """A packed call of the modules equals the module on each document alone (projections act
+    per token), gradients included."""
+    from ringlab.engine.nn import LongNetBlock, RingAttention
+
+    torch.manual_seed(0)
+    block = LongNetBlock(16, 4, *BRANCHES, num_kv_heads=2, checkpoint=checkpoint, dtype=torch.float64)
+    x = torch.randn(1, 40, 16, dtype=torch.float64)
+
+    def run(fn):
+        block.zero_grad()
+        out = fn()
+        out.square().sum().backward()
+        return [out.detach()] + [p.grad.clone() for p in block.parameters()]
+
+    packed = run(lambda: block(x, cu_seqlens=torch.tensor(DOCS)))
+    alone = run(lambda: torch.cat([block(x[:, a:b]) for a, b in zip(DOCS, DOCS[1:])], 1))
+    for i, (got, want) in enumerate(zip(packed, alone)):
+        assert_close(got, want, torch.float64, grad=i > 0)
+    q, k, v = rand_qkv(1, 40, 2, 8, seed=6)
+    ring = RingAttention(ring_size=2, layout="striped")(q, k, v, is_causal=True, cu_seqlens=torch.tensor(DOCS))
+    assert_close(ring, per_document(dense(True), DOCS)(q, k, v)[0], torch.float64)
+
+
+# ---------------------------------------------------------------- wrong cu_seqlens
+WRONG = {
+    "start at 0": (torch.tensor([1, 5, 8]), ValueError),
+    "end at the sequence length 8": (torch.tensor([0, 5, 7]), ValueError),
+    "increase strictly": (torch.tensor([0, 5, 3, 8]), ValueError),
+    "int32 or int64": (torch.tensor([0.0, 5.0, 8.0]), TypeError),
+    "1-D": (torch.tensor([[0, 8]]), ValueError),
+    "torch.Tensor": ([0, 8], TypeError),
+}
+CALLS = {
+    "attention": lambda q, k, v, cu: ringlab.attention(q, k, v, cu_seqlens=cu),
+    "dilated_attention": lambda q, k, v, cu: ringlab.dilated_attention(q, k, v, [4], [1], cu_seqlens=cu),
+    "ring_attention": lambda q, k, v, cu: ringlab.ring_attention(q, k, v, ring_size=2, cu_seqlens=cu),
+    "ring_dilated_attention": lambda q, k, v, cu: ringlab.ring_dilated_attention(q, k, v, [4], [1], ring_size=2,
+                                                                                 cu_seqlens=cu),
+}
+
+
+@pytest.mark.parametrize("fn", CALLS)
+@pytest.mark.parametrize("why", WRONG)
+def test_wrong_cu_seqlens_raise_before_any_work(fn, why):
+    cu, kind = WRONG[why]
+    with record_events() as tr, pytest.raises(kind, match=f"cu_seqlens must .*{why}"):
+        CALLS[fn](*rand_qkv(1, 8, 2, 4), cu)
+    assert tr.events == []
+
+
+@pytest.mark.parametrize("fn", CALLS)
+def test_batch_above_one_raises(fn):
+    with record_events() as tr, pytest.raises(ValueError, match="cu_seqlens needs batch 1, got batch 2"):
+        CALLS[fn](*rand_qkv(2, 8, 2, 4), torch.tensor([0, 3, 8]))
+    assert tr.events == []
+
+
+def test_ranks_agree_on_the_documents():
+    """cu_seqlens is part of what the ranks of a group check before any K/V moves."""
+    q, k, v = rand_qkv(1, 8, 2, 4)
+    meta = [ring_config(q, k, v, group=None, ring_size=2, causal=True, layout="zigzag", scale=None,
+                        cu_seqlens=torch.tensor(docs)).agreement(q, k) for docs in ([0, 3, 8], [0, 4, 8], [0, 8])]
+    assert len({tuple(m) for m, _, _ in meta}) == 3
+    assert "cu_seqlens digest" in meta[0][1]
+
+
+# ---------------------------------------------------------------- real gloo ranks
+@pytest.mark.distributed
+@pytest.mark.parametrize("p", PACKED_WORLD_SIZES)
+@pytest.mark.parametrize("i", range(len(packed_cases(2))))
+def test_distributed_packed(p, i):
+    case = packed_cases(p)[i]
+    got, per_rank = gathered(p, case)
+    check_case(case, got, per_rank)
+
+
+# ---------------------------------------------------------------- planner
+def test_plan_reports_compute_per_rank():
+    from ringlab.planning.planner import document_lengths, plan
+
+    lengths = [3072] + [64] * 16
+    args = dict(heads=8, head_dim=64, gpus=4, layout="doc_zigzag")
+    p = plan(4096, **args, documents=lengths)
+    cu = [0, *itertools.accumulate(lengths)]
+    assert p.compute["pairs_per_rank"] == work_per_rank("doc_zigzag", 4, cu)
+    assert p.compute["imbalance"] <= 1.1 and p.compute["flops_total"] == max(p.compute["flops_per_rank"])
+    assert p.memory == plan(4096, **args).memory  # no mask: the memory of one sequence
+    assert "rank 3" in p.table() and "17 packed documents" in p.table()
+    drawn = document_lengths("exp:512", 8192, multiple=8)
+    assert sum(drawn) == 8192 and all(n % 8 == 0 and n > 0 for n in drawn) and len(drawn) > 4
+    with pytest.raises(ValueError, match="add up to 4,000 tokens, not the 4,096"):
+        plan(4096, **args, documents=[4000])
+    with pytest.raises(ValueError, match="packed documents for ring attention only"):
+        plan(4096, heads=8, head_dim=64, gpus=4, segments=[512], rates=[2], documents=[4096])
+
+
+def test_packed_calls_need_no_more_memory_than_one_sequence():
+    """The memory model of the unpacked call covers the packed one: no (N, N) mask or other N^2
+    term appears (an N^2 float32 matrix per head here is 8 MiB, 10x the modelled peak). Ragged
+    documents cut blocks differently, which costs the dilated call about 8% of the peak."""
+    from ringlab.planning.memory import track
+    from ringlab.planning.memory_model import Problem, estimate
+
+    n, docs = 1024, torch.tensor([0, 500, 512, 1024])
+    q, k, v, go = (torch.randn(1, n, 2, 16) for _ in range(4))
+    calls = {"attention": (lambda *x: ringlab.attention(*x, causal=True, cu_seqlens=docs), {}),
+             "dilated": (lambda *x: ringlab.dilated_attention(*x, [128, 512], [1, 2], causal=True, cu_seqlens=docs),
+                         dict(segments=(128, 512), rates=(1, 2)))}
+    for mode, (fn, branches) in calls.items():
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        with track("cpu") as m:
+            fn(*leaves).backward(go)
+        model = estimate(Problem(seq_len=n, heads=2, head_dim=16, causal=True, **branches), mode, backward=True)
+        assert m.peak <= 1.15 * model.peak, mode
+
+
+@pytest.mark.parametrize("dilated", [False, True])
+def test_grouped_query_attention(dilated):
+    """4 query heads reading 2 K/V heads: the ring in doc_zigzag, ring-dilated in zigzag."""
+    p, layout = 2, "doc_zigzag" if not dilated else "zigzag"
+    docs = packed_documents(p, layout)
+    q, = rand_qkv(1, docs[-1], 4, 8, seed=7, count=1)
+    k, v = rand_qkv(1, docs[-1], 2, 8, seed=8, count=2)
+    ref = dense_dilated(True) if dilated else dense(True)
+    repeated = per_document(lambda a, b, c: ref(a, b.repeat_interleave(2, 2), c.repeat_interleave(2, 2)), docs)
+    fn = _ring(p, layout, True, docs, dilated)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = fn(*leaves)
+    grads = torch.autograd.grad(out.square().sum() + lse.sum(), leaves)
+    rleaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    rout, rlse = repeated(*rleaves)
+    rgrads = torch.autograd.grad(rout.square().sum() + rlse.sum(), rleaves)
+    for i, (got, want) in enumerate(zip((out, lse, *grads), (rout, rlse, *rgrads))):
+        assert_close(got, want, torch.float64, grad=i >= 2)
