@@ -11,6 +11,7 @@ import nbformat
 import pytest
 from notebook_params import SMALL
 
+from ringlab.engine.layout import LAYOUTS
 from ringlab.workbench import experiments, viz
 from ringlab.planning.memory_model import Problem, estimate
 from ringlab.planning.planner import plan
@@ -82,7 +83,7 @@ def test_rotation_and_timeline_figures_from_a_known_trace():
     assert [t.name for t in timeline.data] == ["compute", "in flight", "blocked in wait"]
     assert len(timeline.data[0].x) == len([e for e in events if e["kind"] == "compute"])
     balance = viz.work_balance_figure(experiments.layout_work(4, 64))
-    assert [t.name.split()[0] for t in balance.data] == ["contiguous", "zigzag", "striped"]
+    assert [t.name.split()[0] for t in balance.data] == list(LAYOUTS)  # every registered layout
 
 
 def test_gqa_trace_draws_and_posts_the_planners_bytes_per_hop():

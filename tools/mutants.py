@@ -111,7 +111,7 @@ MUTANTS = (
            "tests/test_gqa.py", "matches_repeated_kv and attention"),
     # Ulysses: the received pieces must join in rank order, and a chunk's heads keep their global index.
     Mutant("ulysses-all-to-all-joins-pieces-reversed", "ringlab/engine/comm.py",
-           "return torch.cat(self.parts, self.cat)", "return torch.cat(self.parts[::-1], self.cat)",
+           "joined = torch.cat(self.parts, self.cat)", "joined = torch.cat(self.parts[::-1], self.cat)",
            "tests/test_ulysses.py", "simulated_mesh and 2x2"),
     Mutant("ulysses-head-group-ignores-chunk-start", "ringlab/engine/ulysses.py",
            "start = heads.start + comm.rank * size", "start = comm.rank * size",
