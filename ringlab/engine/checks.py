@@ -142,7 +142,6 @@ def check_size(name: str, value) -> None:
         raise ValueError(f"{name} must be >= 1, got {value}")
 
 
-
 def check_cu_seqlens(cu_seqlens, seq_len: int | None, batch: int | None) -> tuple[int, ...]:
     """``cu_seqlens`` (packed documents) as a tuple 0 = c_0 < c_1 < ... < c_D = seq_len:
     document i holds the positions [c_i, c_{i+1}) of the one sequence of the batch (``batch``

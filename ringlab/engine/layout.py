@@ -150,13 +150,7 @@ class ChunkLayout(Layout):
     def pieces(self, seq_len, rank, world_size, documents=None):
         self.check_split(seq_len, world_size)
         c = seq_len // (self.unit * world_size)
-        merged: list[list[int]] = []
-        for i in self.chunks(rank, world_size):
-            if merged and merged[-1][1] == i * c:  # adjacent chunks: one piece
-                merged[-1][1] = (i + 1) * c
-            else:
-                merged.append([i * c, (i + 1) * c])
-        return tuple((a, b) for a, b in merged)
+        return _merged((i * c, (i + 1) * c) for i in self.chunks(rank, world_size))
 
     def positions(self, seq_len, rank, world_size, documents=None):
         return torch.cat([torch.arange(a, b) for a, b in self.pieces(seq_len, rank, world_size, documents)])
@@ -385,7 +379,11 @@ def work_per_rank(layout: str, world_size: int, cu_seqlens, causal: bool = True)
 
 def imbalance(layout: str, world_size: int, cu_seqlens, causal: bool = True) -> float:
     """max / mean of :func:`work_per_rank`: 1.0 is a perfect balance."""
-    work = work_per_rank(layout, world_size, cu_seqlens, causal)
+    return max_over_mean(work_per_rank(layout, world_size, cu_seqlens, causal))
+
+
+def max_over_mean(work) -> float:
+    """The imbalance of per-rank work: max / mean."""
     return max(work) * len(work) / sum(work)
 
 

@@ -134,18 +134,8 @@ def run_one_rank(pb: Problem, rank: int = 0, *, backward: bool = True, device="m
     the peak bytes the call allocated (inputs and output gradient exist before it starts, as
     in ringlab.planning.memory measurements). On meta the AllocationTracker counts; on a real device
     ringlab.planning.memory.track does."""
-    dtype = getattr(torch, pb.dtype)
-    q, k, v, dout = (torch.empty(pb.batch, pb.local, h, pb.head_dim, dtype=dtype, device=device)
-                     .requires_grad_(backward) for h in (pb.heads, pb.kv_heads, pb.kv_heads, pb.heads))
     algorithm = _OneRank(*rank_functions(pb.ring_config()), InstantComm(rank, pb.world_size))
-    meta = torch.device(device).type == "meta"
-    tracker = AllocationTracker(existing=(q, k, v, dout)) if meta else memory.track(device)
-    with tracker as report, torch.enable_grad():
-        out, lse = exact_attention(q, k, v, algorithm, pb.ring_config().model(simulated=False))
-        if backward:
-            out.backward(dout.detach())
-        del out, lse
-    return report.peak
+    return _peak(pb, pb.local, algorithm, pb.ring_config().model(simulated=False), backward, device)
 
 
 def run_one_mesh_rank(pb: Problem, ulysses: int, ring: int, rank: int = 0, *, backward: bool = True,
@@ -155,19 +145,24 @@ def run_one_mesh_rank(pb: Problem, ulysses: int, ring: int, rank: int = 0, *, ba
     completing at once; the peak bytes the call allocated on this rank."""
     from ..engine.ulysses import Mesh, MeshConfig, backward_rank, forward_rank
 
-    dtype = getattr(torch, pb.dtype)
-    local = pb.seq_len // (ulysses * ring)
-    q, k, v, dout = (torch.empty(pb.batch, local, h, pb.head_dim, dtype=dtype, device=device)
-                     .requires_grad_(backward) for h in (pb.heads, pb.kv_heads, pb.kv_heads, pb.heads))
     config = MeshConfig(dataclasses.replace(pb, world_size=ring).ring_config(), ulysses)
     r, u = divmod(rank, ulysses)
     algorithm = _OneRank(functools.partial(forward_rank, config=config),
                          functools.partial(backward_rank, config=config),
                          Mesh(InstantComm(u, ulysses), InstantComm(r, ring)))
+    return _peak(pb, pb.seq_len // (ulysses * ring), algorithm, config.model(), backward, device, kv_unit=ulysses)
+
+
+def _peak(pb: Problem, rows: int, algorithm, model, backward: bool, device, kv_unit: int = 1) -> int:
+    """Peak bytes of one call of ``algorithm`` on this rank's ``rows`` tokens of q, k, v, made
+    (with the output gradient) before the measured region."""
+    dtype = getattr(torch, pb.dtype)
+    q, k, v, dout = (torch.empty(pb.batch, rows, h, pb.head_dim, dtype=dtype, device=device)
+                     .requires_grad_(backward) for h in (pb.heads, pb.kv_heads, pb.kv_heads, pb.heads))
     meta = torch.device(device).type == "meta"
     tracker = AllocationTracker(existing=(q, k, v, dout)) if meta else memory.track(device)
     with tracker as report, torch.enable_grad():
-        out, lse = exact_attention(q, k, v, algorithm, config.model(), kv_unit=ulysses)
+        out, lse = exact_attention(q, k, v, algorithm, model, kv_unit=kv_unit)
         if backward:
             out.backward(dout.detach())
         del out, lse

@@ -25,7 +25,7 @@ import torch
 
 from ..engine.checks import HEAD_OFFSETS, check_branches, check_choice
 from ..engine.dilation import score_pairs
-from ..engine.layout import LAYOUTS, imbalance, work_per_rank
+from ..engine.layout import LAYOUTS, max_over_mean, work_per_rank
 from ..engine.ring_dilated import rank_plan
 from .memory_model import DTYPE_BYTES, Problem, estimate
 
@@ -326,7 +326,7 @@ def _packed_compute(pb: Problem, documents, flops_per_pair: float) -> dict:
     cu = [0, *itertools.accumulate(lengths)]
     pairs = work_per_rank(pb.layout, pb.world_size, cu, pb.causal)
     return dict(documents=lengths, pairs_per_rank=pairs, flops_per_rank=[flops_per_pair * x for x in pairs],
-                imbalance=imbalance(pb.layout, pb.world_size, cu, pb.causal))
+                imbalance=max_over_mean(pairs))
 
 
 def parse_tokens(text) -> int:
