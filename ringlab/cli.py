@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="GPUs per node for --strategy (default: the device profile's)")
     p.add_argument("--documents", default=None,
-                   help="packed documents (ring attention): comma-separated lengths adding up to --tokens, or "
-                        "exp:MEAN (exponentially distributed lengths); reports the compute of every rank")
+                   help="packed documents: comma-separated lengths adding up to --tokens, or exp:MEAN "
+                        "(exponentially distributed lengths); with --segments each document has its own "
+                        "segments; reports the compute of every rank")
     p.set_defaults(run=_plan)
 
     s = sub.add_parser("sweep", help="execute a notebook over a parameter grid with papermill")

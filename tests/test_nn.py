@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import workers
-from conftest import rand_qkv
+from conftest import assert_close, rand_qkv
 from ringcases import check_case, dilated_cases, ring_cases, unsharded
 
 import ringlab
@@ -156,11 +156,38 @@ def test_checkpointing_gives_identical_gradients():
         assert torch.equal(grads[0][name], grads[1][name]), name
 
 
+def test_packed_documents_are_separate_sequences():
+    """LongNetLM with cu_seqlens: logits and gradients of each document run alone, positions
+    restarting at each document (the packed sequence is longer than max_seq_len)."""
+    torch.manual_seed(0)
+    model = LongNetLM(30, 16, 2, 2, [4, 16], [1, 2], max_seq_len=16, dtype=torch.float64)
+    docs = [0, 5, 16, 19, 32]
+    tokens = torch.randint(0, 30, (1, 33), generator=torch.Generator().manual_seed(1))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    grads = []
+    for packed in (True, False):
+        model.zero_grad()
+        if packed:
+            logits = model(x, cu_seqlens=torch.tensor(docs))
+            model.loss(x, y, cu_seqlens=torch.tensor(docs)).backward()
+        else:
+            logits = torch.cat([model(x[:, a:b]) for a, b in zip(docs, docs[1:])], 1)
+            sum(model.loss(x[:, a:b], y[:, a:b], total_tokens=32) for a, b in zip(docs, docs[1:])).backward()
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert_close(grads[0][0], grads[1][0], torch.float64)
+    for name, g in grads[0][1].items():
+        assert_close(g, grads[1][1][name], torch.float64, grad=True)
+    with pytest.raises(ValueError, match="longest document has 24 tokens"):
+        model(x, cu_seqlens=torch.tensor([0, 24, 32]))
+    with pytest.raises(ValueError, match="needs batch 1"):
+        model(x.expand(2, -1), cu_seqlens=torch.tensor(docs))
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-def test_two_ranks_train_like_one(layout):
-    losses1, params1 = workers.train_longnet(3, 0, layout)
-    results = launch(workers.train_longnet, 2, args=(3, 0, layout), timeout=300)
+@pytest.mark.parametrize("layout, packed", [("contiguous", False), ("zigzag", False), ("doc_zigzag", True)])
+def test_two_ranks_train_like_one(layout, packed):
+    losses1, params1 = workers.train_longnet(3, 0, layout, packed)
+    results = launch(workers.train_longnet, 2, args=(3, 0, layout, packed), timeout=300)
     for losses2, params2 in results:
         assert losses2 == pytest.approx(losses1, abs=1e-12, rel=0)
         for name, value in params1.items():

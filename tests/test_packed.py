@@ -14,7 +14,7 @@ from ringlab.engine.config import ring_config
 from ringlab.engine.layout import (LAYOUTS, balance, document_tiles, imbalance, ring_tiles, with_pieces,
                                   work_per_rank)
 from ringlab.engine.trace import record_events
-from ringlab.reference import dense_attention, dense_dilated_attention
+from ringlab.reference import branch_mask, dense_attention, dense_dilated_attention
 
 # Ragged documents of a 40-token sequence: shorter than a segment (3, 1), spanning segments.
 DOCS = [0, 3, 20, 21, 34, 40]
@@ -241,7 +241,7 @@ def test_plan_reports_compute_per_rank():
     args = dict(heads=8, head_dim=64, gpus=4, layout="doc_zigzag")
     p = plan(4096, **args, documents=lengths)
     cu = [0, *itertools.accumulate(lengths)]
-    assert p.compute["pairs_per_rank"] == work_per_rank("doc_zigzag", 4, cu)
+    assert p.compute["pairs_per_rank"] == [8 * x for x in work_per_rank("doc_zigzag", 4, cu)]
     assert p.compute["imbalance"] <= 1.1 and p.compute["flops_total"] == max(p.compute["flops_per_rank"])
     assert p.memory == plan(4096, **args).memory  # no mask: the memory of one sequence
     assert "rank 3" in p.table() and "17 packed documents" in p.table()
@@ -249,8 +249,36 @@ def test_plan_reports_compute_per_rank():
     assert sum(drawn) == 8192 and all(n % 8 == 0 and n > 0 for n in drawn) and len(drawn) > 4
     with pytest.raises(ValueError, match="add up to 4,000 tokens, not the 4,096"):
         plan(4096, **args, documents=[4000])
-    with pytest.raises(ValueError, match="packed documents for ring attention only"):
-        plan(4096, heads=8, head_dim=64, gpus=4, segments=[512], rates=[2], documents=[4096])
+
+
+def pairs_by_reference(layout, p, docs, heads, segments, rates, causal):
+    """Score pairs of each rank's rows: every document's reference masks (ringlab.reference),
+    summed over heads, branches and keys, at the positions the rank holds."""
+    per_row = torch.cat([sum(branch_mask(b - a, heads, w, r, causal=causal).sum((0, 2))
+                             for w, r in zip(segments, rates)) for a, b in zip(docs, docs[1:])])
+    return [int(per_row[ringlab.shard(torch.arange(docs[-1])[None], rank, p, layout, cu_seqlens=torch.tensor(docs))[0]].sum()) for rank in range(p)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "doc_zigzag"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_plan_reports_dilated_compute_per_rank(layout, causal):
+    """With segments each document is its own LongNet sequence: every rank's pairs against the
+    reference masks, the busiest rank's FLOPs as the time, and the memory of one sequence."""
+    from ringlab.planning.planner import plan
+
+    lengths, segments, rates = [768] + [16] * 15 + [8, 8], [64, 256], [1, 4]
+    args = dict(heads=4, head_dim=64, gpus=4, layout=layout, segments=segments, rates=rates, causal=causal)
+    p = plan(1024, **args, documents=lengths)
+    cu = [0, *itertools.accumulate(lengths)]
+    want = pairs_by_reference(layout, 4, cu, 4, segments, rates, causal)
+    assert p.compute["pairs_per_rank"] == want
+    q, k, v = rand_qkv(1, 1024, 4, 8, seed=9)
+    with record_events() as tr:  # and the engine computes exactly those
+        ringlab.ring_dilated_attention(q, k, v, segments, rates, ring_size=4, layout=layout, causal=causal,
+                                       cu_seqlens=torch.tensor(cu))
+    assert [tr.work_per_rank()[r] for r in range(4)] == want
+    assert p.compute["flops_total"] == max(p.compute["flops_per_rank"])
+    assert p.memory == plan(1024, **args).memory
 
 
 def test_packed_calls_need_no_more_memory_than_one_sequence():

@@ -186,8 +186,9 @@ def rank_and_size():
     return dist.get_rank(), dist.get_world_size(), torch.get_num_threads()
 
 
-def train_longnet(steps, seed, layout):
-    """A few SGD steps of a float64 LongNetLM on this rank's shard; returns losses and params."""
+def train_longnet(steps, seed, layout, packed=False):
+    """A few SGD steps of a float64 LongNetLM on this rank's shard (``packed``: one sequence of
+    three documents); returns losses and params."""
     from ringlab.engine.nn import LongNetLM, all_reduce_grads
 
     group = dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
@@ -197,14 +198,15 @@ def train_longnet(steps, seed, layout):
                       dtype=torch.float64)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, 50, (2, 33), generator=g)
+    tokens = torch.randint(0, 50, (1, 65) if packed else (2, 33), generator=g)
     x, y = tokens[:, :-1], tokens[:, 1:]
+    cu = torch.tensor([0, 8, 40, 64]) if packed else None
     if group is not None:
-        x, y = ringlab.shard(x, rank, p, layout), ringlab.shard(y, rank, p, layout)
+        x, y = (ringlab.shard(t, rank, p, layout, cu_seqlens=cu) for t in (x, y))
     losses = []
     for _ in range(steps):
         opt.zero_grad()
-        loss = model.loss(x, y, total_tokens=2 * 32)
+        loss = model.loss(x, y, total_tokens=64, cu_seqlens=cu)
         loss.backward()
         if group is not None:
             all_reduce_grads(model, group)

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_cu_seqlens
+from .layout import get, summed_by_length
+
 Pieces = tuple[tuple[int, int], ...]  # sorted, disjoint [start, stop) ranges of positions
 
 
@@ -352,6 +355,62 @@ def score_pairs(seq_len: int, num_heads: int, segment_lengths, dilation_rates, *
     blocks = local_blocks(((0, seq_len),), num_heads, tuple(segment_lengths),
                           tuple(dilation_rates), head_offsets, causal)
     return sum(blk.pairs(num_heads) for blk in blocks)
+
+
+def row_pairs(lo: int, hi: int, length: int, num_heads: int, segment_lengths: tuple, dilation_rates: tuple,
+              head_offsets: str = "interleaved", causal: bool = False) -> int:
+    """Score pairs the queries at positions lo <= p < hi of a ``length``-token sequence (one
+    document) compute, summed over heads and branches: :func:`score_pairs` of a range of rows,
+    in O(branches x offsets) whatever the length (the planner counts billion-token runs)."""
+    return sum(head_count(heads) * _branch_rows(lo, hi, length, w, r, o, causal)
+               for w, r in zip(segment_lengths, dilation_rates)
+               for o, heads in offset_groups(num_heads, r, head_offsets))
+
+
+def _branch_rows(lo: int, hi: int, length: int, w: int, r: int, o: int, causal: bool) -> int:
+    """Pairs of the rows [lo, hi) for the heads of offset o in one branch (w, r). Segments wholly
+    inside [lo, hi) and before the document's ragged last one all count the same."""
+    first, last = lo // w, (hi - 1) // w
+
+    def segment(s):
+        start = s * w
+        return _segment_rows(max(lo, start) - start, min(hi, start + w) - start, min(w, length - start), r, o, causal)
+
+    ends = segment(first) + (segment(last) if last > first else 0)
+    return ends + max(0, last - first - 1) * _segment_rows(0, w, w, r, o, causal)
+
+
+def _segment_rows(x0: int, x1: int, size: int, r: int, o: int, causal: bool) -> int:
+    """Pairs of the rows x0 <= x < x1 of one ``size``-row segment for offset o: its selected rows
+    are x = o + t r, and each sees the keys o + t' r with t' <= t (causal) or every selected key."""
+    t0, t1 = max(0, -(-(x0 - o) // r)), (x1 - 1 - o) // r
+    if t1 < t0:
+        return 0
+    if causal:
+        return (t0 + t1 + 2) * (t1 - t0 + 1) // 2
+    return (t1 - t0 + 1) * ((size - 1 - o) // r + 1)
+
+
+def dilated_work_per_rank(layout: str, world_size: int, cu_seqlens, num_heads: int, segment_lengths, dilation_rates, *,
+                  head_offsets: str = "interleaved", causal: bool = False) -> list[int]:
+    """Score pairs each rank's queries compute in ring-dilated attention (summed over heads and
+    branches) when the packed documents ``cu_seqlens`` are separate sequences, each with its
+    own segments; the dilated counterpart of :func:`ringlab.engine.layout.work_per_rank`."""
+    docs = check_cu_seqlens(torch.as_tensor(cu_seqlens), None, None)
+    lay = get(layout)
+    lay.check_split(docs[-1], world_size, documents=docs)
+    branches = (num_heads, tuple(segment_lengths), tuple(dilation_rates), head_offsets, causal)
+    if lay.splits_documents and len(docs) > 2:
+        return summed_by_length(docs, lambda n: dilated_work_per_rank(layout, world_size, [0, n], *branches[:3],
+                                                                      head_offsets=head_offsets, causal=causal))
+    work = []
+    for rank in range(world_size):
+        total = 0
+        for start, inside, _ in document_pieces(lay.pieces(docs[-1], rank, world_size, docs), docs):
+            length = docs[bisect.bisect_right(docs, start)] - start
+            total += sum(row_pairs(a, b, length, *branches) for a, b in inside)
+        work.append(total)
+    return work
 
 
 def receptive_field(seq_len: int, num_heads: int, segment_lengths, dilation_rates, layers: int, *,

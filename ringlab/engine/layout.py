@@ -42,6 +42,7 @@ work per rank for a given packing.
 from __future__ import annotations
 
 import bisect
+import collections
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -86,6 +87,9 @@ class Layout:
 
     # Whether each rank holds whole chunks (contiguous pieces): ring-dilated needs that.
     has_pieces = False
+    # Whether packed documents are each split alone: then a rank's work is the sum of its work
+    # on each document alone.
+    splits_documents = False
 
     def splits(self, seq_len: int, world_size: int) -> bool:
         """Whether ``seq_len`` positions split into equal shards over ``world_size`` ranks."""
@@ -206,6 +210,8 @@ class DocumentLayout(ChunkLayout):
     """A chunk layout applied to every packed document on its own: each document is cut into
     unit * P equal chunks and rank r holds ``chunks(r, P)`` of each, so every rank gets its
     share of every document's causal work. Without documents it is the plain chunk layout."""
+
+    splits_documents = True
 
     def document_unit(self, world_size):
         return self.unit * world_size
@@ -364,6 +370,8 @@ def work_per_rank(layout: str, world_size: int, cu_seqlens, causal: bool = True)
     docs = check_cu_seqlens(torch.as_tensor(cu_seqlens), None, None)
     lay = get(layout)
     lay.check_split(docs[-1], world_size, documents=docs)
+    if lay.splits_documents and len(docs) > 2:
+        return summed_by_length(docs, lambda n: work_per_rank(layout, world_size, [0, n], causal))
     work = []
     for rank in range(world_size):
         total = 0
@@ -375,6 +383,13 @@ def work_per_rank(layout: str, world_size: int, cu_seqlens, causal: bool = True)
                     total += r.count * (docs[d + 1] - docs[d])
         work.append(total)
     return work
+
+
+def summed_by_length(documents: tuple[int, ...], work: Callable[[int], list[int]]) -> list[int]:
+    """Per-rank work of packed ``documents`` under a layout that splits each one alone: the sum
+    of ``work(length)`` (one document alone), computed once per distinct length."""
+    counts = collections.Counter(b - a for a, b in zip(documents, documents[1:]))
+    return [sum(per_rank) for per_rank in zip(*([c * x for x in work(n)] for n, c in counts.items()))]
 
 
 def imbalance(layout: str, world_size: int, cu_seqlens, causal: bool = True) -> float:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .checks import check_cu_seqlens
 from .dilated import dilated_attention
 from .layout import shard_positions
 from .ring import ring_attention
@@ -174,10 +175,13 @@ class LongNetBlock(nn.Module):
 class LongNetLM(nn.Module):
     """A small causal language model of LongNet blocks, for the examples and tests.
 
-    ``forward(tokens)`` takes (B, N) token ids (this rank's shard when ``group`` is given) and
-    returns logits (B, N, vocab_size). ``loss(tokens, targets)`` returns the summed
-    cross-entropy of this rank's tokens divided by ``total_tokens``, so the losses of the
-    ranks add up to the mean over the whole sequence.
+    ``forward(tokens, cu_seqlens=None)`` takes (B, N) token ids (this rank's shard when ``group``
+    is given) and returns logits (B, N, vocab_size). ``cu_seqlens``: packed documents (batch 1;
+    the boundaries of the whole sequence, as :func:`ringlab.ring_attention` takes them); each
+    document is its own sequence, its positions counting from 0. ``loss(tokens, targets,
+    total_tokens, cu_seqlens=None)`` returns the summed cross-entropy of this rank's tokens
+    divided by ``total_tokens``, so the losses of the ranks add up to the mean over the whole
+    sequence.
     """
 
     def __init__(self, vocab_size: int, embed_dim: int, depth: int, num_heads: int,
@@ -196,26 +200,31 @@ class LongNetLM(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, **kw)
         self.head = nn.Linear(embed_dim, vocab_size, bias=False, **kw)
 
-    def positions(self, n_local: int, device) -> torch.Tensor:
-        """Global positions of this rank's tokens."""
-        if self.group is None:
-            return torch.arange(n_local, device=device)
-        rank, p = dist.get_rank(self.group), dist.get_world_size(self.group)
-        return shard_positions(n_local * p, rank, p, self.layout).to(device)
+    def positions(self, n_local: int, device, documents: tuple[int, ...] = ()) -> torch.Tensor:
+        """Positions of this rank's tokens: global ones, or with packed ``documents``
+        (cu_seqlens as a tuple) counted from the start of each token's document."""
+        rank, p = (0, 1) if self.group is None else (dist.get_rank(self.group), dist.get_world_size(self.group))
+        pos = shard_positions(n_local * p, rank, p, self.layout, documents or None)
+        if documents:
+            starts = torch.tensor(documents[:-1])
+            pos = pos - starts[torch.searchsorted(starts, pos, right=True) - 1]
+        return pos.to(device)
 
-    def forward(self, tokens):
-        pos = self.positions(tokens.shape[1], tokens.device)
+    def forward(self, tokens, *, cu_seqlens=None):
         n = tokens.shape[1] * (dist.get_world_size(self.group) if self.group is not None else 1)
-        if n > self.pos.num_embeddings:
-            raise ValueError(f"the sequence has {n} tokens but this model has position embeddings for "
-                             f"max_seq_len={self.pos.num_embeddings}; build it with max_seq_len >= {n}")
-        x = self.tok(tokens) + self.pos(pos)
+        docs = () if cu_seqlens is None else check_cu_seqlens(cu_seqlens, n, tokens.shape[0])
+        longest = max(b - a for a, b in zip(docs, docs[1:])) if docs else n
+        if longest > self.pos.num_embeddings:
+            what = "its longest document has" if docs else "the sequence has"
+            raise ValueError(f"{what} {longest} tokens but this model has position embeddings for "
+                             f"max_seq_len={self.pos.num_embeddings}; build it with max_seq_len >= {longest}")
+        x = self.tok(tokens) + self.pos(self.positions(tokens.shape[1], tokens.device, docs))
         for blk in self.blocks:
-            x = blk(x, is_causal=True)
+            x = blk(x, is_causal=True, cu_seqlens=cu_seqlens)
         return self.head(self.norm(x))
 
-    def loss(self, tokens, targets, total_tokens: int | None = None):
-        logits = self(tokens)
+    def loss(self, tokens, targets, total_tokens: int | None = None, *, cu_seqlens=None):
+        logits = self(tokens, cu_seqlens=cu_seqlens)
         total = total_tokens or targets.numel()
         return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / total
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..engine.checks import HEAD_OFFSETS, check_branches, check_choice
-from ..engine.dilation import score_pairs
+from ..engine.dilation import dilated_work_per_rank, score_pairs
 from ..engine.layout import LAYOUTS, max_over_mean, work_per_rank
 from ..engine.ring_dilated import rank_plan
 from .memory_model import DTYPE_BYTES, Problem, estimate
@@ -320,11 +320,16 @@ def document_lengths(spec, tokens: int, multiple: int = 1, seed: int = 0) -> lis
 
 
 def _packed_compute(pb: Problem, documents, flops_per_pair: float) -> dict:
-    """Score pairs and FLOPs of every rank when packed documents attend within themselves."""
+    """Score pairs (over all heads) and FLOPs of every rank when packed documents are separate
+    sequences: dense attention within each document, or its own dilated segments."""
     multiple = LAYOUTS[pb.layout].document_unit(pb.world_size)
     lengths = document_lengths(documents, pb.seq_len, multiple)
     cu = [0, *itertools.accumulate(lengths)]
-    pairs = work_per_rank(pb.layout, pb.world_size, cu, pb.causal)
+    if pb.segments:
+        pairs = dilated_work_per_rank(pb.layout, pb.world_size, cu, pb.heads, pb.segments, pb.rates,
+                                      head_offsets=pb.head_offsets, causal=pb.causal)
+    else:
+        pairs = [pb.heads * x for x in work_per_rank(pb.layout, pb.world_size, cu, pb.causal)]
     return dict(documents=lengths, pairs_per_rank=pairs, flops_per_rank=[flops_per_pair * x for x in pairs],
                 imbalance=max_over_mean(pairs))
 
@@ -352,7 +357,8 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
     """Plan ring (or, with segments and rates, ring-dilated) attention over ``tokens`` tokens.
     ``kv_heads``: K/V heads of grouped-query attention (a divisor of ``heads``; default
     ``heads``): k, v, their gradients and every message hold that many heads. ``documents``:
-    packed documents (ring attention), as :func:`document_lengths` takes them; compute is then
+    packed documents, as :func:`document_lengths` takes them (with segments each document has
+    its own); compute is then
     reported per rank, and the busiest rank's sets the time. Memory is the same as for one
     sequence: no mask is formed.
 
@@ -378,9 +384,6 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
     check_choice("head_offsets", head_offsets, HEAD_OFFSETS)
     if segments or rates:
         segments, rates = check_branches(segments, rates)
-        if documents is not None:
-            raise ValueError("the planner counts packed documents for ring attention only: drop documents, or "
-                             "segments and rates")
         if layout == "striped":
             raise ValueError("ring-dilated attention supports layouts 'contiguous' and 'zigzag'")
     dev = profiles[gpu]
@@ -396,9 +399,9 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
         raise ValueError(f"layout {layout!r} cannot split {tokens:,} tokens over {gpus} GPUs: use a multiple of {unit}")
     est = _memory(pb, backward)
     # backward: 5 matmuls to the forward's 2
-    per_pair = 4 * pb.batch * pb.heads * pb.head_dim * (3.5 if backward else 1.0)
+    per_pair = 4 * pb.batch * pb.head_dim * (3.5 if backward else 1.0)
     packed = _packed_compute(pb, documents, per_pair) if documents is not None else {}
-    flops = max(packed["flops_per_rank"]) if packed else per_pair * _pairs_per_rank(pb)
+    flops = max(packed["flops_per_rank"]) if packed else per_pair * pb.heads * _pairs_per_rank(pb)
     flops_fwd = flops / (3.5 if backward else 1.0)
     steps = pb.world_size
     return Plan(
