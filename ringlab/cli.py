@@ -3,7 +3,7 @@
     ringlab plan --tokens 1G --heads 32 --head-dim 128 [--kv-heads 8] --dtype bf16 --gpu h100 [--gpus N]
                  [--segments 4096,65536,1G --rates 1,8,64] [--dry-run] [--json]
     ringlab plan --tokens 1M --heads 32 --kv-heads 8 --head-dim 128 --gpus 32
-                 --strategy ring|ulysses|hybrid|best [--gpus-per-node 8] [--json]
+                 --strategy ring|ulysses|hybrid|best [--gpus-per-node 8] [--documents exp:4096] [--json]
     ringlab sweep NOTEBOOK -p name v1 v2 ... [-p other ...] [--jobs 2] [--gpus-per-run K] [--sweep-id ID]
                   [--slurm --partition P --time T [--gpus-per-task G] [--nodes-per-task N]]
     ringlab sweep --collect SWEEP_ID
@@ -115,16 +115,16 @@ def _strategies(args, profiles) -> int:
 
     if args.gpus is None:
         raise ValueError("--strategy compares strategies on a given number of GPUs: pass --gpus")
-    if args.dry_run or args.documents:
-        raise ValueError("--strategy takes neither --dry-run nor --documents: dry-run or plan packed documents "
-                         "for the ring with a plain plan")
+    if args.dry_run:
+        raise ValueError("--strategy takes no --dry-run: dry-run the ring with a plain plan")
     report = compare(args.tokens, heads=args.heads, head_dim=args.head_dim, gpus=args.gpus, kv_heads=args.kv_heads,
                      dtype=DTYPE_ALIASES.get(args.dtype, args.dtype), gpu=args.gpu, gpus_per_node=args.gpus_per_node,
                      batch=args.batch, causal=not args.no_causal, layout=args.layout,
                      backward=not args.forward_only, device_profiles=profiles,
                      strategies=STRATEGIES if args.strategy == "best" else (args.strategy,),
                      segments=_ints(args.segments, "--segments") if args.segments else (),
-                     rates=_ints(args.rates, "--rates") if args.rates else (), head_offsets=args.head_offsets)
+                     rates=_ints(args.rates, "--rates") if args.rates else (), head_offsets=args.head_offsets,
+                     documents=_documents(args.documents))
     if args.json:
         json.dump(report.to_dict(), sys.stdout, indent=1, default=str)
         print()
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--documents", default=None,
                    help="packed documents: comma-separated lengths adding up to --tokens, or exp:MEAN "
                         "(exponentially distributed lengths); with --segments each document has its own "
-                        "segments; reports the compute of every rank")
+                        "segments (not with --strategy); reports the compute of every rank")
     p.set_defaults(run=_plan)
 
     s = sub.add_parser("sweep", help="execute a notebook over a parameter grid with papermill")

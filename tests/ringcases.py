@@ -96,9 +96,22 @@ def packed_cases(p):
             for i, case in enumerate(ring + dilated)]
 
 
+def packed_mesh_cases(p):
+    """Packed documents on the hybrid (2 x 2 in doc_zigzag: shard_mesh cuts every document over
+    the ring dimension) and on Ulysses (4 x 1), dense and dilated, causal, float64, a loss using
+    lse; 4 query heads on 2 K/V heads for the hybrid, 4 on 4 for Ulysses."""
+    return [dict(fn=fn, mesh=(u, p // u), n=12 * p, batch=1, heads=4, kv_heads=4 if u == 4 else 2, head_dim=8,
+                 layout=layout, causal=True, dtype="float64", seed=700 + i, dlse=True,
+                 cu_seqlens=packed_documents(p, layout),
+                 **(dict(segments=[4, 12, 30], rates=[1, 2, 3], head_offsets="interleaved")
+                    if fn == "ring_dilated" else {}))
+            for i, ((u, layout), fn) in enumerate(itertools.product([(2, "doc_zigzag"), (4, "zigzag")],
+                                                                    ["ring", "ring_dilated"]))]
+
+
 def all_cases(p):
     return (ring_cases(p) + dilated_cases(p) + (gqa_cases(p) if p in GQA_WORLD_SIZES else [])
-            + (mesh_cases(p) if p == MESH_WORLD_SIZE else [])
+            + (mesh_cases(p) + packed_mesh_cases(p) if p == MESH_WORLD_SIZE else [])
             + (packed_cases(p) if p in PACKED_WORLD_SIZES else []))
 
 
@@ -124,7 +137,8 @@ def unsharded(case, per_rank):
     """The case's outputs and gradients reassembled from the per-rank results."""
     def whole(shards, dim):
         if "mesh" in case:
-            return ringlab.unshard_mesh(shards, case["mesh"][0], case["layout"], dim)
+            return ringlab.unshard_mesh(shards, case["mesh"][0], case["layout"], dim,
+                                        cu_seqlens=workers.cu_seqlens(case))
         return ringlab.unshard(shards, case["layout"], dim, cu_seqlens=workers.cu_seqlens(case))
     return {key: whole([r[key] for r in per_rank], 2 if key == "lse" else 1) for key in ("out", "lse", "dq", "dk", "dv")}
 

@@ -1,19 +1,21 @@
-"""Packed variable-length documents (cu_seqlens, issue 14): every function against the float64
-reference of each document alone, the tiles a ring skips, the balance of the layouts, and the
-errors of a wrong cu_seqlens."""
+"""Packed variable-length documents (cu_seqlens, issue 14): every function (the Ulysses meshes
+too) against the float64 reference of each document alone, the tiles a ring skips, the balance
+of the layouts, and the errors of a wrong cu_seqlens."""
 
 import itertools
 
 import pytest
 import torch
 from conftest import assert_close, check_against, rand_qkv
-from ringcases import PACKED_WORLD_SIZES, check_case, gathered, packed_cases, packed_documents
+from ringcases import (MESH_WORLD_SIZE, PACKED_WORLD_SIZES, check_case, gathered, packed_cases, packed_documents,
+                       packed_mesh_cases)
 
 import ringlab
 from ringlab.engine.config import ring_config
 from ringlab.engine.layout import (LAYOUTS, balance, document_tiles, imbalance, ring_tiles, with_pieces,
                                   work_per_rank)
 from ringlab.engine.trace import record_events
+from ringlab.engine.ulysses import mesh_config
 from ringlab.reference import branch_mask, dense_attention, dense_dilated_attention
 
 # Ragged documents of a 40-token sequence: shorter than a segment (3, 1), spanning segments.
@@ -66,13 +68,17 @@ def test_one_document_is_the_unpacked_call():
 
 
 # ---------------------------------------------------------------- simulated rings
-def _ring(p, layout, causal, docs, dilated):
-    cu = torch.tensor(docs)
+def _ring(p, layout, causal, docs, dilated, ulysses=None):
+    """The packed call on a simulated ring of p ranks or, with ``ulysses`` = U, a U x p mesh."""
+    kw = dict(ring_size=p, causal=causal, layout=layout, cu_seqlens=torch.tensor(docs), return_lse=True)
+    if ulysses is None:
+        dense_fn, dilated_fn = ringlab.ring_attention, ringlab.ring_dilated_attention
+    else:
+        dense_fn, dilated_fn = ringlab.ulysses_attention, ringlab.ulysses_dilated_attention
+        kw["ulysses_size"] = ulysses
     if dilated:
-        return lambda q, k, v: ringlab.ring_dilated_attention(q, k, v, *BRANCHES, ring_size=p, causal=causal,
-                                                              layout=layout, cu_seqlens=cu, return_lse=True)
-    return lambda q, k, v: ringlab.ring_attention(q, k, v, ring_size=p, causal=causal, layout=layout,
-                                                  cu_seqlens=cu, return_lse=True)
+        return lambda q, k, v: dilated_fn(q, k, v, *BRANCHES, **kw)
+    return lambda q, k, v: dense_fn(q, k, v, **kw)
 
 
 @pytest.mark.parametrize("p", [2, 3, 4])
@@ -91,6 +97,31 @@ def test_simulated_ring_dilated(p, layout, causal):
     docs = packed_documents(p, layout)
     check_against(_ring(p, layout, causal, docs, True), per_document(dense_dilated(causal), docs),
                   rand_qkv(1, docs[-1], 4, 8, seed=10 + p), torch.float64, use_lse=True)
+
+
+MESHES = [(2, 1), (2, 2), (1, 2)]  # (ulysses_size, ring_size)
+
+
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_simulated_mesh(mesh, layout, causal):
+    """Ulysses and the hybrid: 12 tokens per mesh rank, documents across Ulysses pieces and ring
+    shards (doc_zigzag's are multiples of 2UR, so of the 2R it needs)."""
+    u, r = mesh
+    docs = packed_documents(u * r, layout)
+    check_against(_ring(r, layout, causal, docs, False, ulysses=u), per_document(dense(causal), docs),
+                  rand_qkv(1, docs[-1], 2, 8, seed=20 + u * r), torch.float64, use_lse=True)
+
+
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"{m[0]}x{m[1]}")
+@pytest.mark.parametrize("layout", with_pieces())
+@pytest.mark.parametrize("causal", [False, True])
+def test_simulated_mesh_dilated(mesh, layout, causal):
+    u, r = mesh
+    docs = packed_documents(u * r, layout)
+    check_against(_ring(r, layout, causal, docs, True, ulysses=u), per_document(dense_dilated(causal), docs),
+                  rand_qkv(1, docs[-1], 4, 8, seed=30 + u * r), torch.float64, use_lse=True)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -153,6 +184,10 @@ def test_doc_zigzag_shard_unshard():
     assert torch.equal(ringlab.shard(x, 1, p, "doc_zigzag"), ringlab.shard(x, 1, p, "zigzag"))
     with pytest.raises(ValueError, match="document 1 .* has 10 tokens. Pad each document to a multiple of 4"):
         ringlab.shard(x, 0, p, "doc_zigzag", cu_seqlens=torch.tensor([0, 4, 14, 20]))
+    # A 2 x 2 mesh: mesh ranks 2r and 2r + 1 hold the halves of ring shard r.
+    mesh = [ringlab.shard_mesh(x, m, 2, p, "doc_zigzag", cu_seqlens=docs) for m in range(2 * p)]
+    assert [torch.cat(mesh[2 * r:2 * r + 2], 1).tolist() for r in range(p)] == [s.tolist() for s in shards]
+    assert torch.equal(ringlab.unshard_mesh(mesh, 2, "doc_zigzag", cu_seqlens=docs), x)
 
 
 @pytest.mark.parametrize("checkpoint", [False, True])
@@ -195,6 +230,10 @@ CALLS = {
     "ring_attention": lambda q, k, v, cu: ringlab.ring_attention(q, k, v, ring_size=2, cu_seqlens=cu),
     "ring_dilated_attention": lambda q, k, v, cu: ringlab.ring_dilated_attention(q, k, v, [4], [1], ring_size=2,
                                                                                  cu_seqlens=cu),
+    "ulysses_attention": lambda q, k, v, cu: ringlab.ulysses_attention(q, k, v, ulysses_size=2, ring_size=2,
+                                                                       cu_seqlens=cu),
+    "ulysses_dilated_attention": lambda q, k, v, cu: ringlab.ulysses_dilated_attention(
+        q, k, v, [4], [1], ulysses_size=2, ring_size=2, cu_seqlens=cu),
 }
 
 
@@ -214,13 +253,32 @@ def test_batch_above_one_raises(fn):
     assert tr.events == []
 
 
+@pytest.mark.parametrize("docs, sizes, match", [
+    ([0, 6, 24], (2, 2), r"document 0 \(cu_seqlens\[0:2\] = 0, 6\) has 6 tokens. Pad each document to a multiple of 4"),
+    ([0, 8, 20], (4, 2), "a ring shard of 10 tokens .* does not split over ulysses_size 4"),
+])
+def test_mesh_split_errors_come_before_any_transfer(docs, sizes, match):
+    """doc_zigzag over the ring dimension (R = 2) needs every document a multiple of 2R; the
+    ring shard must then split over U."""
+    q, k, v = rand_qkv(1, docs[-1], 4, 4)
+    with record_events() as tr, pytest.raises(ValueError, match=match):
+        ringlab.ulysses_attention(q, k, v, ulysses_size=sizes[0], ring_size=sizes[1], layout="doc_zigzag",
+                                  cu_seqlens=torch.tensor(docs))
+    assert tr.events == []
+
+
 def test_ranks_agree_on_the_documents():
-    """cu_seqlens is part of what the ranks of a group check before any K/V moves."""
+    """cu_seqlens is part of what the ranks of a group (ring, Ulysses or ring of a mesh) check
+    before any K/V moves."""
     q, k, v = rand_qkv(1, 8, 2, 4)
-    meta = [ring_config(q, k, v, group=None, ring_size=2, causal=True, layout="zigzag", scale=None,
-                        cu_seqlens=torch.tensor(docs)).agreement(q, k) for docs in ([0, 3, 8], [0, 4, 8], [0, 8])]
-    assert len({tuple(m) for m, _, _ in meta}) == 3
-    assert "cu_seqlens digest" in meta[0][1]
+    configs = [lambda cu: ring_config(q, k, v, group=None, ring_size=2, causal=True, layout="zigzag", scale=None,
+                                      cu_seqlens=cu),
+               lambda cu: mesh_config(q, k, v, ulysses_group=None, ring_group=None, ulysses_size=2, ring_size=2,
+                                      causal=True, layout="zigzag", scale=None, cu_seqlens=cu)]
+    for config in configs:
+        meta = [config(torch.tensor(docs)).agreement(q, k) for docs in ([0, 3, 8], [0, 4, 8], [0, 8])]
+        assert len({tuple(m) for m, _, _ in meta}) == 3
+        assert "cu_seqlens digest" in meta[0][1]
 
 
 # ---------------------------------------------------------------- real gloo ranks
@@ -230,6 +288,14 @@ def test_ranks_agree_on_the_documents():
 def test_distributed_packed(p, i):
     case = packed_cases(p)[i]
     got, per_rank = gathered(p, case)
+    check_case(case, got, per_rank)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", packed_mesh_cases(MESH_WORLD_SIZE),
+                         ids=lambda c: f"{c['mesh'][0]}x{c['mesh'][1]}-{c['fn']}-{c['layout']}")
+def test_distributed_packed_mesh(case):
+    got, per_rank = gathered(MESH_WORLD_SIZE, case)
     check_case(case, got, per_rank)
 
 

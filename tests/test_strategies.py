@@ -1,13 +1,18 @@
-"""The strategy planner: ring, Ulysses and hybrid compared (its bytes equal the traces: test_ulysses.py)."""
+"""The strategy planner: ring, Ulysses and hybrid compared (its bytes equal the traces: test_ulysses.py),
+with packed documents too."""
 
+import itertools
 import json
 
 import pytest
+import torch
 
 from ringlab.cli import main
+from ringlab.engine.layout import shard_positions
 from ringlab.planning import strategies
 from ringlab.planning.memory_model import Problem
-from ringlab.planning.strategies import IB, NVLINK, compare
+from ringlab.planning.planner import devices
+from ringlab.planning.strategies import IB, NVLINK, STRATEGIES, compare
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +98,64 @@ def test_dilated_strategies_plan_ring_dilated_on_the_ring_dimension(capsys):
     args = ["plan", "--tokens", "1M", "--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--gpus", "32"]
     assert main([*args, "--strategy", "best", "--segments", "4096,65536,1M", "--rates", "1,4,16"]) == 0
     assert "best: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "doc_zigzag"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_packed_compute_is_the_busiest_ring_ranks(layout, causal):
+    """A skewed mix on 2 nodes of 4: each strategy's compute, counted here from the positions a
+    ring rank holds (a query sees the keys of its document: up to itself when causal), is the
+    busiest ring rank's pairs for H/U heads at 4 D FLOPs each, 3.5x with the backward; memory
+    and bytes are those of one sequence."""
+    n, lengths = 4096, [2048] + [128] * 16
+    kw = dict(heads=16, kv_heads=8, head_dim=64, gpus=8, gpus_per_node=4, layout=layout, causal=causal)
+    plain, packed = compare(n, **kw), compare(n, documents=lengths, **kw)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)])
+    rate = devices()["h100"].flops("bfloat16")
+    assert packed.documents == lengths and packed.plans.keys() == set(STRATEGIES)
+    for name, sp in packed.plans.items():
+        u, r = sp.ulysses, sp.ring
+        pairs = []
+        for rank in range(r):
+            pos = shard_positions(n, rank, r, layout, tuple(cu.tolist()))
+            doc = torch.searchsorted(cu, pos, right=True) - 1
+            pairs.append(int((pos - cu[doc] + 1 if causal else cu[doc + 1] - cu[doc]).sum()))
+        assert sp.packed["pairs_per_rank"] == pairs, name
+        assert sp.compute_s == pytest.approx(max(pairs) * 16 // u * 4 * 64 * 3.5 / rate, rel=1e-12, abs=0), name
+        same = plain.plans[name]
+        assert (sp.memory, sp.bytes, sp.transfers, sp.exposed_s) == (same.memory, same.bytes, same.transfers,
+                                                                     same.exposed_s), name
+    assert "17 packed documents, 128 to 2,048 tokens" in packed.table()
+
+
+def test_documents_move_best_through_compute_only():
+    """One node, zigzag, half the sequence one document: the ring's busiest rank computes 1.8x
+    the mean while Ulysses stays balanced, so best moves from the ring to Ulysses; one document
+    is the unpacked plan."""
+    n, kw = 2**17, dict(heads=32, kv_heads=8, head_dim=128, gpus=8, fewest=False)
+    plain, packed = compare(n, **kw), compare(n, documents=[2**16] + [2**12] * 16, **kw)
+    assert (plain.best, packed.best) == ("ring", "ulysses")
+    assert packed.plans["ring"].packed["imbalance"] > 1.8 and packed.plans["ulysses"].packed["imbalance"] == 1.0
+    for name in ("ring", "ulysses"):
+        a, b = plain.plans[name], packed.plans[name]
+        assert (a.memory, a.bytes, a.exposed_s) == (b.memory, b.bytes, b.exposed_s), name
+        assert b.compute_s != a.compute_s
+        assert compare(n, documents=[n], **kw).plans[name].compute_s == pytest.approx(a.compute_s, rel=1e-12, abs=0)
+
+
+def test_packed_strategy_errors_and_cli(capsys):
+    kw = dict(heads=16, kv_heads=8, head_dim=64, gpus=8, fewest=False)
+    with pytest.raises(ValueError, match="packed documents for dense attention only"):
+        compare(4096, segments=(1024,), rates=(1,), documents=[4096], **kw)
+    with pytest.raises(ValueError, match="add up to 4,000 tokens, not the 4,096"):
+        compare(4096, documents=[4000], **kw)
+    # doc_zigzag cuts every document into 2R chunks: 8 tokens do not split over the ring's 8 ranks.
+    report = compare(4096, layout="doc_zigzag", documents=[4088, 8], **kw)
+    assert not report.plans["ring"].possible and "multiples of 16" in report.plans["ring"].why
+    assert report.plans["ulysses"].possible
+    args = ["plan", "--tokens", "4K", "--heads", "16", "--kv-heads", "8", "--head-dim", "64", "--gpus", "8"]
+    assert main([*args, "--strategy", "best", "--documents", "exp:512"]) == 0
+    assert "packed documents" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "--strategy", "best", "--documents", "4096", "--segments", "1024", "--rates", "1"])
+    assert "dense attention only" in capsys.readouterr().err

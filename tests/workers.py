@@ -36,12 +36,12 @@ def cu_seqlens(case):
 def call(case, q, k, v, **ring):
     """The ring function of a case on (q, k, v); ``ring`` is group= or ring_size= (a mesh case's:
     ulysses_group= and ring_group=, or ulysses_size= and ring_size=)."""
-    kw = dict(causal=case["causal"], layout=case["layout"], scale=case.get("scale"), return_lse=True, **ring)
+    kw = dict(causal=case["causal"], layout=case["layout"], scale=case.get("scale"), return_lse=True,
+              cu_seqlens=cu_seqlens(case), **ring)
     if "mesh" in case:
         dense, dilated = ringlab.ulysses_attention, ringlab.ulysses_dilated_attention
     else:
         dense, dilated = ringlab.ring_attention, ringlab.ring_dilated_attention
-        kw["cu_seqlens"] = cu_seqlens(case)
     if case["fn"] == "ring":
         return dense(q, k, v, **kw)
     return dilated(q, k, v, case["segments"], case["rates"], head_offsets=case.get("head_offsets", "interleaved"),
@@ -72,7 +72,7 @@ def _groups(case, group):
 def shard_case(case, x, rank, p, dim=1):
     """This rank's shard of a case's whole-sequence tensor."""
     if "mesh" in case:
-        return ringlab.shard_mesh(x, rank, *case["mesh"], case["layout"], dim)
+        return ringlab.shard_mesh(x, rank, *case["mesh"], case["layout"], dim, cu_seqlens=cu_seqlens(case))
     return ringlab.shard(x, rank, p, case["layout"], dim=dim, cu_seqlens=cu_seqlens(case))
 
 

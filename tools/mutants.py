@@ -126,6 +126,11 @@ MUTANTS = (
            "yield s, tuple(inside), first",
            "yield 0, tuple((a + s, b + s) for a, b in inside), first",
            "tests/test_packed.py", "test_dilated_attention"),
+    # Packed documents on a mesh: the simulated mesh must shard by the documents its ring tiles read.
+    Mutant("packed-mesh-shards-ignore-documents", "ringlab/engine/ulysses.py",
+           "config.ring.layout, config.ring.documents, ulysses_group",
+           "config.ring.layout, (), ulysses_group",
+           "tests/test_packed.py", "simulated_mesh"),
 )
 
 

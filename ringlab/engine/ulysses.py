@@ -19,6 +19,10 @@ The backward does the same around the ring's backward: dout, q, k, v, out, lse (
 go to heads, dq, dk, dv come back. The glue saves only the call's own shards, so the backward
 moves q, k, v, out and lse again rather than keep a second, head-sharded copy of them.
 
+Packed documents (``cu_seqlens``) are the ring dimension's business: the all-to-all moves
+whole tokens, and a ring rank holds its whole ring shard, so the ring cuts its steps by
+document as it does alone; only the placement (:func:`shard_mesh`) reads them.
+
 What overlaps: the all-to-alls of one phase are posted together (k/v first), so their
 transfers overlap each other; none overlaps attention, which needs every token of its heads
 before it starts. The ring hops hide behind the block compute as in the ring.
@@ -64,9 +68,11 @@ class MeshConfig:
 
 
 def mesh_config(q, k, v, *, ulysses_group, ring_group, ulysses_size, ring_size, causal, layout, scale,
-                **dilation) -> MeshConfig:
+                cu_seqlens=None, **dilation) -> MeshConfig:
     """Check a Ulysses or hybrid call's arguments (no communication) and return its configuration.
-    ``dilation``: segment_lengths, dilation_rates, head_offsets for the dilated mode."""
+    ``cu_seqlens``: packed documents of the whole sequence, checked by the ring's config (the
+    ring dimension runs them). ``dilation``: segment_lengths, dilation_rates, head_offsets for
+    the dilated mode."""
     distributed = ulysses_group is not None or ring_group is not None
     if distributed and (ulysses_size is not None or ring_size is not None):
         raise ValueError("pass process groups (ulysses_group=, ring_group=: q, k, v are this rank's shards) or "
@@ -83,7 +89,7 @@ def mesh_config(q, k, v, *, ulysses_group, ring_group, ulysses_size, ring_size, 
         check_size("ring_size", r)
     check_qkv(q, k, v, same_length=True)  # before q's length is read
     ring = ring_config(q, k, v, group=None, ring_size=r, causal=causal, layout=layout, scale=scale,
-                       seq_len=q.shape[1] * (u * r if distributed else 1), **dilation)
+                       cu_seqlens=cu_seqlens, seq_len=q.shape[1] * (u * r if distributed else 1), **dilation)
     if ring.heads % u or ring.kv_heads % u:
         raise ValueError(
             f"the Ulysses size {u} must divide the query heads ({ring.heads}) and the K/V heads "
@@ -156,32 +162,37 @@ def backward_rank(mesh: Mesh, dout, q, k, v, out, lse, dlse, *, config: MeshConf
 
 
 def shard_mesh(x: torch.Tensor, rank: int, ulysses_size: int, ring_size: int, layout: str = "contiguous",
-               dim: int = 1) -> torch.Tensor:
+               dim: int = 1, *, cu_seqlens=None) -> torch.Tensor:
     """Mesh rank ``rank``'s shard of x along ``dim``: piece u of U of its ring shard r, where
-    rank = r * ulysses_size + u and the ring shards follow ``layout`` over ring_size ranks."""
+    rank = r * ulysses_size + u and the ring shards follow ``layout`` over ring_size ranks.
+    ``cu_seqlens``: the packed documents of the whole sequence, for a layout that splits each
+    document ("doc_zigzag"; see :func:`ringlab.shard`)."""
     r, u = divmod(rank, ulysses_size)
-    ring_shard = shard(x, r, ring_size, layout, dim)
+    ring_shard = shard(x, r, ring_size, layout, dim, cu_seqlens=cu_seqlens)
     if ring_shard.shape[dim] % ulysses_size:
         raise ValueError(f"a ring shard of {ring_shard.shape[dim]} along dim {dim} does not split over "
                          f"ulysses_size {ulysses_size}")
     return ring_shard.chunk(ulysses_size, dim)[u]
 
 
-def unshard_mesh(shards, ulysses_size: int, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
-    """The whole tensor from every mesh rank's shard, in mesh rank order (inverse of shard_mesh)."""
+def unshard_mesh(shards, ulysses_size: int, layout: str = "contiguous", dim: int = 1, *,
+                 cu_seqlens=None) -> torch.Tensor:
+    """The whole tensor from every mesh rank's shard, in mesh rank order (inverse of shard_mesh,
+    with the same ``cu_seqlens``)."""
     shards = list(shards)
     if not shards or len(shards) % ulysses_size:
         raise ValueError(f"unshard_mesh needs one shard per mesh rank, a multiple of ulysses_size "
                          f"{ulysses_size}; got {len(shards)}")
     ring_shards = [torch.cat(shards[i:i + ulysses_size], dim) for i in range(0, len(shards), ulysses_size)]
-    return unshard(ring_shards, layout, dim)
+    return unshard(ring_shards, layout, dim, cu_seqlens=cu_seqlens)
 
 
 @dataclass(frozen=True, eq=False)
 class MeshAlgorithm(RingAlgorithm):
     """Per-rank generators on a U x R mesh. Real (``distributed``): q, k, v are this rank's
     shards and ``ulysses_group`` / ``group`` its groups (None for a dimension of size 1).
-    Simulated: whole sequences, sharded by :func:`shard_mesh` for each of the U * R ranks."""
+    Simulated: whole sequences, sharded by :func:`shard_mesh` for each of the U * R ranks (with
+    the packed ``documents``, for a layout that splits each one)."""
     ulysses_group: object = None
     ulysses_size: int = 1
     distributed: bool = False
@@ -191,16 +202,19 @@ class MeshAlgorithm(RingAlgorithm):
             mesh = Mesh(_group_comm(self.ulysses_group), _group_comm(self.group))
             return run_rank(trace.tagged(rank_fn(mesh, *tensors), mesh_rank=mesh.rank))
         u, r, layout = self.ulysses_size, self.ring_size, self.layout
+        docs = torch.tensor(self.documents) if self.documents else None
         box = Mailbox()
         gens = []
         for m in range(u * r):
             ring_rank, ulysses_rank = divmod(m, u)
             mesh = Mesh(SimComm(ulysses_rank, u, box, tuple(range(ring_rank * u, ring_rank * u + u))),
                         SimComm(ring_rank, r, box, tuple(range(ulysses_rank, u * r, u))))
-            local = [None if t is None else shard_mesh(t, m, u, r, layout, d) for t, d in zip(tensors, dims)]
+            local = [None if t is None else shard_mesh(t, m, u, r, layout, d, cu_seqlens=docs)
+                     for t, d in zip(tensors, dims)]
             gens.append(trace.tagged(rank_fn(mesh, *local), mesh_rank=m))
         results = run_lockstep(gens, box)
-        return tuple(unshard_mesh([res[i] for res in results], u, layout, d) for i, d in enumerate(out_dims))
+        return tuple(unshard_mesh([res[i] for res in results], u, layout, d, cu_seqlens=docs)
+                     for i, d in enumerate(out_dims))
 
 
 def _group_comm(group) -> RingComm:
@@ -216,14 +230,14 @@ def run_mesh(config: MeshConfig, q, k, v, *, ulysses_group, ring_group):
             check_group_agrees(group, q.device, *config.agreement(q, k))
     algorithm = MeshAlgorithm(functools.partial(forward_rank, config=config),
                               functools.partial(backward_rank, config=config), ring_group, config.ring_size,
-                              config.ring.layout, ulysses_group=ulysses_group, ulysses_size=config.ulysses_size,
-                              distributed=distributed)
+                              config.ring.layout, config.ring.documents, ulysses_group=ulysses_group,
+                              ulysses_size=config.ulysses_size, distributed=distributed)
     return exact_attention(q, k, v, algorithm, config.model(), kv_unit=config.ulysses_size)
 
 
 def ulysses_attention(q, k, v, *, ulysses_group=None, ring_group=None, ulysses_size: int | None = None,
                       ring_size: int | None = None, causal: bool = False, layout: str = "contiguous",
-                      scale: float | None = None, return_lse: bool = False):
+                      scale: float | None = None, return_lse: bool = False, cu_seqlens=None):
     """Exact softmax attention with heads split over a Ulysses group and, optionally, the
     sequence over a ring: Ulysses (R = 1), the ring (U = 1) or their 2-D hybrid.
 
@@ -235,9 +249,14 @@ def ulysses_attention(q, k, v, *, ulysses_group=None, ring_group=None, ulysses_s
 
     U must divide H and H_kv. ``causal``, ``layout`` (over the ring dimension), ``scale`` and
     ``return_lse`` are those of :func:`ringlab.ring_attention`, and so are the results.
+    ``cu_seqlens``: packed documents (batch 1), the boundaries of the *whole* sequence as in
+    :func:`ringlab.ring_attention`, the same on every rank. After the all-to-all a ring rank
+    holds its whole ring shard, so the ring skips and cuts steps by document as it does alone;
+    "doc_zigzag" cuts every document into 2R chunks (shard with ``shard_mesh(...,
+    cu_seqlens=)``).
     """
     config = mesh_config(q, k, v, ulysses_group=ulysses_group, ring_group=ring_group, ulysses_size=ulysses_size,
-                         ring_size=ring_size, causal=causal, layout=layout, scale=scale)
+                         ring_size=ring_size, causal=causal, layout=layout, scale=scale, cu_seqlens=cu_seqlens)
     out, lse = run_mesh(config, q, k, v, ulysses_group=ulysses_group, ring_group=ring_group)
     return (out, lse) if return_lse else out
 
@@ -245,14 +264,16 @@ def ulysses_attention(q, k, v, *, ulysses_group=None, ring_group=None, ulysses_s
 def ulysses_dilated_attention(q, k, v, segment_lengths, dilation_rates, *, ulysses_group=None, ring_group=None,
                               ulysses_size: int | None = None, ring_size: int | None = None, causal: bool = False,
                               layout: str = "contiguous", scale: float | None = None,
-                              head_offsets: str = "interleaved", return_lse: bool = False):
+                              head_offsets: str = "interleaved", return_lse: bool = False, cu_seqlens=None):
     """LongNet dilated attention on a U x R mesh: :func:`ringlab.dilated_attention`'s semantics
     with :func:`ulysses_attention`'s calling convention. After the all-to-all a rank holds its
     ring shard for H/U heads, each at its global head index (dilation offsets follow it), so
     with R = 1 every segment is whole on a rank and nothing but the all-to-alls moves.
-    ``layout``: one whose ranks hold whole chunks ("contiguous", "zigzag")."""
+    ``layout``: one whose ranks hold whole chunks ("contiguous", "zigzag", "doc_zigzag").
+    ``cu_seqlens``: packed documents as in :func:`ulysses_attention`; each document is its own
+    LongNet sequence."""
     config = mesh_config(q, k, v, ulysses_group=ulysses_group, ring_group=ring_group, ulysses_size=ulysses_size,
-                         ring_size=ring_size, causal=causal, layout=layout, scale=scale,
+                         ring_size=ring_size, causal=causal, layout=layout, scale=scale, cu_seqlens=cu_seqlens,
                          segment_lengths=segment_lengths, dilation_rates=dilation_rates, head_offsets=head_offsets)
     out, lse = run_mesh(config, q, k, v, ulysses_group=ulysses_group, ring_group=ring_group)
     return (out, lse) if return_lse else out

@@ -182,6 +182,12 @@ def _pairs_per_rank(pb: Problem) -> float:
     return total / pb.world_size
 
 
+def flops_per_pair(pb: Problem, backward: bool) -> float:
+    """FLOPs of one score pair of one head, over the batch: 4 per head dim forward (QK^T and
+    PV), 3.5x that with the backward (5 matmuls to the forward's 2)."""
+    return 4 * pb.batch * pb.head_dim * (3.5 if backward else 1.0)
+
+
 def _communication(pb: Problem, backward: bool) -> dict:
     """Bytes one rank sends: per ring step (hop) and in total. Messages hold the K/V heads only
     (grouped-query attention: H_kv / H of the bytes)."""
@@ -319,9 +325,10 @@ def document_lengths(spec, tokens: int, multiple: int = 1, seed: int = 0) -> lis
     return lengths
 
 
-def _packed_compute(pb: Problem, documents, flops_per_pair: float) -> dict:
+def _packed_compute(pb: Problem, documents, per_pair: float) -> dict:
     """Score pairs (over all heads) and FLOPs of every rank when packed documents are separate
-    sequences: dense attention within each document, or its own dilated segments."""
+    sequences: dense attention within each document, or its own dilated segments. ``per_pair``:
+    the FLOPs of one pair (:func:`flops_per_pair`)."""
     multiple = LAYOUTS[pb.layout].document_unit(pb.world_size)
     lengths = document_lengths(documents, pb.seq_len, multiple)
     cu = [0, *itertools.accumulate(lengths)]
@@ -330,7 +337,7 @@ def _packed_compute(pb: Problem, documents, flops_per_pair: float) -> dict:
                                       head_offsets=pb.head_offsets, causal=pb.causal)
     else:
         pairs = [pb.heads * x for x in work_per_rank(pb.layout, pb.world_size, cu, pb.causal)]
-    return dict(documents=lengths, pairs_per_rank=pairs, flops_per_rank=[flops_per_pair * x for x in pairs],
+    return dict(documents=lengths, pairs_per_rank=pairs, flops_per_rank=[per_pair * x for x in pairs],
                 imbalance=max_over_mean(pairs))
 
 
@@ -398,8 +405,7 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
         unit = (2 if layout == "zigzag" else 1) * gpus
         raise ValueError(f"layout {layout!r} cannot split {tokens:,} tokens over {gpus} GPUs: use a multiple of {unit}")
     est = _memory(pb, backward)
-    # backward: 5 matmuls to the forward's 2
-    per_pair = 4 * pb.batch * pb.head_dim * (3.5 if backward else 1.0)
+    per_pair = flops_per_pair(pb, backward)
     packed = _packed_compute(pb, documents, per_pair) if documents is not None else {}
     flops = max(packed["flops_per_rank"]) if packed else per_pair * pb.heads * _pairs_per_rank(pb)
     flops_fwd = flops / (3.5 if backward else 1.0)

@@ -11,6 +11,11 @@ compute, and the fewest GPUs that fit N tokens. ``best`` is the strategy that fi
 least time, compute plus the transfer time that does not hide. Link and device numbers come
 from the editable profiles (``devices.json``).
 
+With packed documents (dense attention) a GPU's compute is that of the busiest ring rank: its
+score pairs (``layout.work_per_rank`` over the R ring ranks) for H/U heads. Ulysses alone is
+balanced whatever the documents; a ring is as balanced as its layout keeps them. Memory and
+bytes do not change (no mask is formed), so documents move ``best`` through compute only.
+
 The bytes are the engine's, message for message (tests compare them with traces):
   * all-to-all: each of the forward's q, k/v, out (input dtype) and lse (accumulation dtype),
     and the backward's k/v, q, dout, out, lse (dlse) then dq, dk/dv, sends (U-1)/U of the tensor;
@@ -26,9 +31,10 @@ import math
 from dataclasses import dataclass, field, replace
 
 from ..engine.checks import HEAD_OFFSETS, check_branches, check_choice
-from ..engine.layout import LAYOUTS, with_pieces
+from ..engine.layout import LAYOUTS, get, with_pieces
 from .memory_model import Problem, estimate
-from .planner import Device, _communication, _overlap, _pairs_per_rank, devices, parse_tokens
+from .planner import (Device, _communication, _overlap, _packed_compute, _pairs_per_rank, devices, document_lengths,
+                      flops_per_pair, parse_tokens)
 
 STRATEGIES = ("ring", "ulysses", "hybrid")
 NVLINK, IB = "NVLink", "InfiniBand"
@@ -89,8 +95,12 @@ def factorization(strategy: str, gpus: int, kv_heads: int, per_node: int) -> tup
     return u, gpus // u
 
 
-def _splits(pb: Problem, u: int, r: int) -> bool:
-    return LAYOUTS[pb.layout].splits(pb.seq_len, r) and (pb.seq_len // r) % u == 0
+def _splits(pb: Problem, u: int, r: int, documents=None) -> bool:
+    """Whether the layout splits the sequence over R ring ranks (and every packed document, of
+    the lengths ``documents``, where it cuts each one), and a ring shard over U."""
+    lay = LAYOUTS[pb.layout]
+    return (lay.splits(pb.seq_len, r) and (pb.seq_len // r) % u == 0
+            and all(n % lay.document_unit(r) == 0 for n in documents or ()))
 
 
 def _links(dev: Device, u: int, r: int, per_node: int, nbytes: dict) -> dict:
@@ -118,6 +128,8 @@ class StrategyPlan:
     compute_s: float = 0.0
     exposed_s: float = 0.0                       # transfer time that does not hide behind compute
     fewest_gpus: int | None = None
+    packed: dict = field(default_factory=dict)   # packed documents: pairs_per_rank, flops_per_rank (ring
+                                                 # ranks, H/U heads each) and their imbalance
 
     @property
     def time_s(self) -> float:
@@ -125,20 +137,28 @@ class StrategyPlan:
 
 
 def _plan_one(pb: Problem, dev: Device, strategy: str, gpus: int, per_node: int, backward: bool,
-              fewest: bool) -> StrategyPlan:
+              fewest: bool, documents=None) -> StrategyPlan:
     mesh = factorization(strategy, gpus, pb.kv_heads, per_node)
-    fewest = fewest_gpus(pb, dev, strategy, per_node, backward) if fewest else None
+    fewest = fewest_gpus(pb, dev, strategy, per_node, backward, documents=documents) if fewest else None
     if isinstance(mesh, str):
         return StrategyPlan(strategy, False, mesh, fewest_gpus=fewest)
     u, r = mesh
-    if not _splits(pb, u, r):
+    if not _splits(pb, u, r, documents):
+        unit = LAYOUTS[pb.layout].document_unit(r)
+        each = f", every packed document into multiples of {unit}" if documents and unit > 1 else ""
         return StrategyPlan(strategy, False, f"layout {pb.layout!r} cannot split {pb.seq_len:,} tokens over "
-                            f"{r} ring ranks and then {u} Ulysses ranks", u, r, fewest_gpus=fewest)
+                            f"{r} ring ranks and then {u} Ulysses ranks{each}", u, r, fewest_gpus=fewest)
     mem = memory(pb, u, r, backward)
     nbytes = traffic(pb, u, r, backward=backward)
     links = _links(dev, u, r, per_node, nbytes)
-    pairs = _pairs_per_rank(replace(pb, world_size=1))  # per head, dilated or dense
-    compute = 4 * pb.batch * pb.heads * pb.head_dim * pairs / gpus * (3.5 if backward else 1.0) / dev.flops(pb.dtype)
+    small, packed = mesh_problem(pb, u, r), {}
+    if documents is None:  # dilated or dense: every GPU computes 1/G of the pairs
+        flops = flops_per_pair(pb, backward) * pb.heads * _pairs_per_rank(replace(pb, world_size=1)) / gpus
+    else:  # the busiest ring rank's pairs, each for the H/U heads it holds after the all-to-all
+        packed = _packed_compute(small, documents, flops_per_pair(small, backward))
+        del packed["documents"]  # the report holds them once
+        flops = max(packed["flops_per_rank"])
+    compute = flops / dev.flops(pb.dtype)
     transfers, exposed = [], 0.0
     if u > 1:
         off = links[IB] - (nbytes["ring"] if u * r > per_node else 0)
@@ -148,7 +168,7 @@ def _plan_one(pb: Problem, dev: Device, strategy: str, gpus: int, per_node: int,
         exposed += seconds
     if r > 1:
         # Ring hops: one step's compute against one hop, on the slowest link a ring step uses.
-        step = _overlap(mesh_problem(pb, u, r), replace(dev, gpus_per_node=max(1, per_node // u)))
+        step = _overlap(small, replace(dev, gpus_per_node=max(1, per_node // u)))
         link, o = (IB, step["InfiniBand (nodes)"]) if u * r > per_node else (NVLINK, step["NVLink (in node)"])
         hops = 2 * r - 1 if backward else r - 1  # forward hops, then the backward's
         bandwidth = (dev.ib_gb_s if link == IB else dev.nvlink_gb_s) * 1e9
@@ -157,17 +177,17 @@ def _plan_one(pb: Problem, dev: Device, strategy: str, gpus: int, per_node: int,
                               f"{o['transfer_s'] * 1e3:.3f} ms"))
         exposed += max(0.0, o["transfer_s"] - o["compute_s"]) * hops
     return StrategyPlan(strategy, True, "", u, r, mem, mem["total"] <= dev.capacity, links, transfers, compute,
-                        exposed, fewest)
+                        exposed, fewest, packed)
 
 
 def fewest_gpus(pb: Problem, dev: Device, strategy: str, per_node: int, backward: bool,
-                most: int = 1 << 16) -> int | None:
-    """The fewest GPUs on which ``strategy`` fits N tokens in memory (None: none up to ``most``).
-    Memory per GPU falls as GPUs are added, so a binary search over the counts the strategy
-    can use settles it."""
+                most: int = 1 << 16, *, documents=None) -> int | None:
+    """The fewest GPUs on which ``strategy`` fits N tokens in memory (None: none up to ``most``),
+    among the counts whose mesh splits the sequence (and the packed ``documents``, lengths).
+    Memory per GPU falls as GPUs are added, so a binary search over those counts settles it."""
     meshes = [factorization(strategy, g, pb.kv_heads, per_node)
               for g in (range(1, pb.kv_heads + 1) if strategy == "ulysses" else _powers_and_multiples(most))]
-    counts = [u * r for u, r in (m for m in meshes if not isinstance(m, str)) if _splits(pb, u, r)]
+    counts = [u * r for u, r in (m for m in meshes if not isinstance(m, str)) if _splits(pb, u, r, documents)]
 
     def fits(g):
         return memory(pb, *factorization(strategy, g, pb.kv_heads, per_node), backward)["total"] <= dev.capacity
@@ -195,6 +215,7 @@ class Report:
     plans: dict            # strategy -> StrategyPlan
     best: str | None
     why: str
+    documents: list | None = None  # packed documents' lengths
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -207,6 +228,9 @@ class Report:
                  f"{'causal ' if p['causal'] else ''}{p['layout']}, on {self.gpus} x {self.device['name']} "
                  f"({self.gpus_per_node} per node; NVLink {self.device['nvlink_gb_s']:g} GB/s, "
                  f"InfiniBand {self.device['ib_gb_s']:g} GB/s per GPU)"]
+        if self.documents:
+            lines.append(f"{len(self.documents):,} packed documents, {min(self.documents):,} to "
+                         f"{max(self.documents):,} tokens: compute is the busiest ring rank's")
         for name, sp in self.plans.items():
             lines += ["", f"{name}" + (f"  (U={sp.ulysses} x R={sp.ring})" if sp.possible else "")]
             if not sp.possible:
@@ -223,6 +247,8 @@ class Report:
                                  f"{'hides' if t['hides'] else 'EXPOSED'} ({t['why']})")
                 lines.append(f"  compute {sp.compute_s * 1e3:,.1f} ms + exposed transfers {sp.exposed_s * 1e3:,.1f} ms "
                              f"= {sp.time_s * 1e3:,.1f} ms")
+                if sp.packed:
+                    lines.append(f"  imbalance of the ring ranks' work (max/mean) {sp.packed['imbalance']:.3f}")
             lines.append(f"  fewest GPUs for {p['seq_len']:,} tokens: "
                          + (f"{sp.fewest_gpus}" if sp.fewest_gpus else "none (memory or head count)"))
         lines += ["", f"best: {self.best}: {self.why}" if self.best else f"best: none. {self.why}"]
@@ -232,12 +258,14 @@ class Report:
 def compare(tokens, *, heads: int, head_dim: int, gpus: int, kv_heads: int | None = None, dtype: str = "bfloat16",
             gpu: str = "h100", gpus_per_node: int | None = None, batch: int = 1, causal: bool = True,
             layout: str = "zigzag", backward: bool = True, strategies=STRATEGIES, device_profiles=None,
-            fewest: bool = True, segments=(), rates=(), head_offsets: str = "interleaved") -> Report:
+            fewest: bool = True, segments=(), rates=(), head_offsets: str = "interleaved", documents=None) -> Report:
     """Plan attention over ``tokens`` on ``gpus`` GPUs for each of ``strategies`` and name the
     best (see the module doc): dense, or dilated with ``segments`` and ``rates`` (the ring
     dimension then runs ring-dilated attention, and needs a layout with whole pieces).
     ``gpus_per_node`` defaults to the device profile's. ``fewest=False`` skips the search for
-    each strategy's fewest GPUs (a map of many cells)."""
+    each strategy's fewest GPUs (a map of many cells). ``documents``: packed documents (dense
+    only), lengths or "exp:MEAN" as :func:`ringlab.planning.planner.document_lengths` takes
+    them; every strategy plans the same lengths."""
     tokens = parse_tokens(tokens)
     if segments or rates:
         segments, rates = check_branches(segments, rates)
@@ -256,12 +284,18 @@ def compare(tokens, *, heads: int, head_dim: int, gpus: int, kv_heads: int | Non
     for s in strategies:
         if s not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {s!r}")
+    if documents is not None:
+        if segments:
+            raise ValueError("the strategy planner counts packed documents for dense attention only: drop "
+                             "documents, or segments and rates")
+        # One draw in multiples of what the longest ring (R = G) needs, which every shorter ring accepts.
+        documents = document_lengths(documents, tokens, get(layout).document_unit(gpus))
     pb = Problem(seq_len=tokens, heads=heads, head_dim=head_dim, batch=batch, dtype=dtype, world_size=gpus,
                  causal=causal, layout=layout, device="cuda", kv_heads=kv_heads or heads, segments=tuple(segments),
                  rates=tuple(rates), head_offsets=head_offsets)
-    plans = {s: _plan_one(pb, dev, s, gpus, per_node, backward, fewest) for s in strategies}
+    plans = {s: _plan_one(pb, dev, s, gpus, per_node, backward, fewest, documents) for s in strategies}
     best, why = _best(plans, gpus)
-    return Report(dataclasses.asdict(pb), dataclasses.asdict(dev), gpus, per_node, plans, best, why)
+    return Report(dataclasses.asdict(pb), dataclasses.asdict(dev), gpus, per_node, plans, best, why, documents)
 
 
 def _best(plans: dict, gpus: int) -> tuple[str | None, str]:
