@@ -8,11 +8,14 @@ Each rank feeds its zigzag shard of the token sequence with the global position 
 shard, the "ringlab" attention runs as a ring over the process group, and the parameter
 gradients are summed over the ranks. The reference is one process on the whole sequence with
 attn_implementation="sdpa" ("eager" would not do: Llama's eager softmax runs in float32).
-tests/test_hf.py runs these functions and holds losses and gradients to 1e-10.
+``train(..., lengths=...)`` packs documents into one row instead (position ids restarting at
+0 in each, ``sequence_parallel(..., cu_seqlens=)``). tests/test_hf.py runs these functions and
+holds losses and gradients to 1e-10.
 """
 
 import contextlib
 import copy
+import itertools
 
 import torch
 import torch.distributed as dist
@@ -47,28 +50,39 @@ def batch(seed: int = 0):
     return tokens[:, :-1], tokens[:, 1:], torch.arange(SEQ)[None]
 
 
+def packed_batch(lengths, seed: int = 0):
+    """(input_ids, targets, position_ids, cu_seqlens): the first row of ``batch`` as packed
+    documents of ``lengths`` tokens (summing to SEQ), the position ids restarting at 0 in each."""
+    ids, targets, _ = batch(seed)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    return ids[:1], targets[:1], positions, torch.tensor([0, *itertools.accumulate(lengths)])
+
+
 def train(config: LlamaConfig, attn: str, steps: int = 3, seed: int = 0, layout: str = "zigzag",
-          parallel: dict | None = None):
-    """``steps`` SGD steps on one batch; returns (losses, gradients of each step by parameter name).
+          parallel: dict | None = None, lengths=None):
+    """``steps`` SGD steps on one batch (``lengths``: on one row of packed documents); returns
+    (losses, gradients of each step by parameter name).
 
     Run by ``launch``, each rank trains on its ``layout`` shard of the sequence inside
     ``ringlab.hf.sequence_parallel`` (``parallel``: its further arguments) and the returned losses
     and gradients are those of the whole sequence (summed over the ranks)."""
     model = build(config, attn, seed)
-    ids, targets, positions = batch(seed)
+    ids, targets, positions, cu = (*batch(seed), None) if lengths is None else packed_batch(lengths, seed)
+    tokens = targets.numel()
     group, context = None, contextlib.nullcontext()
     if dist.is_initialized():
         group, rank, p = dist.group.WORLD, dist.get_rank(), dist.get_world_size()
-        ids, targets, positions = (ringlab.shard(x, rank, p, layout=layout) for x in (ids, targets, positions))
-        context = ringlab.hf.sequence_parallel(group, layout=layout, **(parallel or {}))
+        ids, targets, positions = (ringlab.shard(x, rank, p, layout=layout, cu_seqlens=cu)
+                                   for x in (ids, targets, positions))
+        context = ringlab.hf.sequence_parallel(group, layout=layout, cu_seqlens=cu, **(parallel or {}))
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     losses, grads = [], []
     with context:  # the backward too: the ring runs again there
         for _ in range(steps):
             opt.zero_grad()
             logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits
-            # This rank's summed cross-entropy over all BATCH x SEQ tokens: the ranks' losses add up to the mean.
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / (BATCH * SEQ)
+            # This rank's summed cross-entropy over all tokens: the ranks' losses add up to the mean.
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / tokens
             loss.backward()
             loss = loss.detach()
             if group is not None:

@@ -240,29 +240,34 @@ def strided_matches_contiguous(_=None):
     return max((a - b).abs().max().item() for a, b in zip(*results))
 
 
-def hf_ring(config, segments, rates):
+def hf_ring(config, segments, rates, packed_cases):
     """The worked example (examples/hf_llama_ring.py) on this rank: 3 steps of "ringlab" and 2
-    of "ringlab_dilated" (branches from sequence_parallel), then the errors of calls a ring
-    refuses, by name."""
+    of "ringlab_dilated" (branches from sequence_parallel), one step of each (attn, layout,
+    document lengths) of ``packed_cases``, then the errors of calls a ring refuses, by name."""
     import hf_llama_ring as example
 
     import ringlab.hf
 
+    branches = dict(segment_lengths=segments, dilation_rates=rates)
     ring = example.train(config, "ringlab")
-    dilated = example.train(config, "ringlab_dilated", steps=2,
-                            parallel=dict(segment_lengths=segments, dilation_rates=rates))
+    dilated = example.train(config, "ringlab_dilated", steps=2, parallel=branches)
+    packed = [example.train(config, attn, steps=1, layout=layout, lengths=lengths,
+                            parallel=branches if attn == "ringlab_dilated" else None)
+              for attn, layout, lengths in packed_cases]
     rank, p = dist.get_rank(), dist.get_world_size()
     ids, _, positions = (ringlab.shard(x, rank, p, layout="zigzag") for x in example.batch())
     n = ids.shape[1]
     model = example.build(config, "ringlab")
-    calls = dict(padding=dict(attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0)),
-                 positions=dict(position_ids=torch.arange(n)[None]),
-                 **{"4D mask": dict(attention_mask=torch.ones(1, 1, n, n, dtype=torch.bool).tril())})
+    cu = example.packed_batch(packed_cases[0][2])[3]
+    calls = dict(padding=(None, dict(attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0))),
+                 positions=(None, dict(position_ids=torch.arange(n)[None])),
+                 **{"4D mask": (None, dict(attention_mask=torch.ones(1, 1, n, n, dtype=torch.bool).tril())),
+                    "packed, global positions": (cu, {})})
     errors = {}
-    with ringlab.hf.sequence_parallel(dist.group.WORLD, layout="zigzag"):
-        for name, kwargs in calls.items():
+    for name, (documents, kwargs) in calls.items():
+        with ringlab.hf.sequence_parallel(dist.group.WORLD, layout="zigzag", cu_seqlens=documents):
             try:
                 model(input_ids=ids, **({"position_ids": positions} | kwargs))
             except ValueError as err:
                 errors[name] = str(err)
-    return ring, dilated, errors
+    return ring, dilated, packed, errors
