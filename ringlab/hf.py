@@ -124,6 +124,9 @@ class _Parallel:
 
 
 _ACTIVE: contextvars.ContextVar[_Parallel | None] = contextvars.ContextVar("ringlab_hf_parallel", default=None)
+# Whether the last mask the hook accepted was transformers' packed-documents mask: an attention
+# call that then gets neither position_ids nor cu_seq_lens cannot see the documents.
+_PACKED_MASK: contextvars.ContextVar[bool] = contextvars.ContextVar("ringlab_hf_packed_mask", default=False)
 
 
 @contextlib.contextmanager
@@ -199,7 +202,9 @@ def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_functio
     # Packed documents: the attention functions find them in position_ids or cu_seq_lens. In a
     # ring transformers also reads the jumps of a shard's positions as documents; the attention
     # functions check those ids against the layout instead.
-    if mask_function not in (causal_mask_function, bidirectional_mask_function) and not _packed(mask_function):
+    packed = mask_function not in (causal_mask_function, bidirectional_mask_function) and _packed(mask_function)
+    _PACKED_MASK.set(packed)
+    if mask_function not in (causal_mask_function, bidirectional_mask_function) and not packed:
         raise ValueError("this model call needs a mask other than causal or full attention, alone or within packed "
                          "documents (a sliding window, chunked attention, or another mask overlay of the model); "
                          "ringlab computes exact causal or full attention only")
@@ -295,6 +300,11 @@ def _single_device_documents(mask, batch: int, n_q: int, n_k: int, kwargs) -> to
     from ``position_ids`` that restart (both must agree), or None for one sequence per row."""
     documents = _flash_documents(kwargs, n_q)
     positions = kwargs.get("position_ids")
+    if documents is None and positions is None and _PACKED_MASK.get():
+        raise ValueError("transformers built a packed-documents mask (position ids that restart), but this attention "
+                         "call received neither position_ids nor cu_seq_lens_q/k, so ringlab cannot see the "
+                         "documents: this model does not pass position_ids to its attention; pass the flattening "
+                         "collator's cu_seq_lens_q/k (DataCollatorWithFlattening(return_flash_attn_kwargs=True))")
     if positions is not None and positions.shape[-1] > 1:
         from_positions = _position_documents(positions, batch)
         if documents is not None and documents != from_positions:

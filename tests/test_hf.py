@@ -28,6 +28,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples")
 import hf_llama_ring as example  # noqa: E402  (the worked example; spawned ranks inherit sys.path)
 
 SEGMENTS, RATES = [8, 16, 32], [1, 2, 4]
+
+
+@pytest.fixture(autouse=True)
+def no_packed_mask_from_another_test():
+    """Tests call the attention functions directly, without the model forward that runs the
+    mask hook first: none may inherit another test's packed mask."""
+    ringlab.hf._PACKED_MASK.set(False)
 # kv_heads 4 is plain multi-head attention; 2 is the worked example's grouped-query layout.
 KV_HEADS = [4, 2]
 EXAMPLE_KV_HEADS = 2
@@ -270,6 +277,8 @@ def unhonourable_calls():
                                                                 cu_seq_lens_k=torch.tensor([0, 16, 21, n])), "differ"),
         ("packed, cu_seq_lens against positions", lambda: function(cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                                                                    position_ids=torch.arange(n)[None]), "disagrees"),
+        ("packed mask, no documents reach the attention",
+         lambda: (ringlab_mask(masking_utils.create_causal_mask, packed, {}), function()), "received neither"),
         ("sliding window", lambda: ringlab_mask(sliding, torch.arange(n)[None], dict(sliding_window=8)),
          "other than causal or full"),
         ("sliding window, packed", lambda: ringlab_mask(sliding, packed, dict(sliding_window=8)),
