@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import time
 import traceback
@@ -122,6 +123,12 @@ def correctness_rows(device, n) -> list[dict]:
             cases.append((f"dilated_attention causal={causal}", qkv, dtype,
                           lambda q, k, v, c=causal: ringlab.dilated_attention(q, k, v, segs, rates, causal=c),
                           lambda q, k, v, c=causal: dense_dilated_attention(q, k, v, segs, rates, causal=c)[0]))
+        one, docs = [x[:1] for x in qkv], torch.tensor([0, 3, n // 3, n // 3 + 1, n + 3])  # ragged documents
+        for causal in (False, True):
+            cases.append((f"attention packed causal={causal}", one, dtype,
+                          lambda q, k, v, c=causal: _out_plus_lse(ringlab.attention(
+                              q, k, v, causal=c, cu_seqlens=docs, return_lse=True)),
+                          lambda q, k, v, c=causal: _out_plus_lse(_per_document(q, k, v, docs, c))))
         cases.append(("attention lse used", qkv, dtype,
                       lambda q, k, v: _out_plus_lse(ringlab.attention(q, k, v, causal=True, return_lse=True)),
                       lambda q, k, v: _out_plus_lse(dense_attention(q, k, v, causal=True))))
@@ -151,6 +158,12 @@ def correctness_rows(device, n) -> list[dict]:
                 lambda q, k, v: dense_attention(q, k, v, causal=True)[0], ring_qkv, dtype, device)))
     rows.append(_guard("MultiheadDilatedAttention", lambda: _module_check(device, n, segs, rates)))
     return rows
+
+
+def _per_document(q, k, v, docs, causal):
+    """The float64 reference of each packed document alone, concatenated: (out, lse)."""
+    parts = [dense_attention(q[:, a:b], k[:, a:b], v[:, a:b], causal=causal) for a, b in zip(docs, docs[1:])]
+    return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
 
 
 def _out_plus_lse(result):
@@ -255,6 +268,52 @@ def speed_rows(device, sizes, heads, dim, repeats, scale, peak) -> list[dict]:
                     rows.append(row)
                 del leaves, dout
                 _clear([], device)
+    return rows
+
+
+def packed_rows(device, n, heads, dim, repeats) -> list[dict]:
+    """Packed documents (exponential lengths, mean n/64): ringlab.attention with cu_seqlens (the
+    native varlen call where it serves) against the same call on per-document cuDNN blocks and
+    against one SDPA call per document; bf16, fwd and fwd+bwd. The varlen kernel has no CPU
+    version: the dry run times the per-document blocks twice."""
+    from ringlab.planning.planner import document_lengths
+
+    lengths = document_lengths(f"exp:{n // 64}", n, multiple=8)
+    bounds = [0, *itertools.accumulate(lengths)]
+    docs = torch.tensor(bounds)
+
+    def per_document_sdpa(q, k, v, causal):
+        return torch.cat([F.scaled_dot_product_attention(*(x[:, a:b].transpose(1, 2) for x in (q, k, v)),
+                                                         is_causal=causal).transpose(1, 2)
+                          for a, b in zip(bounds, bounds[1:])], 1)
+
+    def blocks(backend):
+        def call(q, k, v, causal):
+            with kernels.use_backend(backend):
+                return ringlab.attention(q, k, v, causal=causal, cu_seqlens=docs)
+        return call
+
+    calls = {"attention packed (auto)": lambda q, k, v, c: ringlab.attention(q, k, v, causal=c, cu_seqlens=docs),
+             "attention packed (per-document blocks)": blocks("cuda_cudnn" if device == "cuda" else "cpu_flash"),
+             "SDPA per document": per_document_sdpa}
+    rows = []
+    for causal in (False, True):
+        for backward in (False, True):
+            leaves = [torch.randn(1, n, heads, dim, device=device, dtype=torch.bfloat16).requires_grad_(backward)
+                      for _ in range(3)]
+            dout = torch.randn_like(leaves[0]) if backward else None
+            runs, used = {name: _step(fn, leaves, causal, dout) for name, fn in calls.items()}, {}
+            with torch.enable_grad() if backward else torch.no_grad():
+                for name, run in runs.items():
+                    with kernels.record_backends() as used[name]:
+                        run()
+                times = side_by_side(runs, repeats=repeats, warmup=0, device=device)
+            per_doc = min(times["SDPA per document"])
+            for name in calls:
+                rows.append(dict(N=n, documents=len(lengths), causal=causal, mode="fwd+bwd" if backward else "fwd",
+                                 call=name, ms=min(times[name]) * 1e3, vs_sdpa_per_document=min(times[name]) / per_doc,
+                                 backend=_served(used[name]) if used[name] else "torch"))
+            _clear(leaves, device)
     return rows
 
 
@@ -421,7 +480,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--dry-run", action="store_true", help="run every step on CPU at toy sizes")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_check.{json,md} (default $OUT)")
     parser.add_argument("--notebook-budget", type=float, default=240, help="seconds for the notebooks step")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["correctness", "speed", "profile", "chunks", "capacity", "notebooks"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["correctness", "speed", "packed", "profile", "chunks", "capacity",
+                                                            "notebooks"],
                         help="steps to leave out")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
@@ -437,6 +497,9 @@ def main(argv=None) -> dict:
         speed = [] if "speed" in args.skip else _timed("speed", lambda: speed_rows(
             device, size["speed"], size["heads"], size["dim"], size["repeats"], size["scale"], peak), log)
         print(markdown_table(speed, SPEED_COLUMNS), flush=True)
+        packed = [] if "packed" in args.skip else _timed("packed", lambda: packed_rows(
+            device, min(size["speed"]), size["heads"], size["dim"], size["repeats"]), log)
+        print(markdown_table(packed, PACKED_COLUMNS), flush=True)
         profiled = [] if "profile" in args.skip else _timed("profile", lambda: profile_rows(
             device, min(size["speed"]), size["heads"], size["dim"], size["scale"]), log)
         print(markdown_table(profiled, PROFILE_COLUMNS), flush=True)
@@ -461,6 +524,9 @@ def main(argv=None) -> dict:
                               "Contestants timed interleaved; best of the repeats. Targets: attention <= 1.05x "
                               "the fastest SDPA; ring P=8 <= 1.10x attention at 128K, 1.25x at 32K; dilated "
                               ">= 0.6x the TFLOP/s of the fastest dense backend."),
+                section("packed documents: one cu_seqlens call vs per-document calls", packed, PACKED_COLUMNS,
+                        notes="Documents of exponential lengths (mean N/64). (auto): the native varlen call on "
+                              "CUDA; (per-document blocks): the same call with one cuDNN block per document."),
                 section("profile: causal, the largest self times", profiled, PROFILE_COLUMNS,
                         notes="(all): the sum over every kernel (CPU: op) and its share of the wall time; "
                               "a share well under 1 means the device waits for the host."),
@@ -477,6 +543,7 @@ def main(argv=None) -> dict:
 
 SPEED_COLUMNS = ["N", "causal", "mode", "call", "ms", "host_ms", "vs_best_sdpa", "TFLOPs", "of_matmul_peak",
                  "peak_GiB", "model_over_measured", "backend", "error"]
+PACKED_COLUMNS = ["N", "documents", "causal", "mode", "call", "ms", "vs_sdpa_per_document", "backend"]
 PROFILE_COLUMNS = ["call", "mode", "N", "kernel", "calls", "ms", "of_wall", "wall_ms"]
 
 

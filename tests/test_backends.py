@@ -38,6 +38,12 @@ SCHEMAS = {
          "dropout_p", "is_causal", "philox_seed", "philox_offset"], ["scale"], 3),
     "_scaled_dot_product_efficient_attention": (
         ["query", "key", "value", "attn_bias", "compute_log_sumexp", "dropout_p", "is_causal"], ["scale"], 2),
+    "_flash_attention_forward": (
+        ["query", "key", "value", "cum_seq_q", "cum_seq_k", "max_q", "max_k", "dropout_p", "is_causal",
+         "return_debug_mask"], ["scale"], 2),
+    "_flash_attention_backward": (
+        ["grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
+         "dropout_p", "is_causal", "rng_state", "unused"], ["scale"], 3),
     "_scaled_dot_product_efficient_attention_backward": (
         ["grad_out_", "query", "key", "value", "attn_bias", "out", "logsumexp", "philox_seed", "philox_offset",
          "dropout_p", "grad_input_mask", "is_causal"], ["scale"], 3),
@@ -52,7 +58,7 @@ def _fresh_backends(monkeypatch):
 
 
 def test_every_private_op_has_the_schema_ringlab_calls():
-    used = {op for b in kernels.BACKENDS.values() for op in b.ops}
+    used = {op for b in kernels.BACKENDS.values() for op in b.ops} | set(kernels.VARLEN_OPS)
     assert used == set(SCHEMAS)
     for op, (positional, keywords, outputs) in SCHEMAS.items():
         schema = getattr(torch.ops.aten, op).default._schema

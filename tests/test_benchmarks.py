@@ -13,7 +13,7 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_json(tmp_path):
     summary = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
     assert summary["correctness_ok"], summary["failed_checks"]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
-    correctness, speed, profiled, chunks, capacity, notebooks, _ = data["sections"]
+    correctness, speed, packed, profiled, chunks, capacity, notebooks, _ = data["sections"]
     checked = {r["check"].split()[0].rstrip(",") for r in correctness["rows"]}
     assert checked == {"attention", "dilated_attention", "ring_attention", "ring_dilated_attention", "dilated",
                        "ring", "MultiheadDilatedAttention"}
@@ -21,6 +21,9 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_json(tmp_path):
     assert all("error" not in r and r["ms"] > 0 and r["TFLOPs"] > 0 for r in speed["rows"])
     assert {r["call"] for r in speed["rows"]} == {"SDPA flash", "attention", "ring P=8 (simulated)",
                                                    "dilated (LongNet)"}
+    assert {r["call"] for r in packed["rows"]} == {"attention packed (auto)", "attention packed (per-document blocks)",
+                                                    "SDPA per document"}
+    assert all(r["ms"] > 0 and r["documents"] > 4 for r in packed["rows"])
     assert {r["call"] for r in chunks["rows"]} == {"ring P=8 (simulated)", "dilated (LongNet)"}
     busy = {r["call"]: r for r in profiled["rows"] if r["kernel"] == "(all)"}
     assert set(busy) == {"ring P=8 (simulated)", "dilated (LongNet)"}

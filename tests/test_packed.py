@@ -3,6 +3,7 @@ too) against the float64 reference of each document alone, the tiles a ring skip
 of the layouts, and the errors of a wrong cu_seqlens."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -385,3 +386,112 @@ def test_grouped_query_attention(dilated):
     rgrads = torch.autograd.grad(rout.square().sum() + rlse.sum(), rleaves)
     for i, (got, want) in enumerate(zip((out, lse, *grads), (rout, rlse, *rgrads))):
         assert_close(got, want, torch.float64, grad=i >= 2)
+
+
+# ---------------------------------------------------------------- the native varlen kernel
+def _scores(query, key, a, b, scale, causal):
+    """Scores (H, L, L) of document [a, b) in float64, each query head reading its K/V head;
+    hidden keys -inf (bottom-right causal, which is top-left for equal lengths)."""
+    group = query.shape[1] // key.shape[1]
+    q, k = query[a:b].double(), key[a:b].double().repeat_interleave(group, 1)
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if causal:
+        s = s.masked_fill(~torch.ones(b - a, b - a, dtype=torch.bool).tril(), -math.inf)
+    return s
+
+
+@pytest.fixture
+def cpu_varlen_op(monkeypatch):
+    """torch's CUDA varlen flash ops as documented (packed (T, H, D) inputs, lse (H, T)), in
+    float64 on CPU, with ringlab's varlen path allowed on CPU: checks what ringlab passes to
+    the ops and reads from them, here, where no GPU runs the real ones."""
+    from ringlab.engine import kernels
+
+    calls = []
+
+    def forward(query, key, value, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *,
+                scale=None, **_):
+        assert cu_q.dtype == cu_k.dtype == torch.int32 and torch.equal(cu_q, cu_k) and dropout_p == 0.0
+        docs = cu_q.tolist()
+        assert max_q == max_k == max(b - a for a, b in zip(docs, docs[1:]))
+        out, lse = torch.empty_like(query), torch.empty(query.shape[1], query.shape[0])
+        for a, b in zip(docs, docs[1:]):
+            s = _scores(query, key, a, b, scale, is_causal)
+            lse[:, a:b] = s.logsumexp(-1).float()
+            v = value[a:b].double().repeat_interleave(query.shape[1] // value.shape[1], 1)
+            out[a:b] = torch.einsum("hqk,khd->qhd", s.softmax(-1), v).to(query.dtype)
+        calls.append("forward")
+        return out, lse, torch.zeros(2, dtype=torch.uint64), torch.zeros((), dtype=torch.uint64), query.new_empty(0)
+
+    def backward(grad_out, query, key, value, out, logsumexp, cu_q, cu_k, max_q, max_k, dropout_p, is_causal,
+                 rng_state, unused, *, scale=None, **_):
+        group = query.shape[1] // key.shape[1]
+        dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float64) for x in (query, key, value))
+        for a, b in zip(cu_q.tolist(), cu_q.tolist()[1:]):
+            p = (_scores(query, key, a, b, scale, is_causal) - logsumexp[:, a:b, None].double()).exp()
+            do, o = grad_out[a:b].double(), out[a:b].double()
+            v, k = (x[a:b].double().repeat_interleave(group, 1) for x in (value, key))
+            ds = p * (torch.einsum("qhd,khd->hqk", do, v) - (do * o).sum(-1).T[:, :, None])
+            dq[a:b] = torch.einsum("hqk,khd->qhd", ds, k) * scale
+            dk[a:b] = (torch.einsum("hqk,qhd->khd", ds, query[a:b].double()) * scale).unflatten(1, (-1, group)).sum(2)
+            dv[a:b] = torch.einsum("hqk,qhd->khd", p, do).unflatten(1, (-1, group)).sum(2)
+        calls.append("backward")
+        return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
+
+    lib = torch.library.Library("aten", "IMPL")
+    lib.impl("_flash_attention_forward", forward, "CPU")
+    lib.impl("_flash_attention_backward", backward, "CPU")
+    monkeypatch.setattr(kernels, "VARLEN_DEVICES", ("cpu",))
+    yield calls
+    lib._destroy()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_native_varlen_kernel(cpu_varlen_op, dtype, causal, kv_heads):
+    """Where a varlen kernel serves packed documents, attention makes one call for all of them
+    (forward and backward, lse folded in) and equals each document alone."""
+    from ringlab.engine import kernels
+
+    cu = torch.tensor(DOCS)
+    q, = rand_qkv(1, 40, 4, 16, seed=11, count=1)
+    k, v = rand_qkv(1, 40, kv_heads, 16, seed=12, count=2)
+    rep = 4 // kv_heads
+    ref = per_document(lambda a, b, c: dense(causal)(a, b.repeat_interleave(rep, 2), c.repeat_interleave(rep, 2)),
+                       DOCS)
+    with kernels.record_backends() as used:
+        check_against(lambda *x: ringlab.attention(*x, causal=causal, cu_seqlens=cu, return_lse=True), ref,
+                      [q, k, v], dtype, use_lse=True)
+    assert cpu_varlen_op == ["forward", "backward"]
+    assert used == {"forward/cuda_flash_varlen": 1, "backward/cuda_flash_varlen": 1}
+
+
+def test_native_varlen_kernel_only_where_flash_serves(cpu_varlen_op):
+    """float32 (flash takes half precision only) and a forced block backend keep the
+    per-document blocks."""
+    from ringlab.engine import kernels
+
+    q, k, v = rand_qkv(1, 40, 2, 16, seed=13)
+    cu = torch.tensor(DOCS)
+    ringlab.attention(q.float(), k.float(), v.float(), causal=True, cu_seqlens=cu)
+    with kernels.use_backend("math"):
+        ringlab.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True, cu_seqlens=cu)
+    assert cpu_varlen_op == []
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_native_varlen_kernel_on_meta(kv_heads):
+    """torch's own meta kernels of the varlen ops (the shapes the CUDA ops return) through
+    attention's packed path, forward and backward with the lse used."""
+    from ringlab.engine import kernels
+
+    q = torch.empty(1, 40, 4, 64, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    k, v = (torch.empty(1, 40, kv_heads, 64, dtype=torch.bfloat16, device="meta", requires_grad=True)
+            for _ in range(2))
+    with kernels.record_backends() as used:
+        out, lse = ringlab.attention(q, k, v, causal=True, cu_seqlens=torch.tensor(DOCS), return_lse=True)
+        (out.sum() + lse.sum()).backward()
+    assert used == {"forward/cuda_flash_varlen": 1, "backward/cuda_flash_varlen": 1}
+    assert out.shape == q.shape and lse.shape == (1, 4, 40) and lse.dtype == torch.float32
+    assert (q.grad.shape, k.grad.shape, v.grad.shape) == (q.shape, k.shape, v.shape)

@@ -131,6 +131,16 @@ MUTANTS = (
            "config.ring.layout, config.ring.documents, ulysses_group",
            "config.ring.layout, (), ulysses_group",
            "tests/test_packed.py", "simulated_mesh"),
+    # The native varlen call: its backward must fold in the gradient that reaches lse, and the
+    # dilated planner's closed form must count a causal segment's rows from their offset.
+    Mutant("packed-varlen-backward-drops-dlse", "ringlab/engine/kernels.py",
+           "    if dlse is not None:\n        dout, q, k, v, out = _dlse_folded",
+           "    if False:\n        dout, q, k, v, out = _dlse_folded",
+           "tests/test_packed.py", "native_varlen_kernel"),
+    Mutant("packed-dilated-work-causal-off-by-one", "ringlab/engine/dilation.py",
+           "return (t0 + t1 + 2) * (t1 - t0 + 1) // 2",
+           "return (t0 + t1 + 1) * (t1 - t0 + 1) // 2",
+           "tests/test_packed.py", "dilated_compute_per_rank"),
 )
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from .autograd import exact_attention
 from .checks import check_causal, check_cu_seqlens, check_qkv, resolve_scale
 from .dilated import new_grads
-from .kernels import block_attention, block_attention_backward
+from .kernels import (block_attention, block_attention_backward, varlen_applies, varlen_attention,
+                      varlen_attention_backward)
 from .merge import new_accumulators
 
 
@@ -27,8 +28,9 @@ class _Dense:
 
 @dataclass(frozen=True)
 class _Documents:
-    """Attention inside each packed document (boundaries ``documents``): one block per
-    document, so the work is the documents' own, with no (N, N) mask."""
+    """Attention inside each packed document (boundaries ``documents``): one native varlen
+    call where the device has one (:func:`ringlab.engine.kernels.varlen_applies`), else one
+    block per document; either way the work is the documents' own, with no (N, N) mask."""
     documents: tuple[int, ...]
     causal: bool
     scale: float
@@ -37,6 +39,8 @@ class _Documents:
         return [slice(a, b) for a, b in zip(self.documents, self.documents[1:])]
 
     def forward(self, q, k, v, heads, into):
+        if varlen_applies(q, k, self.causal):
+            return varlen_attention(q, k, v, self.documents, causal=self.causal, scale=self.scale)
         out, lse = new_accumulators(q, into)
         for d in self.spans():
             out[:, d], lse[:, :, d] = block_attention(q[:, d], k[:, d], v[:, d], causal=self.causal,
@@ -44,6 +48,9 @@ class _Documents:
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, dlse, heads, into):
+        if varlen_applies(q, k, self.causal):
+            return varlen_attention_backward(dout, q, k, v, out, lse, self.documents, causal=self.causal,
+                                             scale=self.scale, dlse=dlse)
         grads = new_grads(q, k, v, into)
         for d in self.spans():
             part = block_attention_backward(dout[:, d], q[:, d], k[:, d], v[:, d], out[:, d], lse[:, :, d],

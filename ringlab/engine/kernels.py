@@ -391,18 +391,68 @@ def _backward_with_dlse(dout, q, k, v, out, lse, dlse, causal, scale):
     unchanged and turns D into D - dlse. CUDA kernels want head_dim % 8 == 0, so pad by 8;
     the backend is then chosen for the wider head dim.
     """
-    pad = 8 if q.device.type in ("cuda", "meta") else 1
     d = q.shape[-1]
+    folded = _dlse_folded(dout, q, k, v, out, dlse, pad=8 if q.device.type in ("cuda", "meta") else 1)
+    dq, dk, dv = block_attention_backward(*folded, lse, causal=causal, scale=scale)
+    return dq[..., :d], dk[..., :d], dv[..., :d]
 
+
+def _dlse_folded(dout, q, k, v, out, dlse, pad: int):
+    """(dout, q, k, v, out) widened by ``pad`` head-dim columns that fold dlse into D (see
+    :func:`_backward_with_dlse`)."""
     def widen(x, last):
         extra = x.new_zeros(*x.shape[:-1], pad)
         extra[..., 0] = last
         return torch.cat([x, extra], dim=-1)
 
     row_dlse = dlse.transpose(1, 2).to(dout.dtype)  # (B, Sq, H)
-    dq, dk, dv = block_attention_backward(widen(dout, -row_dlse), widen(q, 0), widen(k, 0), widen(v, 0),
-                                          widen(out, 1), lse, causal=causal, scale=scale)
-    return dq[..., :d], dk[..., :d], dv[..., :d]
+    return widen(dout, -row_dlse), widen(q, 0), widen(k, 0), widen(v, 0), widen(out, 1)
+# ---------------------------------------------------------------- packed documents: one varlen call
+# torch's CUDA flash op takes packed documents natively (cumulative lengths); "meta" is the dry run.
+VARLEN_OPS = ("_flash_attention_forward", "_flash_attention_backward")
+VARLEN_DEVICES = ("cuda", "meta")
+
+
+def varlen_applies(q, k, causal: bool) -> bool:
+    """Whether the packed documents of q (1, N, H, D), k, v (1, N, H_kv, D) go to one native
+    varlen call: on a device that has one, where the CUDA flash op may serve these inputs
+    ("auto" or "cuda_flash" forced, not set aside, dtype and head dim it takes)."""
+    return (q.device.type in VARLEN_DEVICES and _forced in ("auto", "cuda_flash")
+            and _key("cuda_flash", q) not in _set_aside and _flash_applies(q, k, causal) and _has_ops(VARLEN_OPS))
+
+
+def _cumulative(documents: tuple[int, ...], device):
+    """(cu_seqlens as int32 on ``device``, the longest document) for the varlen op."""
+    return torch.tensor(documents, dtype=torch.int32, device=device), max(b - a for a, b in zip(documents, documents[1:]))
+
+
+def varlen_attention(q, k, v, documents: tuple[int, ...], *, causal: bool, scale: float):
+    """(out (1, N, H, D), lse (1, H, N)) of every packed document (boundaries ``documents``)
+    attending within itself, in one call (see :func:`varlen_applies`). Documents have equal
+    query and key lengths, so the op's bottom-right causal mask is the top-left one."""
+    cu, longest = _cumulative(documents, q.device)
+    res = torch.ops.aten._flash_attention_forward(*(_kernel_layout(x)[0] for x in (q, k, v)), cu, cu, longest,
+                                                  longest, 0.0, causal, False, scale=scale)
+    _count("forward", "cuda_flash_varlen")
+    return res[0][None], res[1][None]  # the op's lse is (H, N) for packed input
+
+
+def varlen_attention_backward(dout, q, k, v, out, lse, documents: tuple[int, ...], *, causal: bool, scale: float,
+                              dlse=None):
+    """(dq, dk, dv) of :func:`varlen_attention`, given its out and lse; ``dlse`` folded in as
+    in :func:`block_attention_backward`."""
+    d = q.shape[-1]
+    if dlse is not None:
+        dout, q, k, v, out = _dlse_folded(dout, q, k, v, out, dlse, pad=8)
+    cu, longest = _cumulative(documents, q.device)
+    rng, unused = _unused_rng_state((2,), torch.uint64, q.device), _unused_rng_state((), torch.uint64, q.device)
+    grads = torch.ops.aten._flash_attention_backward(
+        dout[0].contiguous(), *(_kernel_layout(x)[0] for x in (q, k, v, out)), lse[0].contiguous(), cu, cu, longest,
+        longest, 0.0, causal, rng, unused, scale=scale)
+    _count("backward", "cuda_flash_varlen")
+    return tuple(g[None, ..., :d] for g in grads)
+
+
 # ---------------------------------------------------------------- math path
 def _visible(sq_rows: range, sk: int, causal: bool, mask, device):
     """Boolean (.., rows, Sk) visibility for a chunk of query rows, or None for all-visible."""
