@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--documents", default=None,
                    help="packed documents: comma-separated lengths adding up to --tokens, or exp:MEAN "
                         "(exponentially distributed lengths); with --segments each document has its own "
-                        "segments (not with --strategy); reports the compute of every rank")
+                        "segments; reports the compute of every rank")
     p.set_defaults(run=_plan)
 
     s = sub.add_parser("sweep", help="execute a notebook over a parameter grid with papermill")

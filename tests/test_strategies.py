@@ -143,10 +143,33 @@ def test_documents_move_best_through_compute_only():
         assert compare(n, documents=[n], **kw).plans[name].compute_s == pytest.approx(a.compute_s, rel=1e-12, abs=0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_dilated_packed_compute_is_the_busiest_head_group(causal):
+    """Dilated and packed on a 2 x 2 hybrid, 4 Ulysses ranks and a 4-rank ring: a GPU computes
+    its ring rank's rows for its head group's offsets ("grouped": the groups differ), counted
+    here from the reference masks of each document; the busiest GPU sets the time."""
+    from ringlab.reference import branch_mask
+
+    n, heads, lengths, segs, rates = 1024, 8, [600, 8, 200, 216], (64, 256), (1, 4)
+    kw = dict(heads=heads, kv_heads=4, head_dim=64, gpus=4, gpus_per_node=2, layout="zigzag", causal=causal,
+              segments=segs, rates=rates, head_offsets="grouped", fewest=False)
+    report = compare(n, documents=lengths, **kw)
+    cu = [0, *itertools.accumulate(lengths)]
+    per_row = torch.cat([sum(branch_mask(b - a, heads, w, r, head_offsets="grouped", causal=causal).sum(2)
+                             for w, r in zip(segs, rates)) for a, b in zip(cu, cu[1:])], 1)  # (H, N)
+    for name, sp in report.plans.items():
+        u, r, size = sp.ulysses, sp.ring, heads // sp.ulysses
+        rows = [shard_positions(n, rank, r, "zigzag") for rank in range(r)]
+        groups = [[int(per_row[i * size:(i + 1) * size, pos].sum()) for pos in rows] for i in range(u)]
+        busiest = max(groups, key=max)
+        assert sp.packed["pairs_per_rank"] == busiest, name
+        assert sp.compute_s == pytest.approx(max(busiest) * 4 * 64 * 3.5 / devices()["h100"].flops("bfloat16"),
+                                             rel=1e-12, abs=0), name
+    assert len({tuple(sp.packed["pairs_per_rank"]) for sp in report.plans.values()}) == 3
+
+
 def test_packed_strategy_errors_and_cli(capsys):
     kw = dict(heads=16, kv_heads=8, head_dim=64, gpus=8, fewest=False)
-    with pytest.raises(ValueError, match="packed documents for dense attention only"):
-        compare(4096, segments=(1024,), rates=(1,), documents=[4096], **kw)
     with pytest.raises(ValueError, match="add up to 4,000 tokens, not the 4,096"):
         compare(4096, documents=[4000], **kw)
     # doc_zigzag cuts every document into 2R chunks: 8 tokens do not split over the ring's 8 ranks.
@@ -156,6 +179,5 @@ def test_packed_strategy_errors_and_cli(capsys):
     args = ["plan", "--tokens", "4K", "--heads", "16", "--kv-heads", "8", "--head-dim", "64", "--gpus", "8"]
     assert main([*args, "--strategy", "best", "--documents", "exp:512"]) == 0
     assert "packed documents" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main([*args, "--strategy", "best", "--documents", "4096", "--segments", "1024", "--rates", "1"])
-    assert "dense attention only" in capsys.readouterr().err
+    assert main([*args, "--strategy", "best", "--documents", "exp:512", "--segments", "1024", "--rates", "1"]) == 0
+    assert "packed documents" in capsys.readouterr().out

@@ -357,14 +357,16 @@ def score_pairs(seq_len: int, num_heads: int, segment_lengths, dilation_rates, *
     return sum(blk.pairs(num_heads) for blk in blocks)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # packed documents repeat lengths, and so ranges
 def row_pairs(lo: int, hi: int, length: int, num_heads: int, segment_lengths: tuple, dilation_rates: tuple,
-              head_offsets: str = "interleaved", causal: bool = False) -> int:
+              head_offsets: str = "interleaved", causal: bool = False, heads: tuple[int, int] | None = None) -> int:
     """Score pairs the queries at positions lo <= p < hi of a ``length``-token sequence (one
-    document) compute, summed over heads and branches: :func:`score_pairs` of a range of rows,
-    in O(branches x offsets) whatever the length (the planner counts billion-token runs)."""
-    return sum(head_count(heads) * _branch_rows(lo, hi, length, w, r, o, causal)
+    document) compute, summed over heads (those h0 <= h < h1 of ``heads``, default all) and
+    branches: :func:`score_pairs` of a range of rows, in O(branches x offsets) whatever the
+    length (the planner counts billion-token runs)."""
+    return sum(head_count(group) * _branch_rows(lo, hi, length, w, r, o, causal)
                for w, r in zip(segment_lengths, dilation_rates)
-               for o, heads in offset_groups(num_heads, r, head_offsets))
+               for o, group in offset_groups(num_heads, r, head_offsets, heads))
 
 
 def _branch_rows(lo: int, hi: int, length: int, w: int, r: int, o: int, causal: bool) -> int:
@@ -391,18 +393,20 @@ def _segment_rows(x0: int, x1: int, size: int, r: int, o: int, causal: bool) -> 
     return (t1 - t0 + 1) * ((size - 1 - o) // r + 1)
 
 
-def dilated_work_per_rank(layout: str, world_size: int, cu_seqlens, num_heads: int, segment_lengths, dilation_rates, *,
-                  head_offsets: str = "interleaved", causal: bool = False) -> list[int]:
-    """Score pairs each rank's queries compute in ring-dilated attention (summed over heads and
-    branches) when the packed documents ``cu_seqlens`` are separate sequences, each with its
-    own segments; the dilated counterpart of :func:`ringlab.engine.layout.work_per_rank`."""
+def dilated_work_per_rank(layout: str, world_size: int, cu_seqlens, num_heads: int, segment_lengths,
+                          dilation_rates, *, head_offsets: str = "interleaved", causal: bool = False,
+                          heads: tuple[int, int] | None = None) -> list[int]:
+    """Score pairs each rank's queries compute in ring-dilated attention (summed over heads,
+    those of ``heads`` = (h0, h1) or all, and branches) when the packed documents
+    ``cu_seqlens`` are separate sequences, each with its own segments; the dilated counterpart
+    of :func:`ringlab.engine.layout.work_per_rank`."""
     docs = check_cu_seqlens(torch.as_tensor(cu_seqlens), None, None)
     lay = get(layout)
     lay.check_split(docs[-1], world_size, documents=docs)
-    branches = (num_heads, tuple(segment_lengths), tuple(dilation_rates), head_offsets, causal)
+    branches = (num_heads, tuple(segment_lengths), tuple(dilation_rates), head_offsets, causal, heads)
     if lay.splits_documents and len(docs) > 2:
-        return summed_by_length(docs, lambda n: dilated_work_per_rank(layout, world_size, [0, n], *branches[:3],
-                                                                      head_offsets=head_offsets, causal=causal))
+        return summed_by_length(docs, lambda n: dilated_work_per_rank(
+            layout, world_size, [0, n], *branches[:3], head_offsets=head_offsets, causal=causal, heads=heads))
     work = []
     for rank in range(world_size):
         total = 0

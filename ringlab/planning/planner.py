@@ -220,7 +220,8 @@ def _overlap(pb: Problem, dev: Device) -> dict:
     row = pb.batch * pb.heads * pb.head_dim
     kv = pb.kv_heads / pb.heads  # exactly 1.0 without grouped-query attention
     tile = 0.5 if pb.causal else 1.0  # balanced causal layouts compute half a tile per step
-    rates = [1] if not pb.segments else [r for w, r in zip(pb.segments, pb.rates) if w > n or n % w]
+    piece = n // LAYOUTS[pb.layout].unit  # a segment crosses ranks unless it fits the pieces evenly
+    rates = [1] if not pb.segments else [r for w, r in zip(pb.segments, pb.rates) if w > piece or piece % w]
     links = {"NVLink (in node)": dev.nvlink_gb_s * 1e9}
     if pb.world_size > dev.gpus_per_node:
         links["InfiniBand (nodes)"] = dev.ib_gb_s * 1e9
@@ -325,18 +326,19 @@ def document_lengths(spec, tokens: int, multiple: int = 1, seed: int = 0) -> lis
     return lengths
 
 
-def _packed_compute(pb: Problem, documents, per_pair: float) -> dict:
-    """Score pairs (over all heads) and FLOPs of every rank when packed documents are separate
-    sequences: dense attention within each document, or its own dilated segments. ``per_pair``:
-    the FLOPs of one pair (:func:`flops_per_pair`)."""
+def _packed_compute(pb: Problem, documents, per_pair: float, heads: tuple[int, int] | None = None) -> dict:
+    """Score pairs (over the heads h0 <= h < h1 of ``heads``, default all) and FLOPs of every
+    rank when packed documents are separate sequences: dense attention within each document,
+    or its own dilated segments. ``per_pair``: the FLOPs of one pair (:func:`flops_per_pair`)."""
     multiple = LAYOUTS[pb.layout].document_unit(pb.world_size)
     lengths = document_lengths(documents, pb.seq_len, multiple)
     cu = [0, *itertools.accumulate(lengths)]
+    h0, h1 = heads or (0, pb.heads)
     if pb.segments:
         pairs = dilated_work_per_rank(pb.layout, pb.world_size, cu, pb.heads, pb.segments, pb.rates,
-                                      head_offsets=pb.head_offsets, causal=pb.causal)
+                                      head_offsets=pb.head_offsets, causal=pb.causal, heads=heads)
     else:
-        pairs = [pb.heads * x for x in work_per_rank(pb.layout, pb.world_size, cu, pb.causal)]
+        pairs = [(h1 - h0) * x for x in work_per_rank(pb.layout, pb.world_size, cu, pb.causal)]
     return dict(documents=lengths, pairs_per_rank=pairs, flops_per_rank=[per_pair * x for x in pairs],
                 imbalance=max_over_mean(pairs))
 

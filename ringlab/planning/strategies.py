@@ -11,8 +11,9 @@ compute, and the fewest GPUs that fit N tokens. ``best`` is the strategy that fi
 least time, compute plus the transfer time that does not hide. Link and device numbers come
 from the editable profiles (``devices.json``).
 
-With packed documents (dense attention) a GPU's compute is that of the busiest ring rank: its
-score pairs (``layout.work_per_rank`` over the R ring ranks) for H/U heads. Ulysses alone is
+With packed documents a GPU's compute is that of the busiest rank: its ring rank's score
+pairs (``layout.work_per_rank``, or ``dilation.dilated_work_per_rank``, over the R ring ranks)
+for the H/U heads it holds. Ulysses alone is
 balanced whatever the documents; a ring is as balanced as its layout keeps them. Memory and
 bytes do not change (no mask is formed), so documents move ``best`` through compute only.
 
@@ -154,8 +155,11 @@ def _plan_one(pb: Problem, dev: Device, strategy: str, gpus: int, per_node: int,
     small, packed = mesh_problem(pb, u, r), {}
     if documents is None:  # dilated or dense: every GPU computes 1/G of the pairs
         flops = flops_per_pair(pb, backward) * pb.heads * _pairs_per_rank(replace(pb, world_size=1)) / gpus
-    else:  # the busiest ring rank's pairs, each for the H/U heads it holds after the all-to-all
-        packed = _packed_compute(small, documents, flops_per_pair(small, backward))
+    else:  # the busiest rank's pairs: its ring rank's rows for the H/U heads it holds after the
+        # all-to-all (dilated: each head group has its own offsets, so each is counted)
+        size, ring_pb = pb.heads // u, replace(pb, world_size=r)
+        packed = max((_packed_compute(ring_pb, documents, flops_per_pair(pb, backward), heads=(i * size, i * size + size))
+                      for i in range(u if pb.segments else 1)), key=lambda x: max(x["pairs_per_rank"]))
         del packed["documents"]  # the report holds them once
         flops = max(packed["flops_per_rank"])
     compute = flops / dev.flops(pb.dtype)
@@ -169,9 +173,11 @@ def _plan_one(pb: Problem, dev: Device, strategy: str, gpus: int, per_node: int,
     if r > 1:
         # Ring hops: one step's compute against one hop, on the slowest link a ring step uses.
         step = _overlap(small, replace(dev, gpus_per_node=max(1, per_node // u)))
-        link, o = (IB, step["InfiniBand (nodes)"]) if u * r > per_node else (NVLINK, step["NVLink (in node)"])
+        link, o = (IB, step.get("InfiniBand (nodes)")) if u * r > per_node else (NVLINK, step.get("NVLink (in node)"))
         hops = 2 * r - 1 if backward else r - 1  # forward hops, then the backward's
         bandwidth = (dev.ib_gb_s if link == IB else dev.nvlink_gb_s) * 1e9
+        if o is None:  # dilated, every segment inside a rank's pieces: no hop to hide
+            o = dict(compute_s=0.0, transfer_s=0.0, hides=True)
         transfers.append(dict(name="ring hops", bytes=nbytes["ring"], link=link, seconds=nbytes["ring"] / bandwidth,
                               hides=o["hides"], why=f"a step's compute {o['compute_s'] * 1e3:.3f} ms vs its hop "
                               f"{o['transfer_s'] * 1e3:.3f} ms"))
@@ -263,8 +269,8 @@ def compare(tokens, *, heads: int, head_dim: int, gpus: int, kv_heads: int | Non
     best (see the module doc): dense, or dilated with ``segments`` and ``rates`` (the ring
     dimension then runs ring-dilated attention, and needs a layout with whole pieces).
     ``gpus_per_node`` defaults to the device profile's. ``fewest=False`` skips the search for
-    each strategy's fewest GPUs (a map of many cells). ``documents``: packed documents (dense
-    only), lengths or "exp:MEAN" as :func:`ringlab.planning.planner.document_lengths` takes
+    each strategy's fewest GPUs (a map of many cells). ``documents``: packed documents, lengths
+    or "exp:MEAN" as :func:`ringlab.planning.planner.document_lengths` takes
     them; every strategy plans the same lengths."""
     tokens = parse_tokens(tokens)
     if segments or rates:
@@ -285,9 +291,6 @@ def compare(tokens, *, heads: int, head_dim: int, gpus: int, kv_heads: int | Non
         if s not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {s!r}")
     if documents is not None:
-        if segments:
-            raise ValueError("the strategy planner counts packed documents for dense attention only: drop "
-                             "documents, or segments and rates")
         # One draw in multiples of what the longest ring (R = G) needs, which every shorter ring accepts.
         documents = document_lengths(documents, tokens, get(layout).document_unit(gpus))
     pb = Problem(seq_len=tokens, heads=heads, head_dim=head_dim, batch=batch, dtype=dtype, world_size=gpus,
