@@ -150,6 +150,16 @@ def test_out_of_memory_propagates_with_what_the_call_needed(monkeypatch, pass_):
     assert set(used) == {"forward/cpu_flash", "backward/cpu_flash"}
 
 
+def test_out_of_memory_in_a_mesh_says_what_the_estimate_covers(monkeypatch):
+    monkeypatch.setitem(kernels.BACKENDS, "cpu_flash",
+                        _broken("cpu_flash", torch.OutOfMemoryError("CPU out of memory"), times=1, pass_="forward"))
+    q, k, v = (x.float() for x in rand_qkv(1, 64, 4, 16))
+    with pytest.raises(torch.OutOfMemoryError, match=r"(?s)a 2 x 2 Ulysses x ring mesh \(estimate: its ring on 2 "
+                                                     r"heads, all-to-all buffers not counted\) forward on q "
+                                                     r"\(1, 64, 4, 16\).*memory model estimates .* GiB"):
+        ringlab.ulysses_attention(q, k, v, ulysses_size=2, ring_size=2)
+
+
 def _strided(x, how):
     """x (B, N, H, D) as a tensor of the same values with odd strides."""
     if how == "head_dim stride 2":

@@ -157,9 +157,11 @@ class _explained_oom:
 
     def describe(self) -> str:
         q, (mode, fields) = self.q, self.model
+        fields = dict(fields)
+        call = fields.pop("call", mode)  # what the call is, when the model's mode is only part of it
         b, n, h, d = q.shape
         dtype = str(q.dtype).removeprefix("torch.")
-        text = (f"{mode} {'forward+backward' if self.backward else 'forward'} on q {tuple(q.shape)} "
+        text = (f"{call} {'forward+backward' if self.backward else 'forward'} on q {tuple(q.shape)} "
                 f"(batch {b}, N {n}, heads {h}, head_dim {d}, {dtype}) ran out of memory on {q.device}")
         if memory_estimate is not None:
             try:

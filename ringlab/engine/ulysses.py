@@ -59,8 +59,10 @@ class MeshConfig:
         """Memory-model mode for an out-of-memory error: after the all-to-all a rank runs the
         ring on H/U heads (the all-to-all buffers are not counted)."""
         mode, fields = self.ring.model(simulated=False)
-        return mode, fields | dict(heads=self.ring.heads // self.ulysses_size,
-                                   kv_heads=self.ring.kv_heads // self.ulysses_size)
+        u, r = self.ulysses_size, self.ring_size
+        return mode, fields | dict(heads=self.ring.heads // u, kv_heads=self.ring.kv_heads // u,
+                                   call=f"a {u} x {r} Ulysses x ring mesh (estimate: its {mode} on "
+                                        f"{self.ring.heads // u} heads, all-to-all buffers not counted)")
 
     def agreement(self, q, k) -> tuple[list[int], list[str], dict]:
         meta, names, show = self.ring.agreement(q, k)
