@@ -323,7 +323,9 @@ def pairs_by_reference(layout, p, docs, heads, segments, rates, causal):
     summed over heads, branches and keys, at the positions the rank holds."""
     per_row = torch.cat([sum(branch_mask(b - a, heads, w, r, causal=causal).sum((0, 2))
                              for w, r in zip(segments, rates)) for a, b in zip(docs, docs[1:])])
-    return [int(per_row[ringlab.shard(torch.arange(docs[-1])[None], rank, p, layout, cu_seqlens=torch.tensor(docs))[0]].sum()) for rank in range(p)]
+    positions = torch.arange(docs[-1])[None]
+    return [int(per_row[ringlab.shard(positions, rank, p, layout, cu_seqlens=torch.tensor(docs))[0]].sum())
+            for rank in range(p)]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "doc_zigzag"])

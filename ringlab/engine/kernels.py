@@ -423,7 +423,8 @@ def varlen_applies(q, k, causal: bool) -> bool:
 
 def _cumulative(documents: tuple[int, ...], device):
     """(cu_seqlens as int32 on ``device``, the longest document) for the varlen op."""
-    return torch.tensor(documents, dtype=torch.int32, device=device), max(b - a for a, b in zip(documents, documents[1:]))
+    longest = max(b - a for a, b in zip(documents, documents[1:]))
+    return torch.tensor(documents, dtype=torch.int32, device=device), longest
 
 
 def varlen_attention(q, k, v, documents: tuple[int, ...], *, causal: bool, scale: float):

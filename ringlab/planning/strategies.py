@@ -13,9 +13,9 @@ from the editable profiles (``devices.json``).
 
 With packed documents a GPU's compute is that of the busiest rank: its ring rank's score
 pairs (``layout.work_per_rank``, or ``dilation.dilated_work_per_rank``, over the R ring ranks)
-for the H/U heads it holds. Ulysses alone is
-balanced whatever the documents; a ring is as balanced as its layout keeps them. Memory and
-bytes do not change (no mask is formed), so documents move ``best`` through compute only.
+for the H/U heads it holds. Ulysses alone is balanced whatever the documents; a ring is as
+balanced as its layout keeps them. Memory and bytes do not change (no mask is formed), so
+documents move ``best`` through compute only.
 
 The bytes are the engine's, message for message (tests compare them with traces):
   * all-to-all: each of the forward's q, k/v, out (input dtype) and lse (accumulation dtype),
@@ -158,8 +158,9 @@ def _plan_one(pb: Problem, dev: Device, strategy: str, gpus: int, per_node: int,
     else:  # the busiest rank's pairs: its ring rank's rows for the H/U heads it holds after the
         # all-to-all (dilated: each head group has its own offsets, so each is counted)
         size, ring_pb = pb.heads // u, replace(pb, world_size=r)
-        packed = max((_packed_compute(ring_pb, documents, flops_per_pair(pb, backward), heads=(i * size, i * size + size))
-                      for i in range(u if pb.segments else 1)), key=lambda x: max(x["pairs_per_rank"]))
+        groups = [_packed_compute(ring_pb, documents, flops_per_pair(pb, backward), heads=(i * size, i * size + size))
+                  for i in range(u if pb.segments else 1)]
+        packed = max(groups, key=lambda x: max(x["pairs_per_rank"]))
         del packed["documents"]  # the report holds them once
         flops = max(packed["flops_per_rank"])
     compute = flops / dev.flops(pb.dtype)
