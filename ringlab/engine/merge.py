@@ -31,7 +31,10 @@ def merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
     w = torch.sub(block_lse, lse).sigmoid_().nan_to_num_(0.0)
     torch.logaddexp(lse, block_lse, out=lse)
     w = w.transpose(-1, -2).unsqueeze(-1)
-    out.mul_(1 - w).addcmul_(block_out, w)
+    if block_out.dtype == out.dtype:
+        out.lerp_(block_out, w)  # out + w (block_out - out): one kernel
+    else:  # lerp takes one dtype, and a cast of the block would be an out-sized temporary
+        out.mul_(torch.rsub(w, 1)).addcmul_(block_out, w)  # torch.rsub: no Python-level 1 - w
 
 
 def new_accumulators(q: torch.Tensor, into=None):
