@@ -8,6 +8,7 @@ Sections, each a script that also runs alone (``python -m benchmarks.<name>``):
 - accuracy: ring gradients vs float64, ours and ring-attention-pytorch's
 - hardware: achieved FLOP/s of each call / this machine's measured matmul FLOP/s
 - scaling: time and peak memory vs N and vs P, with fitted exponents
+- host_overhead: aten ops, kernels and time per call at tiny shapes (the host work a GPU waits on)
 
 Writes benchmarks/results/<machine>-<date>.{md,json} after every section, so a run that fails
 part-way keeps what it measured; a failed section is reported and the exit status is 1.
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .common import record, section, section_markdown
 
-SECTIONS = ["single_device", "ring", "ring_dilated", "accuracy", "hardware", "scaling"]
+SECTIONS = ["single_device", "ring", "ring_dilated", "accuracy", "hardware", "scaling", "host_overhead"]
 
 
 def main(argv=None) -> int:

@@ -51,6 +51,17 @@ def test_run_writes_one_summary_and_keeps_sections_when_one_fails(tmp_path, monk
     assert "FAILED" in sections["hardware"]["notes"] and "boom" in md.read_text()
 
 
+def test_host_overhead_counts_the_ops_of_each_call():
+    from benchmarks import host_overhead
+
+    rows = {(r["call"], r["dtype"], r["mode"]): r for r in host_overhead.run(quick=True)["rows"]}
+    assert len(rows) == 12 and all(r["ms"] > 0 and 0 < r["kernels"] <= r["ops"] for r in rows.values())
+    for dtype in ("float32", "bfloat16"):
+        one, ring = rows[("attention", dtype, "fwd")], rows[("ring P=8 zigzag (simulated)", dtype, "fwd")]
+        assert one["blocks"] == 1 and ring["blocks"] == 64  # 8 ranks x 8 steps, zigzag: a block each
+        assert ring["kernels"] > 5 * ring["blocks"]  # merges, copies, accumulators: the host work per block
+
+
 def test_exponent_fit():
     assert exponent([1, 2, 4, 8], [3, 12, 48, 192]) == pytest.approx(2.0, rel=1e-12, abs=0)
     assert exponent([1, 2, 4], [8, 4, 2]) == pytest.approx(-1.0, rel=1e-12, abs=0)
