@@ -202,9 +202,10 @@ def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_functio
     # Packed documents: the attention functions find them in position_ids or cu_seq_lens. In a
     # ring transformers also reads the jumps of a shard's positions as documents; the attention
     # functions check those ids against the layout instead.
-    packed = mask_function not in (causal_mask_function, bidirectional_mask_function) and _packed(mask_function)
+    plain = mask_function in (causal_mask_function, bidirectional_mask_function)
+    packed = not plain and _packed(mask_function)
     _PACKED_MASK.set(packed)
-    if mask_function not in (causal_mask_function, bidirectional_mask_function) and not packed:
+    if not plain and not packed:
         raise ValueError("this model call needs a mask other than causal or full attention, alone or within packed "
                          "documents (a sliding window, chunked attention, or another mask overlay of the model); "
                          "ringlab computes exact causal or full attention only")

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from hypothesis import settings
 
-from ringlab.reference import tolerance
+from ringlab.reference import branch_mask, tolerance
 
 # Property tests draw the same examples on every run (CI must not flake on a new draw) and keep
 # no example database between runs.
@@ -71,6 +71,14 @@ def check_against(fn, ref, inputs, dtype, *, use_lse=False, check_lse=True, name
         errs.append(assert_close(lse, rlse, dtype, name=f"{name} lse"))
     errs += [assert_close(a, e, dtype, grad=True, name=f"{name} d{label}") for label, a, e in zip("qkv", grads, rgrads)]
     return max(errs)
+
+
+def dilated_pairs_by_row(docs, heads, segments, rates, *, head_offsets="interleaved", causal=False):
+    """(H, N) score pairs of each head's query rows in packed documents (cu_seqlens ``docs``),
+    each its own LongNet sequence: the reference masks (ringlab.reference) summed over
+    branches and keys."""
+    return torch.cat([sum(branch_mask(b - a, heads, w, r, head_offsets=head_offsets, causal=causal).sum(2)
+                          for w, r in zip(segments, rates)) for a, b in zip(docs, docs[1:])], 1)
 
 
 @pytest.fixture(autouse=True)

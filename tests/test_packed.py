@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close, check_against, rand_qkv
+from conftest import assert_close, check_against, dilated_pairs_by_row, rand_qkv
 from ringcases import (MESH_WORLD_SIZE, PACKED_WORLD_SIZES, check_case, gathered, packed_cases, packed_documents,
                        packed_mesh_cases)
 
@@ -17,7 +17,7 @@ from ringlab.engine.layout import (LAYOUTS, balance, document_tiles, imbalance, 
                                   work_per_rank)
 from ringlab.engine.trace import record_events
 from ringlab.engine.ulysses import mesh_config
-from ringlab.reference import branch_mask, dense_attention, dense_dilated_attention
+from ringlab.reference import dense_attention, dense_dilated_attention
 
 # Ragged documents of a 40-token sequence: shorter than a segment (3, 1), spanning segments.
 DOCS = [0, 3, 20, 21, 34, 40]
@@ -321,8 +321,7 @@ def test_plan_reports_compute_per_rank():
 def pairs_by_reference(layout, p, docs, heads, segments, rates, causal):
     """Score pairs of each rank's rows: every document's reference masks (ringlab.reference),
     summed over heads, branches and keys, at the positions the rank holds."""
-    per_row = torch.cat([sum(branch_mask(b - a, heads, w, r, causal=causal).sum((0, 2))
-                             for w, r in zip(segments, rates)) for a, b in zip(docs, docs[1:])])
+    per_row = dilated_pairs_by_row(docs, heads, segments, rates, causal=causal).sum(0)
     positions = torch.arange(docs[-1])[None]
     return [int(per_row[ringlab.shard(positions, rank, p, layout, cu_seqlens=torch.tensor(docs))[0]].sum())
             for rank in range(p)]

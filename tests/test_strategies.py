@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import dilated_pairs_by_row
 
 from ringlab.cli import main
 from ringlab.engine.layout import shard_positions
@@ -148,15 +149,12 @@ def test_dilated_packed_compute_is_the_busiest_head_group(causal):
     """Dilated and packed on a 2 x 2 hybrid, 4 Ulysses ranks and a 4-rank ring: a GPU computes
     its ring rank's rows for its head group's offsets ("grouped": the groups differ), counted
     here from the reference masks of each document; the busiest GPU sets the time."""
-    from ringlab.reference import branch_mask
-
     n, heads, lengths, segs, rates = 1024, 8, [600, 8, 200, 216], (64, 256), (1, 4)
     kw = dict(heads=heads, kv_heads=4, head_dim=64, gpus=4, gpus_per_node=2, layout="zigzag", causal=causal,
               segments=segs, rates=rates, head_offsets="grouped", fewest=False)
     report = compare(n, documents=lengths, **kw)
     cu = [0, *itertools.accumulate(lengths)]
-    per_row = torch.cat([sum(branch_mask(b - a, heads, w, r, head_offsets="grouped", causal=causal).sum(2)
-                             for w, r in zip(segs, rates)) for a, b in zip(cu, cu[1:])], 1)  # (H, N)
+    per_row = dilated_pairs_by_row(cu, heads, segs, rates, head_offsets="grouped", causal=causal)  # (H, N)
     for name, sp in report.plans.items():
         u, r, size = sp.ulysses, sp.ring, heads // sp.ulysses
         rows = [shard_positions(n, rank, r, "zigzag") for rank in range(r)]

@@ -403,10 +403,11 @@ def dilated_work_per_rank(layout: str, world_size: int, cu_seqlens, num_heads: i
     docs = check_cu_seqlens(torch.as_tensor(cu_seqlens), None, None)
     lay = get(layout)
     lay.check_split(docs[-1], world_size, documents=docs)
-    branches = (num_heads, tuple(segment_lengths), tuple(dilation_rates), head_offsets, causal, heads)
     if lay.splits_documents and len(docs) > 2:
         return summed_by_length(docs, lambda n: dilated_work_per_rank(
-            layout, world_size, [0, n], *branches[:3], head_offsets=head_offsets, causal=causal, heads=heads))
+            layout, world_size, [0, n], num_heads, segment_lengths, dilation_rates, head_offsets=head_offsets,
+            causal=causal, heads=heads))
+    branches = (num_heads, tuple(segment_lengths), tuple(dilation_rates), head_offsets, causal, heads)
     work = []
     for rank in range(world_size):
         total = 0
