@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import os
 import time
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ringlab
-from ringlab.engine import autograd, kernels
+from ringlab.engine import autograd, dilation, kernels
 from ringlab.planning.memory_model import Problem, estimate
 from ringlab.engine.nn import MultiheadDilatedAttention
 from ringlab.reference import dense_attention, dense_dilated_attention, tolerance
@@ -212,14 +213,33 @@ def _contestants(segs, device):
         q, k, v, ring_size=8, causal=c, layout="zigzag"), None, None)
     calls["dilated (LongNet)"] = (lambda q, k, v, c: ringlab.dilated_attention(
         q, k, v, segs, LONGNET["rates"], causal=c), segs, "dilated")
+    calls["A/B: dilated, CPU call split"] = (functools.partial(calls["dilated (LongNet)"][0]), segs, None)
+    calls["A/B: dilated, CPU call split"][0].around = _cpu_split
     return calls
 
 
+@contextlib.contextmanager
+def _cpu_split():
+    """Dilated calls cut by the quarter rule alone, as on CPU (no GPU floor): what the floor of
+    ringlab.engine.dilation.MIN_CALL_ELEMENTS gains, side by side (forward and backward)."""
+    saved = dict(dilation.MIN_CALL_ELEMENTS)
+    dilation.MIN_CALL_ELEMENTS["cuda"] = 0
+    try:
+        yield
+    finally:
+        dilation.MIN_CALL_ELEMENTS.update(saved)
+
+
 def _step(fn, leaves, causal, dout):
-    """A zero-argument call: forward, or forward+backward with a gradient made beforehand."""
-    if dout is None:
-        return lambda: fn(*leaves, causal)
-    return lambda: fn(*leaves, causal).backward(dout)
+    """A zero-argument call: forward, or forward+backward with a gradient made beforehand;
+    inside ``fn.around()`` where a contestant sets one."""
+    around = getattr(fn, "around", contextlib.nullcontext)
+
+    def run():
+        with around():
+            out = fn(*leaves, causal)
+            return out if dout is None else out.backward(dout)
+    return run
 
 
 def speed_rows(device, sizes, heads, dim, repeats, scale, peak) -> list[dict]:
@@ -328,7 +348,7 @@ def _host_seconds(run, device) -> float:
     return host
 
 
-def profile_rows(device, n, heads, dim, scale, top=8) -> list[dict]:
+def profile_rows(device, n, heads, dim, scale, top=12) -> list[dict]:
     """Where the time of a causal forward (and forward+backward) at N goes, for the simulated
     ring and dilated attention: the kernels (ops on CPU) with the most self time, and the
     device's busy share."""
@@ -365,6 +385,34 @@ def profile_rows(device, n, heads, dim, scale, top=8) -> list[dict]:
     return rows
 
 
+def merge_rows(device, n, heads, dim, repeats, blocks=32) -> list[dict]:
+    """The LSE merge of a bf16 block into float32 accumulators (the ring's per-block merge at
+    P = 8: n / 8 rows), as ringlab does it and as a cast plus one lerp_; ms per merge and the
+    bytes it must move (read out and block, write out) per second."""
+    from ringlab.engine.merge import merge
+
+    rows = max(1, n // 8)
+    out = torch.zeros(1, rows, heads, dim, device=device)
+    lse = torch.full((1, heads, rows), -float("inf"), device=device)
+    block = torch.randn(1, rows, heads, dim, device=device, dtype=torch.bfloat16)
+    block_lse = torch.randn(1, heads, rows, device=device)
+
+    def ours():
+        for _ in range(blocks):
+            merge(out, lse, block, block_lse)
+
+    def cast_lerp():
+        for _ in range(blocks):
+            w = torch.sub(block_lse, lse).sigmoid_().nan_to_num_(0.0)
+            torch.logaddexp(lse, block_lse, out=lse)
+            out.lerp_(block.float(), w.transpose(-1, -2).unsqueeze(-1))
+
+    times = side_by_side({"ringlab merge": ours, "cast + lerp_": cast_lerp}, repeats=repeats, device=device)
+    moved = out.numel() * (4 + 2 + 4)
+    return [dict(rows=rows, heads=heads, dim=dim, variant=name, ms=min(t) / blocks * 1e3,
+                 GB_per_s=moved / (min(t) / blocks) / 1e9) for name, t in times.items()]
+
+
 def _model(mode, n, heads, dim, causal, backward, segs, device):
     pb = Problem(n, heads, dim, dtype="bfloat16", causal=causal, device=torch.device(device).type,
                  segments=tuple(segs) if mode == "dilated" else (), rates=tuple(LONGNET["rates"]) if mode == "dilated" else ())
@@ -385,7 +433,7 @@ def unchunked_rows(device, n, heads, dim, repeats, scale) -> list[dict]:
     dout = torch.randn_like(leaves[0])
     rows = []
     for name, (fn, _, _) in _contestants(segs, device).items():
-        if name.startswith(("SDPA", "attention")):
+        if name.startswith(("SDPA", "attention", "A/B")):
             continue
         step = _step(fn, leaves, False, dout)
         whole = min(side_by_side({"x": step}, repeats=repeats, device=device)["x"])
@@ -503,6 +551,9 @@ def main(argv=None) -> dict:
         profiled = [] if "profile" in args.skip else _timed("profile", lambda: profile_rows(
             device, min(size["speed"]), size["heads"], size["dim"], size["scale"]), log)
         print(markdown_table(profiled, PROFILE_COLUMNS), flush=True)
+        merges = [] if "profile" in args.skip else _timed("merge", lambda: merge_rows(
+            device, min(size["speed"]), size["heads"], size["dim"], size["repeats"]), log)
+        print(markdown_table(merges, MERGE_COLUMNS), flush=True)
         chunks = [] if "chunks" in args.skip else _timed("chunks", lambda: unchunked_rows(
             device, max(size["speed"]), size["heads"], size["dim"], size["repeats"], size["scale"]), log)
         fit = [] if "capacity" in args.skip else _timed("capacity", lambda: capacity_rows(
@@ -530,6 +581,9 @@ def main(argv=None) -> dict:
                 section("profile: causal, the largest self times", profiled, PROFILE_COLUMNS,
                         notes="(all): the sum over every kernel (CPU: op) and its share of the wall time; "
                               "a share well under 1 means the device waits for the host."),
+                section("merge: one bf16 block into float32 accumulators", merges, MERGE_COLUMNS,
+                        notes="Per merge, at the simulated ring's block size (N/8 rows). GB_per_s: the bytes "
+                              "a merge must move (read out and block, write out) over its time."),
                 section("head chunks: time and peak vs all heads at once (fwd+bwd)", chunks,
                         ["N", "call", "chunks", "chunked_over_whole_time", "peak_chunked_GiB", "peak_whole_GiB", "error"]),
                 section("capacity: dilated attention (LongNet config)", fit,
@@ -544,6 +598,7 @@ def main(argv=None) -> dict:
 SPEED_COLUMNS = ["N", "causal", "mode", "call", "ms", "host_ms", "vs_best_sdpa", "TFLOPs", "of_matmul_peak",
                  "peak_GiB", "model_over_measured", "backend", "error"]
 PACKED_COLUMNS = ["N", "documents", "causal", "mode", "call", "ms", "vs_sdpa_per_document", "backend"]
+MERGE_COLUMNS = ["rows", "heads", "dim", "variant", "ms", "GB_per_s"]
 PROFILE_COLUMNS = ["call", "mode", "N", "kernel", "calls", "ms", "of_wall", "wall_ms"]
 
 

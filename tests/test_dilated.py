@@ -137,3 +137,28 @@ def test_multiplicity_counts_branches():
 def test_score_pairs_dense_case():
     assert score_pairs(10, 3, [10], [1]) == 3 * 100
     assert score_pairs(10, 3, [10], [1], causal=True) == 3 * 55
+
+
+def test_gpu_calls_are_cut_no_finer_than_the_floor():
+    """On CUDA (meta, the dry run's stand-in, dispatches alike) the quarter-of-rows split stops
+    at dilation.MIN_CALL_ELEMENTS: fewer, larger kernel calls, the same pairs, and the memory
+    model counts the engine's blocks on each device."""
+    from ringlab.engine import dilation, kernels
+    from ringlab.planning.memory_model import Problem, _blocks
+
+    n, h, d, segs, rates = 4096, 4, 16, (256, 512, 1024, 4096), (1, 2, 4, 8)
+    geometry = (((0, n),), h, segs, rates, "interleaved", True)
+    cpu = dilation.local_blocks(*geometry, None, 1, dilation.min_call_rows("cpu", 1, h, d))
+    gpu = dilation.local_blocks(*geometry, None, 1, dilation.min_call_rows("cuda", 1, h, d))
+    assert dilation.min_call_rows("cpu", 1, h, d) == 1 and dilation.min_call_rows("meta", 2, h, d) == (1 << 27) // 128
+    assert len(gpu) < len(cpu) and max(b.groups * b.q.num_rows for b in gpu) > n // 4
+    assert sum(b.pairs(h) for b in gpu) == sum(b.pairs(h) for b in cpu) == dilation.score_pairs(n, h, segs, rates,
+                                                                                               causal=True)
+    for device, expected in (("cpu", cpu), ("meta", gpu)):
+        q, k, v = (torch.empty(1, n, h, d, dtype=torch.bfloat16, device=device) for _ in range(3))
+        with kernels.record_backends() as served:
+            ringlab.dilated_attention(q, k, v, list(segs), list(rates), causal=True)
+        assert sum(c for key, c in served.items() if key.startswith("forward/")) == len(expected)
+        pb = Problem(n, h, d, dtype="bfloat16", causal=True, segments=segs, rates=rates,
+                     device="cpu" if device == "cpu" else "cuda")
+        assert tuple(_blocks(pb, ((0, n),), whole=True)) == expected

@@ -93,6 +93,32 @@ def test_trace_of_simulated_ring(layout):
     assert all(e["bytes"] == 2 * n // p * 2 * 8 * 4 for e in kv_posts)
 
 
+def test_simulated_delivery_hands_over_the_sent_tensor():
+    """A simulated rank receives the tensor its neighbour sent, not a copy (on a GPU a copy is a
+    memcpy per rank and step); a message that does not fit the receive buffer is an engine bug."""
+    from ringlab.engine.comm import Mailbox, SimComm, run_lockstep
+
+    box = Mailbox()
+
+    def rank(r):
+        sent = torch.full((2, 3), float(r))
+        got, pending = SimComm(r, 2, box).pass_on(sent, step=0, label="kv")
+        yield from pending.wait()
+        return sent, got
+
+    (s0, g0), (s1, g1) = run_lockstep([rank(0), rank(1)], box)
+    assert g0.data_ptr() == s1.data_ptr() and g1.data_ptr() == s0.data_ptr() and g0[0, 0] == 1
+
+    def wrong(r):
+        comm = SimComm(r, 2, box)
+        pending = comm.exchange([(comm.next, torch.zeros(2, 3))], [(comm.prev, torch.empty(3, 2))], step=0,
+                                label="kv")
+        yield from pending.wait()
+
+    with pytest.raises(RuntimeError, match=r"arrived for a receive buffer of \(3, 2\)"):
+        run_lockstep([wrong(0), wrong(1)], box)
+
+
 def test_ring_skips_future_blocks():
     q, k, v = rand_qkv(1, 32, 2, 8)
     with record_events() as tr:

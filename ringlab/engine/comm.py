@@ -7,8 +7,10 @@ simulated rank (:class:`SimComm`) yields while the message it waits for has not 
 yet, and :func:`run_lockstep` then runs the other ranks; so one process runs exactly the
 code that P ranks would run, in ring order.
 
-Rule the algorithms follow, as real P2P requires: a tensor handed to ``exchange`` as a send is
-never modified afterwards, and a receive buffer is read only after its wait.
+Rules the algorithms follow, as real P2P requires: a tensor handed to ``exchange`` as a send is
+never modified afterwards, and a receive buffer is read only after its wait. A simulated
+delivery hands the receiver the sent tensor itself, so a receiver modifies what it received
+(a travelling dK/dV accumulator) only once its sender reads it no more.
 """
 
 from __future__ import annotations
@@ -48,12 +50,22 @@ class Pending:
         for box, key, buf in self.deliveries:
             while not box.ready(key):
                 yield BLOCKED
-            buf.copy_(box.take(key))
+            _adopt(buf, box.take(key))
         # Done: drop the references to the sent tensors so they can be freed now.
         self.works, self.deliveries = [], []
         if trace.recording():
             trace.record(kind="wait", rank=self.rank, step=self.step, label=self.label,
                          posted=self.posted_at, t0=t0, t1=time.perf_counter(), bytes=self.nbytes)
+
+
+def _adopt(buf: torch.Tensor, sent: torch.Tensor) -> None:
+    """A simulated delivery: ``buf`` becomes the sent tensor itself, not a copy. The sender
+    never modifies a sent tensor (the rule above) and drops it once delivered, so sharing it
+    is safe; on a GPU the copy was a device-wide memcpy per ring step."""
+    if sent.shape != buf.shape or sent.dtype != buf.dtype or sent.device != buf.device:
+        raise RuntimeError(f"simulated ring: a message of {tuple(sent.shape)} {sent.dtype} on {sent.device} "
+                           f"arrived for a receive buffer of {tuple(buf.shape)} {buf.dtype} on {buf.device}")
+    buf.set_(sent)
 
 
 class RingComm:

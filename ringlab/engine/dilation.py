@@ -255,12 +255,28 @@ def _fuse_blocks(numbered) -> list[Block]:
     return out
 
 
+# Elements of q (batch x rows x heads x head_dim) a kernel call holds at the least on a GPU,
+# however the quarter split below would cut it: there every call costs host time that a short
+# call cannot hide (an H200 ran 32K-token dilated attention host-bound), and a temporary of
+# 2^27 bf16 elements (256 MiB) is small. "meta" (the dry run) counts as CUDA.
+MIN_CALL_ELEMENTS = {"cpu": 0, "cuda": 1 << 27}
+
+
+def min_call_rows(device_type: str, batch: int, heads: int, head_dim: int) -> int:
+    """The fewest query rows a dilated kernel call is cut to on ``device_type`` for q of
+    (batch, N, heads, head_dim): the ``min_rows`` of :func:`local_blocks`."""
+    floor = MIN_CALL_ELEMENTS["cpu" if device_type == "cpu" else "cuda"]
+    return max(1, -(-floor // (batch * heads * head_dim)))
+
+
 @functools.lru_cache(maxsize=256)
 def local_blocks(pieces: Pieces, num_heads: int, segment_lengths: tuple, dilation_rates: tuple,
                  head_offsets: str, causal: bool, heads: tuple[int, int] | None = None,
-                 kv_group: int = 1) -> tuple[Block, ...]:
+                 kv_group: int = 1, min_rows: int = 1) -> tuple[Block, ...]:
     """Every block of dilated attention among the rows in ``pieces`` (one rank's own work),
-    for the heads ``heads`` (see :func:`head_groups`; default all)."""
+    for the heads ``heads`` (see :func:`head_groups`; default all). A block of many segments
+    is cut into calls of at most a quarter of the rows, but not below ``min_rows``
+    (see :func:`min_call_rows`)."""
     blocks = []
     for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
         blocks += _fuse_blocks((o, blk) for o, hs, kvs in head_groups(num_heads, r, head_offsets, heads, kv_group)
@@ -268,7 +284,7 @@ def local_blocks(pieces: Pieces, num_heads: int, segment_lengths: tuple, dilatio
                                                       causal, same_rank=True))
     # A kernel's temporaries (its output, or dq, dk, dv in the backward) are the size of its
     # rows: a block of many segments is cut into calls of at most a quarter of the rows.
-    most = max(1, sum(b - a for a, b in pieces) // 4)
+    most = max(min_rows, sum(b - a for a, b in pieces) // 4)
     return tuple(part for blk in blocks for part in _split_segments(blk, most))
 
 
@@ -317,12 +333,12 @@ def relocated(rows: Rows, start: int, pos: int) -> Rows:
 @functools.lru_cache(maxsize=256)
 def document_blocks(pieces: Pieces, documents: tuple[int, ...], num_heads: int, segment_lengths: tuple,
                     dilation_rates: tuple, head_offsets: str, causal: bool, heads: tuple[int, int] | None = None,
-                    kv_group: int = 1) -> tuple[Block, ...]:
+                    kv_group: int = 1, min_rows: int = 1) -> tuple[Block, ...]:
     """:func:`local_blocks` of the rows in ``pieces`` when the packed documents ``documents``
     (cu_seqlens boundaries; () for one document) are separate sequences. A rank's rows of one
     document are consecutive local rows (positions increase), so each document's blocks are its
     own sequence's blocks moved to those rows."""
-    args = (num_heads, segment_lengths, dilation_rates, head_offsets, causal, heads, kv_group)
+    args = (num_heads, segment_lengths, dilation_rates, head_offsets, causal, heads, kv_group, min_rows)
     if not documents:
         return local_blocks(pieces, *args)
     out = []

@@ -39,7 +39,7 @@ import torch
 from ..engine import autograd
 from ..engine.checks import DTYPE_NAMES
 from ..engine.config import RingConfig
-from ..engine.dilation import head_count, local_blocks
+from ..engine.dilation import head_count, local_blocks, min_call_rows
 from ..engine.layout import shard_pieces
 from ..engine.ring_dilated import cross_blocks, rank_plan
 
@@ -224,10 +224,14 @@ def _gqa_backward(pb: Problem, rows: int, keys: int, heads: int, kv: int, scratc
                      base | {"accumulate upcast": pb.elements(rows, heads) * pb.acc_bytes if upcast else 0}])
 
 
-def _blocks(pb: Problem, pieces, heads: slice | None = None) -> list:
-    """The dilated blocks of ``pieces`` for the heads of one chunk (default all)."""
+def _blocks(pb: Problem, pieces, heads: slice | None = None, *, whole: bool = False) -> list:
+    """The dilated blocks of ``pieces`` for the heads of one chunk (default all). ``whole``:
+    dilated attention on one device, whose calls are cut no finer than the device's floor
+    (ring-dilated ranks cut theirs by the quarter rule alone)."""
+    count = pb.heads if heads is None else heads.stop - heads.start
+    floor = min_call_rows(pb.device, pb.batch, count, pb.head_dim) if whole else 1
     return local_blocks(pieces, pb.heads, tuple(pb.segments), tuple(pb.rates), pb.head_offsets, pb.causal,
-                        None if heads is None else (heads.start, heads.stop), pb.kv_group)
+                        None if heads is None else (heads.start, heads.stop), pb.kv_group, floor)
 
 
 def _chunks(pb: Problem, rows: int) -> list[slice]:
@@ -313,7 +317,7 @@ def _dilated(pb: Problem, backward: bool) -> dict:
     n = pb.seq_len
     if len(_chunks(pb, n)) > 1:
         return _chunked(pb, n, backward, lambda ch, h, direct: _dilated_chunk(pb, ch, h, direct, backward))
-    blocks = _blocks(pb, ((0, n),))
+    blocks = _blocks(pb, ((0, n),), whole=True)
     acc = _accumulators(pb, n)
     phases = [acc | _largest([_block_forward(pb, *_dims(pb, b, n)) for b in blocks]),
               acc | {"out": _cast(pb, pb.elements(n))}]
@@ -327,7 +331,7 @@ def _dilated(pb: Problem, backward: bool) -> dict:
 def _dilated_chunk(pb: Problem, ch: Problem, heads: slice, direct: bool, backward: bool) -> dict:
     """One head chunk of dilated attention: its accumulators (unless direct) and blocks."""
     n = pb.seq_len
-    blocks = [_dims(ch, b, n) for b in _blocks(pb, ((0, n),), heads)]
+    blocks = [_dims(ch, b, n) for b in _blocks(pb, ((0, n),), heads, whole=True)]
     if not backward:
         return ({} if direct else {"out accumulator": ch.elements(n) * ch.acc_bytes}) | _largest(
             [_block_forward(ch, *d) for d in blocks])
