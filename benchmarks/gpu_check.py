@@ -17,7 +17,9 @@
    of the fastest dense backend.
    ``host_ms`` is the time until the call returns, before the device finishes.
    profile: the kernels with the most device time in a causal forward and forward+backward
-   of the ring and of dilated attention at 32K, and how much of the wall time the device was busy.
+   of the ring and of dilated attention at 32K, and how much of the wall time the device was busy;
+   then the host time of one ring tile per backend and shape, and the LSE merge against a
+   cast plus one lerp_.
 3. capacity: dilated forward+backward and forward alone at growing N (targets: 2M and 4M
    tokens), peak against the memory model; an out-of-memory error is shown as the user sees it.
 4. notebooks: every notebook through papermill with device="cuda" at its default parameters
@@ -309,8 +311,8 @@ def packed_rows(device, n, heads, dim, repeats) -> list[dict]:
 
     def blocks(backend):
         def call(q, k, v, causal):
-            with kernels.use_backend(backend):
-                return ringlab.attention(q, k, v, causal=causal, cu_seqlens=docs)
+            return ringlab.attention(q, k, v, causal=causal, cu_seqlens=docs)
+        call.around = functools.partial(kernels.use_backend, backend)  # the backward too (see _step)
         return call
 
     calls = {"attention packed (auto)": lambda q, k, v, c: ringlab.attention(q, k, v, causal=c, cu_seqlens=docs),
@@ -382,6 +384,37 @@ def profile_rows(device, n, heads, dim, scale, top=12) -> list[dict]:
                 rows += [call | dict(kernel=e.key[:90], calls=e.count, ms=getattr(e, attr) / 1e3,
                                      of_wall=getattr(e, attr) / 1e6 / wall) for e in events[:top]]
                 _clear(leaves, device)
+    return rows
+
+
+def block_host_rows(device, n, heads, dim, calls=16) -> list[dict]:
+    """Host time per block call, by backend and tile shape: the causal zigzag ring at P = 8
+    runs (n/8)^2 causal tiles and (n/8 x n/16), (n/16 x n/8) full ones, and its host time was
+    twice the non-causal ring's at 32K. Each row launches ``calls`` blocks and times until
+    the last returns (before the device finishes), after warm-up calls of the same shape."""
+    rows_ = max(2, n // 8)
+    tiles = {"square causal": (rows_, rows_, True), "square": (rows_, rows_, False),
+             "q half": (rows_ // 2, rows_, False), "k half": (rows_, rows_ // 2, False)}
+    scale = dim ** -0.5
+    rows = []
+    for backend in ("cuda_cudnn", "cuda_flash") if torch.device(device).type == "cuda" else ("cpu_flash",):
+        for name, (sq, sk, causal) in tiles.items():
+            q = torch.randn(1, sq, heads, dim, device=device, dtype=torch.bfloat16)
+            k, v = (torch.randn(1, sk, heads, dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+            row = dict(backend=backend, tile=name, q_rows=sq, k_rows=sk)
+            try:
+                with kernels.use_backend(backend), torch.no_grad():
+                    kernels.block_attention(q, k, v, causal=causal, scale=scale)
+                    sync(device)
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        kernels.block_attention(q, k, v, causal=causal, scale=scale)
+                    host = (time.perf_counter() - t0) / calls
+                    sync(device)
+                row["host_us"] = host * 1e6
+            except Exception as err:  # noqa: BLE001 - a backend that does not take the tile
+                row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"[:120]
+            rows.append(row)
     return rows
 
 
@@ -554,6 +587,9 @@ def main(argv=None) -> dict:
         merges = [] if "profile" in args.skip else _timed("merge", lambda: merge_rows(
             device, min(size["speed"]), size["heads"], size["dim"], size["repeats"]), log)
         print(markdown_table(merges, MERGE_COLUMNS), flush=True)
+        hosts = [] if "profile" in args.skip else _timed("block host", lambda: block_host_rows(
+            device, min(size["speed"]), size["heads"], size["dim"]), log)
+        print(markdown_table(hosts, HOST_COLUMNS), flush=True)
         chunks = [] if "chunks" in args.skip else _timed("chunks", lambda: unchunked_rows(
             device, max(size["speed"]), size["heads"], size["dim"], size["repeats"], size["scale"]), log)
         fit = [] if "capacity" in args.skip else _timed("capacity", lambda: capacity_rows(
@@ -584,6 +620,9 @@ def main(argv=None) -> dict:
                 section("merge: one bf16 block into float32 accumulators", merges, MERGE_COLUMNS,
                         notes="Per merge, at the simulated ring's block size (N/8 rows). GB_per_s: the bytes "
                               "a merge must move (read out and block, write out) over its time."),
+                section("block host time: one ring tile per call, by backend", hosts, HOST_COLUMNS,
+                        notes="Microseconds until a block call returns (launch and Python), the mean of 16 "
+                              "calls of one shape; the ring at P = 8 makes 64 such calls per forward."),
                 section("head chunks: time and peak vs all heads at once (fwd+bwd)", chunks,
                         ["N", "call", "chunks", "chunked_over_whole_time", "peak_chunked_GiB", "peak_whole_GiB", "error"]),
                 section("capacity: dilated attention (LongNet config)", fit,
@@ -598,6 +637,7 @@ def main(argv=None) -> dict:
 SPEED_COLUMNS = ["N", "causal", "mode", "call", "ms", "host_ms", "vs_best_sdpa", "TFLOPs", "of_matmul_peak",
                  "peak_GiB", "model_over_measured", "backend", "error"]
 PACKED_COLUMNS = ["N", "documents", "causal", "mode", "call", "ms", "vs_sdpa_per_document", "backend"]
+HOST_COLUMNS = ["backend", "tile", "q_rows", "k_rows", "host_us", "error"]
 MERGE_COLUMNS = ["rows", "heads", "dim", "variant", "ms", "GB_per_s"]
 PROFILE_COLUMNS = ["call", "mode", "N", "kernel", "calls", "ms", "of_wall", "wall_ms"]
 

@@ -170,6 +170,13 @@ def _largest(phases: list[dict]) -> dict:
     return max(phases, key=lambda t: sum(t.values())) if phases else {}
 
 
+def _cudnn(pb: Problem) -> bool:
+    """Whether the blocks run on cuDNN (CUDA, 16-bit, head_dim a multiple of 8 up to 128; a
+    Hopper card takes up to 256, which the model does not assume). Its backward reads the
+    output gradient as a strided view: an H200 measured exactly the peak without the copy."""
+    return pb.device == "cuda" and pb.item_bytes == 2 and pb.head_dim % 8 == 0 and pb.head_dim <= 128
+
+
 def _block_forward(pb: Problem, rows: int, keys: int, heads: int, kv: int, q_len: int, k_len: int,
                    copied: bool = False) -> dict:
     """One kernel call (``heads`` query heads, ``kv`` K/V heads) merged into accumulators.
@@ -192,8 +199,9 @@ def _block_backward(pb: Problem, rows: int, keys: int, heads: int, kv: int, q_le
                     copied: bool = False) -> dict:
     """One backward kernel call: the block's dq, dk, dv, the masked lse copy, and the kernel
     scratch and row copies (inside the kernel) or the float32 upcast of a gradient being
-    accumulated (after it). CUDA kernels also take a contiguous copy of the output gradient.
-    With kv < heads see :func:`_gqa_backward`."""
+    accumulated (after it). The CUDA flash and efficient kernels also take a contiguous copy of
+    the output gradient (cuDNN reads it strided: :func:`_cudnn`). With kv < heads see
+    :func:`_gqa_backward`."""
     upcast = pb.item_bytes != pb.acc_bytes and pb.device == "cpu"
     copies = ((3 * pb.elements(rows, heads) + 2 * pb.elements(keys, kv)) * pb.item_bytes + pb.lse_elements(rows, heads) * pb.acc_bytes) if copied else 0
     scratch = kernel_scratch(pb, q_len, k_len, kv, backward=True, calls=rows // q_len)
@@ -201,7 +209,7 @@ def _block_backward(pb: Problem, rows: int, keys: int, heads: int, kv: int, q_le
         return _gqa_backward(pb, rows, keys, heads, kv, scratch, copies, upcast)
     base = {"block gradients": (pb.elements(rows, heads) + 2 * pb.elements(keys, heads)) * pb.item_bytes,
             "lse copy": pb.lse_elements(rows, heads) * pb.acc_bytes}
-    if pb.device == "cuda":
+    if pb.device == "cuda" and not _cudnn(pb):
         copies += pb.elements(rows, heads) * pb.item_bytes
     return _largest([base | {"kernel scratch": scratch, "row copies": copies},
                      base | {"accumulate upcast": pb.elements(max(rows, keys), heads) * pb.acc_bytes if upcast else 0}])
@@ -213,10 +221,10 @@ def _gqa_backward(pb: Problem, rows: int, keys: int, heads: int, kv: int, scratc
     call's dq, dk, dv and lse copy (inside its kernel), or its dk, dv being added to the sums
     (16-bit on CPU: through a float32 upcast). The block's dk, dv leave as float32, so the
     caller only upcasts dq. A call's output gradient takes every G-th head: the CPU kernel
-    copies it contiguous, as the CUDA ones always do."""
+    copies it contiguous, as the CUDA flash and efficient ones always do (cuDNN does not)."""
     base = {"block gradients": pb.elements(rows, heads) * pb.item_bytes + 2 * pb.elements(keys, kv) * pb.acc_bytes}
     call = (pb.elements(rows, kv) + 2 * pb.elements(keys, kv)) * pb.item_bytes
-    copies += pb.elements(rows, kv) * pb.item_bytes
+    copies += 0 if _cudnn(pb) else pb.elements(rows, kv) * pb.item_bytes
     return _largest([base | {"one call's gradients": call, "lse copy": pb.lse_elements(rows, kv) * pb.acc_bytes,
                              "kernel scratch": scratch, "row copies": copies},
                      base | {"one call's gradients": 2 * pb.elements(keys, kv) * pb.item_bytes, "row copies": copies,
