@@ -233,3 +233,29 @@ def test_seed_memory_table_measures_and_compares():
         assert r["measured_MB"] == pytest.approx(r["model_MB"], rel=0.1, abs=0)
     ring = {r["ring_size"]: r["measured_MB"] for r in rows if r["mode"] == "ring"}
     assert ring[4] < ring[1] / 2
+
+
+# The CUDA allocator's peaks that the latest GPU check measured (the engine as it is now): the
+# model must stay within 10% of them, as of the CPU measurements. Point this at the newest
+# benchmarks/results/*-gpu_check.json after a GPU run that changes them.
+GPU_RESULTS = "benchmarks/results/h200-2026-11-28-gpu_check.json"
+
+
+def _gpu_peaks():
+    import pathlib
+
+    sections = json.loads((pathlib.Path(__file__).parent.parent / GPU_RESULTS).read_text())["sections"]
+    rows = next(s["rows"] for s in sections if s["name"].startswith("speed"))
+    segs, rates = (2048, 4096, 8192, 16384), (1, 2, 4, 8)
+    for r in rows:
+        mode = {"attention": "attention", "dilated (LongNet)": "dilated"}.get(r["call"])
+        if mode and "peak_GiB" in r:
+            pb = Problem(r["N"], 16, 128, dtype="bfloat16", causal=r["causal"], device="cuda",
+                         **(dict(segments=segs, rates=rates) if mode == "dilated" else {}))
+            yield pytest.param(pb, mode, r["mode"] == "fwd+bwd", r["peak_GiB"] * 2**30,
+                               id=f"{mode}-{r['N']}-{'causal' if r['causal'] else 'full'}-{r['mode']}")
+
+
+@pytest.mark.parametrize("pb,mode,backward,measured", list(_gpu_peaks()))
+def test_model_within_10_percent_of_the_h200_allocator(pb, mode, backward, measured):
+    assert abs(estimate(pb, mode, backward=backward).peak / measured - 1) <= 0.10

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-COPIED = ("ringlab", "tests", "pyproject.toml")
+COPIED = ("ringlab", "tests", "pyproject.toml", "benchmarks/results")  # results: measured GPU peaks
 
 
 @dataclass(frozen=True)
@@ -141,6 +141,11 @@ MUTANTS = (
            "return (t0 + t1 + 2) * (t1 - t0 + 1) // 2",
            "return (t0 + t1 + 1) * (t1 - t0 + 1) // 2",
            "tests/test_packed.py", "dilated_compute_per_rank"),
+    # The memory model forgetting that GPU dilated calls are cut no finer than the floor.
+    Mutant("memory-model-ignores-gpu-call-floor", "ringlab/planning/memory_model.py",
+           "    blocks = _blocks(pb, ((0, n),), whole=True)\n",
+           "    blocks = _blocks(pb, ((0, n),))\n",
+           "tests/test_memory.py", "h200_allocator"),
 )
 
 
