@@ -7,8 +7,8 @@ ring busy on the device 41% of a causal 32K forward and dilated attention 24%: t
 waits for the host. Host work is the same code on any device, so it can be measured here: at
 shapes so small that the kernels cost little, a call's time is Python, the dispatcher and one
 launch per op. For each call this prints the aten ops it dispatches (``kernels``: those that
-are not views, one launch each on a GPU), the attention blocks among them, and its time
-against one ``attention`` call, side by side in one run.
+are neither views nor allocations, one launch each on a GPU), the attention blocks among them,
+and its time against one ``attention`` call, side by side in one run.
 """
 
 from __future__ import annotations
@@ -24,8 +24,14 @@ from ringlab.engine import kernels
 from .common import cli, section, side_by_side
 
 
+# Ops that change metadata or take memory from the caching allocator but launch nothing.
+_NO_LAUNCH = {"aten::set_", "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
+              "aten::new_empty_strided", "aten::resize_"}
+
+
 class _Dispatched(TorchDispatchMode):
-    """Counts the aten ops dispatched inside it, and those that are not views."""
+    """Counts the aten ops dispatched inside it, and the kernels among them: neither views nor
+    ops of :data:`_NO_LAUNCH`."""
 
     def __init__(self):
         super().__init__()
@@ -33,7 +39,7 @@ class _Dispatched(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts["ops"] += 1
-        self.counts["kernels"] += not func.is_view
+        self.counts["kernels"] += not (func.is_view or func._schema.name in _NO_LAUNCH)
         return func(*args, **(kwargs or {}))
 
 
@@ -73,8 +79,8 @@ def run(quick: bool = False) -> dict:
                                  mode="fwd+bwd" if backward else "fwd", ops=c["ops"], kernels=c["kernels"],
                                  blocks=c["blocks"], ms=min(times[name]) * 1e3, vs_attention=min(times[name]) / base))
     notes = (f"N = {n}, H = {heads}, D = {dim}, causal; dilated segments {segments}, rates {rates}. kernels: "
-             "dispatched ops that are not views; blocks: the forward's attention blocks (ringlab's block "
-             "calls, any backend; the backward makes as many). Times: best of the interleaved rounds, on this CPU.")
+             "dispatched ops that are neither views nor allocations (empty, set_); blocks: the forward's attention "
+             "blocks (ringlab's block calls, any backend; the backward makes as many). Times: best of the interleaved rounds, on this CPU.")
     return section("host_overhead", rows,
                    ["call", "dtype", "mode", "ops", "kernels", "blocks", "ms", "vs_attention"], notes=notes)
 
