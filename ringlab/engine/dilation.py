@@ -266,7 +266,7 @@ def min_call_rows(device_type: str, batch: int, heads: int, head_dim: int) -> in
     """The fewest query rows a dilated kernel call is cut to on ``device_type`` for q of
     (batch, N, heads, head_dim): the ``min_rows`` of :func:`local_blocks`."""
     floor = MIN_CALL_ELEMENTS["cpu" if device_type == "cpu" else "cuda"]
-    return max(1, -(-floor // (batch * heads * head_dim)))
+    return max(1, -(-floor // max(1, batch * heads * head_dim)))
 
 
 @functools.lru_cache(maxsize=256)
