@@ -5,7 +5,8 @@
 
 1. correctness: every public function on CUDA (float32 and bf16, small shapes) against the
    float64 dense reference at the docs/design.md §7 tolerances, with the ringlab backend that served
-   each row: ``attention`` (also causal with Sq != Sk), ``dilated_attention``, the simulated
+   each row: ``attention`` (also causal with Sq != Sk, packed, and under no_grad, where the
+   kernel skips lse), ``dilated_attention``, the simulated
    ``ring_attention`` and ``ring_dilated_attention`` for several ring sizes and layouts, head
    chunks forced on, and ``nn.MultiheadDilatedAttention`` against its own float64 copy.
 2. speed: bf16, H = 16, D = 128, N = 32K and 128K, causal and not, forward and
@@ -75,21 +76,24 @@ def _max_err(a, e):
     return (a.double() - e.double()).abs().max().item()
 
 
-def _check(name, fn, ref, inputs, dtype, device):
+def _check(name, fn, ref, inputs, dtype, device, grads: bool = True):
     """Run ``fn`` on ``inputs`` cast to ``dtype`` on ``device`` and ``ref`` in float64 on the
-    same rounded values; one row with the worst error / tolerance over out, dq, dk, dv."""
+    same rounded values; one row with the worst error / tolerance over out, dq, dk, dv
+    (``grads`` False: an inference call under no_grad, out alone)."""
     g = torch.Generator().manual_seed(1)
     rounded = [x.to(dtype).double() for x in inputs]
     dout = torch.randn(inputs[0].shape, generator=g, dtype=torch.float64)  # every output is q-shaped
-    xs = [x.to(device, dtype).requires_grad_() for x in rounded]
-    with kernels.record_backends() as used:
+    xs = [x.to(device, dtype).requires_grad_(grads) for x in rounded]
+    with kernels.record_backends() as used, torch.set_grad_enabled(grads):
         out = fn(*xs)
-        out.backward(dout.to(device, dtype))
-    rs = [x.clone().requires_grad_() for x in rounded]
+        if grads:
+            out.backward(dout.to(device, dtype))
+    rs = [x.clone().requires_grad_(grads) for x in rounded]
     rout = ref(*rs)
-    rout.backward(dout)
+    if grads:
+        rout.backward(dout)
     worst = 0.0
-    for got, exp, grad in [(out, rout, False)] + [(x.grad, r.grad, True) for x, r in zip(xs, rs)]:
+    for got, exp, grad in [(out, rout, False)] + [(x.grad, r.grad, True) for x, r in zip(xs, rs) if grads]:
         err = _max_err(got.detach().cpu(), exp.detach())
         worst = max(worst, err / tolerance(dtype, exp.abs().max().item(), grad=grad))
     return dict(check=name, dtype=str(dtype).removeprefix("torch."), err_over_tol=worst, ok=worst <= 1.0,
@@ -150,6 +154,12 @@ def correctness_rows(device, n) -> list[dict]:
     rows = []
     for name, inputs, dtype, fn, ref in cases:
         rows.append(_guard(name, lambda: _check(name, fn, ref, inputs, dtype, device)))
+    for dtype in (torch.float32, torch.bfloat16):  # no gradient to come: the kernels skip lse
+        for causal in (False, True):
+            name = f"attention inference (no lse) causal={causal}"
+            fn = lambda q, k, v, c=causal: ringlab.attention(q, k, v, causal=c)  # noqa: E731
+            ref = lambda q, k, v, c=causal: dense_attention(q, k, v, causal=c)[0]  # noqa: E731
+            rows.append(_guard(name, lambda: _check(name, fn, ref, qkv, dtype, device, grads=False)))
     with _chunks_of(1):
         for dtype in (torch.float32, torch.bfloat16):
             rows.append(_guard("dilated, head chunks", lambda: _check(

@@ -80,7 +80,8 @@ def run(quick: bool = False) -> dict:
                                  blocks=c["blocks"], ms=min(times[name]) * 1e3, vs_attention=min(times[name]) / base))
     notes = (f"N = {n}, H = {heads}, D = {dim}, causal; dilated segments {segments}, rates {rates}. kernels: "
              "dispatched ops that are neither views nor allocations (empty, set_); blocks: the forward's attention "
-             "blocks (ringlab's block calls, any backend; the backward makes as many). Times: best of the interleaved rounds, on this CPU.")
+             "blocks (ringlab's block calls, any backend; the backward makes as many). Times: best of the "
+             "interleaved rounds, on this CPU.")
     return section("host_overhead", rows,
                    ["call", "dtype", "mode", "ops", "kernels", "blocks", "ms", "vs_attention"], notes=notes)
 

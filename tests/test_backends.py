@@ -244,3 +244,30 @@ def test_dilated_forward_backward_peaks_near_its_results(dtype, most):
     model = estimate(Problem(n, h, d, dtype=str(dtype).removeprefix("torch."), segments=tuple(segs),
                              rates=tuple(rates)), "dilated", backward=True).peak
     assert abs(model - m.peak) <= 0.1 * m.peak, (model / m.peak)
+
+
+def test_inference_calls_ask_the_kernel_for_no_lse(monkeypatch):
+    """``attention`` under no_grad without return_lse tells the kernel it needs no lse (cuDNN
+    then runs its inference graph, as torch's SDPA does without grad); with return_lse, or a
+    gradient to come, it asks for one. The CUDA wrappers then return None for it (meta)."""
+    seen = []
+    real = kernels.BACKENDS["cpu_flash"]
+
+    def spy(q, k, v, causal, scale, need_lse):
+        seen.append(need_lse)
+        return real.forward(q, k, v, causal, scale, need_lse)
+
+    monkeypatch.setitem(kernels.BACKENDS, "cpu_flash", dataclasses.replace(real, forward=spy))
+    q, k, v = rand_qkv(1, 64, 2, 16)
+    with torch.no_grad():
+        out = ringlab.attention(q, k, v, causal=True)
+    ref, lse = ringlab.attention(q, k, v, causal=True, return_lse=True)
+    q.requires_grad_()
+    ringlab.attention(q, k, v, causal=True).sum().backward()
+    assert seen == [False, True, True] and torch.equal(out, ref) and lse.shape == (1, 2, 64)
+    assert q.grad is not None and q.grad.shape == q.shape
+    m = torch.empty(1, 64, 2, 16, dtype=torch.bfloat16, device="meta")
+    for forward in (kernels._cudnn_forward, kernels._cuda_efficient_forward):
+        o, no_lse = forward(m, m, m, True, 0.25, False)
+        assert o.shape == m.shape and no_lse is None
+        assert forward(m, m, m, True, 0.25, True)[1].shape == (1, 2, 64)

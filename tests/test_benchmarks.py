@@ -13,14 +13,16 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_json(tmp_path):
     summary = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
     assert summary["correctness_ok"], summary["failed_checks"]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
-    correctness, speed, packed, profiled, chunks, capacity, notebooks, _ = data["sections"]
+    correctness, speed, packed, profiled, merges, hosts, chunks, capacity, notebooks, _ = data["sections"]
     checked = {r["check"].split()[0].rstrip(",") for r in correctness["rows"]}
     assert checked == {"attention", "dilated_attention", "ring_attention", "ring_dilated_attention", "dilated",
                        "ring", "MultiheadDilatedAttention"}
     assert all(r["backend"] != "-" for r in correctness["rows"])
     assert all("error" not in r and r["ms"] > 0 and r["TFLOPs"] > 0 for r in speed["rows"])
     assert {r["call"] for r in speed["rows"]} == {"SDPA flash", "attention", "ring P=8 (simulated)",
-                                                   "dilated (LongNet)"}
+                                                   "dilated (LongNet)", "A/B: dilated, CPU call split"}
+    assert {r["variant"] for r in merges["rows"]} == {"ringlab merge", "cast + lerp_"}
+    assert len(hosts["rows"]) == 4 and all(r["host_us"] > 0 for r in hosts["rows"])
     assert {r["call"] for r in packed["rows"]} == {"attention packed (auto)", "attention packed (per-document blocks)",
                                                     "SDPA per document"}
     assert all(r["ms"] > 0 and r["documents"] > 4 for r in packed["rows"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .autograd import exact_attention
 from .checks import check_causal, check_cu_seqlens, check_qkv, resolve_scale
 from .dilated import new_grads
@@ -17,9 +19,10 @@ from .merge import new_accumulators
 class _Dense:
     causal: bool
     scale: float
+    need_lse: bool = True  # False: an inference call that returns no lse (the kernel may skip it)
 
     def forward(self, q, k, v, heads, into):
-        return block_attention(q, k, v, causal=self.causal, scale=self.scale)
+        return block_attention(q, k, v, causal=self.causal, scale=self.scale, need_lse=self.need_lse)
 
     def backward(self, dout, q, k, v, out, lse, dlse, heads, into):
         return block_attention_backward(dout, q, k, v, out, lse, causal=self.causal,
@@ -75,7 +78,9 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
             [c_i, c_{i+1})) attends only to itself, as if each were a call of its own.
 
     Returns:
-        out (B, Sq, H, D) in the input dtype, or (out, lse).
+        out (B, Sq, H, D) in the input dtype, or (out, lse). A call with no gradient to come
+        and no ``return_lse`` asks the kernel for no lse (cuDNN then runs its inference graph,
+        as torch's SDPA does under no_grad).
     """
     check_qkv(q, k, v, same_length=cu_seqlens is not None)
     check_causal(causal)
@@ -86,5 +91,7 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
                                    ("attention", dict(causal=causal, kv_heads=k.shape[2])))
         return (out, lse) if return_lse else out
     # One kernel call: out, dq, dk, dv come straight from it, with no accumulators to chunk.
-    out, lse = exact_attention(q, k, v, _Dense(causal, scale), ("attention", dict(causal=causal, kv_heads=k.shape[2])), chunked=False)
+    need_lse = return_lse or (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
+    out, lse = exact_attention(q, k, v, _Dense(causal, scale, need_lse),
+                               ("attention", dict(causal=causal, kv_heads=k.shape[2])), chunked=False)
     return (out, lse) if return_lse else out

@@ -52,7 +52,8 @@ _CUDNN_MAX_DIM = 65535
 @dataclass(frozen=True)
 class Backend:
     """One fused kernel family. ``applies(q, k, causal)`` holds its dtype, head-dim and shape
-    rules; ``forward(q, k, v, causal, scale) -> (out, lse)`` and ``backward(dout, q, k, v, out,
+    rules; ``forward(q, k, v, causal, scale, need_lse) -> (out, lse)`` (``need_lse`` False: the
+    caller needs no lse; a kernel that can skip it returns None there) and ``backward(dout, q, k, v, out,
     lse, causal, scale) -> (dq, dk, dv)`` take the (B, S, H, D) layout of this module."""
     name: str
     device: str            # device type it runs on; "cuda" backends also serve "meta" (dry run)
@@ -71,7 +72,7 @@ def _low_precision(q):
 
 
 # ---------------------------------------------------------------- CPU flash (torch private op)
-def _cpu_flash_forward(q, k, v, causal, scale):
+def _cpu_flash_forward(q, k, v, causal, scale, need_lse):
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, scale=scale)
     return _bhsd(out), lse
@@ -110,10 +111,11 @@ def _cudnn_applies(q, k, causal):
             and (not causal or q.shape[1] == k.shape[1]))
 
 
-def _cudnn_forward(q, k, v, causal, scale):
+def _cudnn_forward(q, k, v, causal, scale, need_lse):
+    # Without lse cuDNN runs its inference graph, as torch's SDPA does under no_grad.
     res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        _bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, causal, False, scale=scale)
-    return _bhsd(res[0]), res[1].squeeze(-1)  # lse comes as (B, H, Sq, 1)
+        _bhsd(q), _bhsd(k), _bhsd(v), None, need_lse, 0.0, causal, False, scale=scale)
+    return _bhsd(res[0]), res[1].squeeze(-1) if need_lse else None  # lse comes as (B, H, Sq, 1)
 
 
 def _cudnn_backward(dout, q, k, v, out, lse, causal, scale):
@@ -131,7 +133,7 @@ def _flash_applies(q, k, causal):
     return _low_precision(q) and d % 8 == 0 and d <= 256 and (not causal or q.shape[1] == k.shape[1])
 
 
-def _cuda_flash_forward(q, k, v, causal, scale):
+def _cuda_flash_forward(q, k, v, causal, scale, need_lse):
     res = torch.ops.aten._scaled_dot_product_flash_attention(
         _bhsd(q), _bhsd(k), _bhsd(v), 0.0, causal, False, scale=scale)
     return _bhsd(res[0]), res[1]
@@ -150,10 +152,10 @@ def _efficient_applies(q, k, causal):
     return q.dtype != torch.float64 and q.shape[-1] % 8 == 0
 
 
-def _cuda_efficient_forward(q, k, v, causal, scale):
+def _cuda_efficient_forward(q, k, v, causal, scale, need_lse):
     res = torch.ops.aten._scaled_dot_product_efficient_attention(
-        _bhsd(q), _bhsd(k), _bhsd(v), None, True, 0.0, causal, scale=scale)
-    return _bhsd(res[0]), res[1][:, :, : q.shape[1]]  # lse comes padded to a multiple of 32
+        _bhsd(q), _bhsd(k), _bhsd(v), None, need_lse, 0.0, causal, scale=scale)
+    return _bhsd(res[0]), res[1][:, :, : q.shape[1]] if need_lse else None  # lse padded to a multiple of 32
 
 
 def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
@@ -317,8 +319,10 @@ def _empty_result(q, v):
     return out, lse
 
 
-def block_attention(q, k, v, *, causal: bool = False, scale: float, mask=None):
+def block_attention(q, k, v, *, causal: bool = False, scale: float, mask=None, need_lse: bool = True):
     """Attend q (B, Sq, H, D) to k, v (B, Sk, H_kv, D). Returns out (B, Sq, H, D), lse (B, H, Sq).
+    ``need_lse`` False (an inference call that neither merges nor saves lse): kernels that can
+    skip it do, and lse may come back None.
 
     With H_kv < H (grouped-query attention) query head h reads K/V head h // (H / H_kv). The
     kernels want equal head counts, so the query heads run in H / H_kv calls of H_kv heads each
@@ -326,12 +330,12 @@ def block_attention(q, k, v, *, causal: bool = False, scale: float, mask=None):
     """
     group = q.shape[-2] // k.shape[-2]
     if group == 1:
-        return _block_forward(q, k, v, causal, scale, mask)
+        return _block_forward(q, k, v, causal, scale, mask, need_lse)
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=accum_dtype(q.dtype), device=q.device)
     for g in range(group):
         out[:, :, g::group], lse[:, g::group] = _block_forward(q[:, :, g::group], k, v, causal, scale,
-                                                               _heads_of(mask, slice(g, None, group)))
+                                                               _heads_of(mask, slice(g, None, group)), True)
     return out, lse
 
 
@@ -365,10 +369,10 @@ def _heads_of(mask, heads: slice):
     return mask if mask is None or mask.dim() < 3 or mask.shape[-3] == 1 else mask[..., heads, :, :]
 
 
-def _block_forward(q, k, v, causal, scale, mask):
+def _block_forward(q, k, v, causal, scale, mask, need_lse=True):
     if q.shape[1] == 0 or k.shape[1] == 0:
         return _empty_result(q, v)
-    result = _fused("forward", q, k, causal, mask, (q, k, v, causal, scale))
+    result = _fused("forward", q, k, causal, mask, (q, k, v, causal, scale, need_lse))
     return result if result is not None else _math_forward(q, k, v, causal, scale, mask)
 
 
