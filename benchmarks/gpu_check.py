@@ -225,9 +225,16 @@ def _contestants(segs, device):
         q, k, v, ring_size=8, causal=c, layout="zigzag"), None, None)
     calls["dilated (LongNet)"] = (lambda q, k, v, c: ringlab.dilated_attention(
         q, k, v, segs, LONGNET["rates"], causal=c), segs, "dilated")
-    calls["A/B: dilated, CPU call split"] = (functools.partial(calls["dilated (LongNet)"][0]), segs, None)
-    calls["A/B: dilated, CPU call split"][0].around = _cpu_split
+    calls["A/B: dilated, CPU call split"] = (_inside(_cpu_split, calls["dilated (LongNet)"][0]), segs, None)
     return calls
+
+
+def _inside(context, fn):
+    """``fn`` as a contestant that :func:`_step` runs inside ``context()``, backward included."""
+    def call(*args):
+        return fn(*args)
+    call.around = context
+    return call
 
 
 @contextlib.contextmanager
@@ -320,10 +327,8 @@ def packed_rows(device, n, heads, dim, repeats) -> list[dict]:
                           for a, b in zip(bounds, bounds[1:])], 1)
 
     def blocks(backend):
-        def call(q, k, v, causal):
-            return ringlab.attention(q, k, v, causal=causal, cu_seqlens=docs)
-        call.around = functools.partial(kernels.use_backend, backend)  # the backward too (see _step)
-        return call
+        return _inside(functools.partial(kernels.use_backend, backend),
+                       lambda q, k, v, causal: ringlab.attention(q, k, v, causal=causal, cu_seqlens=docs))
 
     calls = {"attention packed (auto)": lambda q, k, v, c: ringlab.attention(q, k, v, causal=c, cu_seqlens=docs),
              "attention packed (per-document blocks)": blocks("cuda_cudnn" if device == "cuda" else "cpu_flash"),

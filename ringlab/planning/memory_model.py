@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..engine import autograd
+from ..engine import autograd, kernels
 from ..engine.checks import DTYPE_NAMES
 from ..engine.config import RingConfig
 from ..engine.dilation import head_count, local_blocks, min_call_rows
@@ -171,10 +171,16 @@ def _largest(phases: list[dict]) -> dict:
 
 
 def _cudnn(pb: Problem) -> bool:
-    """Whether the blocks run on cuDNN (CUDA, 16-bit, head_dim a multiple of 8 up to 128; a
-    Hopper card takes up to 256, which the model does not assume). Its backward reads the
-    output gradient as a strided view: an H200 measured exactly the peak without the copy."""
-    return pb.device == "cuda" and pb.item_bytes == 2 and pb.head_dim % 8 == 0 and pb.head_dim <= 128
+    """Whether the blocks run on cuDNN, by the backend's own rule on meta tensors (which take
+    head_dim up to 128, as cards before Hopper do). Its backward reads the output gradient as
+    a strided view: an H200 measured exactly the peak without the copy."""
+    return pb.device == "cuda" and _cudnn_serves(pb.dtype, pb.batch, pb.heads, pb.head_dim)
+
+
+@functools.lru_cache(maxsize=64)
+def _cudnn_serves(dtype: str, batch: int, heads: int, head_dim: int) -> bool:
+    q = torch.empty(batch, 2, heads, head_dim, dtype=getattr(torch, dtype), device="meta")
+    return kernels.BACKENDS["cuda_cudnn"].applies(q, q, False)
 
 
 def _block_forward(pb: Problem, rows: int, keys: int, heads: int, kv: int, q_len: int, k_len: int,
