@@ -8,6 +8,7 @@ per-round ratios: the helpers live in ringlab.workbench.timing, which the scalin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -16,10 +17,22 @@ import platform
 
 import torch
 
+from ringlab.engine import comm
 from ringlab.planning import memory
 from ringlab.workbench.timing import ratio, side_by_side, sync  # noqa: F401 - the benchmarks' timing helpers
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+@contextlib.contextmanager
+def rank_by_rank():
+    """Simulated rings run each rank's generator (as while tracing) instead of all ranks at once
+    (ringlab.engine.comm.SIMULATE_TOGETHER), forward and backward: the A/B of the all-ranks form."""
+    saved, comm.SIMULATE_TOGETHER = comm.SIMULATE_TOGETHER, False
+    try:
+        yield
+    finally:
+        comm.SIMULATE_TOGETHER = saved
 
 
 def machine() -> dict:

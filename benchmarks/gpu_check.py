@@ -19,8 +19,10 @@
    ``host_ms`` is the time until the call returns, before the device finishes.
    profile: the kernels with the most device time in a causal forward and forward+backward
    of the ring and of dilated attention at 32K, and how much of the wall time the device was busy;
-   then the host time of one ring tile per backend and shape, and the LSE merge against a
-   cast plus one lerp_.
+   then the host time of one ring tile per backend and shape, and the LSE merge (the Triton
+   kernel) against the torch merge and a cast plus one lerp_. "A/B: ring P=8, torch merge" is
+   the ring with the torch merge, timed beside the ring with the kernel; "A/B: ring P=8, rank
+   by rank" the ring running each simulated rank's generator instead of all ranks at once.
 3. capacity: dilated forward+backward and forward alone at growing N (targets: 2M and 4M
    tokens), peak against the memory model; an out-of-memory error is shown as the user sees it.
 4. notebooks: every notebook through papermill with device="cuda" at its default parameters
@@ -47,12 +49,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ringlab
-from ringlab.engine import autograd, dilation, kernels
+from ringlab.engine import autograd, kernels, merge
 from ringlab.planning.memory_model import Problem, estimate
 from ringlab.engine.nn import MultiheadDilatedAttention
 from ringlab.reference import dense_attention, dense_dilated_attention, tolerance
 
-from .common import machine, markdown_table, peak_bytes, record, section, side_by_side, sync
+from .common import machine, markdown_table, peak_bytes, rank_by_rank, record, section, side_by_side, sync
 from .hardware import attention_flops, matmul_flops
 from .single_device import LONGNET
 
@@ -160,6 +162,12 @@ def correctness_rows(device, n) -> list[dict]:
             fn = lambda q, k, v, c=causal: ringlab.attention(q, k, v, causal=c)  # noqa: E731
             ref = lambda q, k, v, c=causal: dense_attention(q, k, v, causal=c)[0]  # noqa: E731
             rows.append(_guard(name, lambda: _check(name, fn, ref, qkv, dtype, device, grads=False)))
+    for name, context in (("rank by rank", rank_by_rank), ("torch merge", _torch_merge)):  # the A/B contestants
+        name = f"ring_attention P=8 zigzag causal, {name}"
+        with context():
+            rows.append(_guard(name, lambda: _check(
+                name, lambda q, k, v: ringlab.ring_attention(q, k, v, ring_size=8, causal=True, layout="zigzag"),
+                lambda q, k, v: dense_attention(q, k, v, causal=True)[0], ring_qkv, torch.bfloat16, device)))
     with _chunks_of(1):
         for dtype in (torch.float32, torch.bfloat16):
             rows.append(_guard("dilated, head chunks", lambda: _check(
@@ -225,7 +233,8 @@ def _contestants(segs, device):
         q, k, v, ring_size=8, causal=c, layout="zigzag"), None, None)
     calls["dilated (LongNet)"] = (lambda q, k, v, c: ringlab.dilated_attention(
         q, k, v, segs, LONGNET["rates"], causal=c), segs, "dilated")
-    calls["A/B: dilated, CPU call split"] = (_inside(_cpu_split, calls["dilated (LongNet)"][0]), segs, None)
+    calls["A/B: ring P=8, torch merge"] = (_inside(_torch_merge, calls["ring P=8 (simulated)"][0]), None, None)
+    calls["A/B: ring P=8, rank by rank"] = (_inside(rank_by_rank, calls["ring P=8 (simulated)"][0]), None, None)
     return calls
 
 
@@ -238,15 +247,15 @@ def _inside(context, fn):
 
 
 @contextlib.contextmanager
-def _cpu_split():
-    """Dilated calls cut by the quarter rule alone, as on CPU (no GPU floor): what the floor of
-    ringlab.engine.dilation.MIN_CALL_ELEMENTS gains, side by side (forward and backward)."""
-    saved = dict(dilation.MIN_CALL_ELEMENTS)
-    dilation.MIN_CALL_ELEMENTS["cuda"] = 0
+def _torch_merge():
+    """Merges with torch ops instead of the Triton kernel (ringlab.engine.merge.FUSED): what the
+    one-pass merge gains in a ring, side by side. The same call where triton is missing."""
+    saved = dict(merge.FUSED)
+    merge.FUSED["cuda"] = False
     try:
         yield
     finally:
-        dilation.MIN_CALL_ELEMENTS.update(saved)
+        merge.FUSED.update(saved)
 
 
 def _step(fn, leaves, causal, dout):
@@ -435,19 +444,18 @@ def block_host_rows(device, n, heads, dim, calls=16) -> list[dict]:
 
 def merge_rows(device, n, heads, dim, repeats, blocks=32) -> list[dict]:
     """The LSE merge of a bf16 block into float32 accumulators (the ring's per-block merge at
-    P = 8: n / 8 rows), as ringlab does it and as a cast plus one lerp_; ms per merge and the
-    bytes it must move (read out and block, write out) per second."""
-    from ringlab.engine.merge import merge
-
+    P = 8: n / 8 rows): ringlab's (the Triton kernel where it applies), the torch merge, and a
+    cast plus one lerp_; ms per merge and the bytes it must move (read out and block, write
+    out) per second."""
     rows = max(1, n // 8)
     out = torch.zeros(1, rows, heads, dim, device=device)
     lse = torch.full((1, heads, rows), -float("inf"), device=device)
     block = torch.randn(1, rows, heads, dim, device=device, dtype=torch.bfloat16)
     block_lse = torch.randn(1, heads, rows, device=device)
 
-    def ours():
+    def ringlab_merge():
         for _ in range(blocks):
-            merge(out, lse, block, block_lse)
+            merge.merge(out, lse, block, block_lse)
 
     def cast_lerp():
         for _ in range(blocks):
@@ -455,10 +463,16 @@ def merge_rows(device, n, heads, dim, repeats, blocks=32) -> list[dict]:
             torch.logaddexp(lse, block_lse, out=lse)
             out.lerp_(block.float(), w.transpose(-1, -2).unsqueeze(-1))
 
-    times = side_by_side({"ringlab merge": ours, "cast + lerp_": cast_lerp}, repeats=repeats, device=device)
+    def torch_merge():
+        with _torch_merge():
+            ringlab_merge()
+
+    calls = {"ringlab merge": ringlab_merge, "torch merge": torch_merge, "cast + lerp_": cast_lerp}
+    times = side_by_side(calls, repeats=repeats, device=device)
     moved = out.numel() * (4 + 2 + 4)
-    return [dict(rows=rows, heads=heads, dim=dim, variant=name, ms=min(t) / blocks * 1e3,
-                 GB_per_s=moved / (min(t) / blocks) / 1e9) for name, t in times.items()]
+    kernel = "triton" if merge.fused_merge_applies(out) else "torch"
+    return [dict(rows=rows, heads=heads, dim=dim, variant=name, kernel=kernel if name == "ringlab merge" else "torch",
+                 ms=min(t) / blocks * 1e3, GB_per_s=moved / (min(t) / blocks) / 1e9) for name, t in times.items()]
 
 
 def _model(mode, n, heads, dim, causal, backward, segs, device):
@@ -613,6 +627,7 @@ def main(argv=None) -> dict:
             "notebooks", lambda: notebook_rows(device, os.path.join("runs", "gpu_check"), args.notebook_budget), log)
     summary = dict(device=machine()["gpu"] or "cpu (dry run)", torch=torch.__version__,
                    cudnn=torch.backends.cudnn.version() if device == "cuda" else None,
+                   merge_kernel=_merge_kernel(device),
                    matmul_bf16_TFLOPs=peak / 1e12,
                    correctness_ok=all(r.get("ok") for r in correct), failed_checks=[r["check"] for r in correct if not r.get("ok")],
                    set_aside=[f"{k}: {v}" for k, v in kernels.set_aside().items()],
@@ -653,8 +668,16 @@ SPEED_COLUMNS = ["N", "causal", "mode", "call", "ms", "host_ms", "vs_best_sdpa",
                  "peak_GiB", "model_over_measured", "backend", "error"]
 PACKED_COLUMNS = ["N", "documents", "causal", "mode", "call", "ms", "vs_sdpa_per_document", "backend"]
 HOST_COLUMNS = ["backend", "tile", "q_rows", "k_rows", "host_us", "error"]
-MERGE_COLUMNS = ["rows", "heads", "dim", "variant", "ms", "GB_per_s"]
+MERGE_COLUMNS = ["rows", "heads", "dim", "variant", "kernel", "ms", "GB_per_s"]
 PROFILE_COLUMNS = ["call", "mode", "N", "kernel", "calls", "ms", "of_wall", "wall_ms"]
+
+
+def _merge_kernel(device) -> str:
+    """What merges a block into accumulators on ``device``: the Triton kernel (and its version) or torch."""
+    if not merge.fused_merge_applies(torch.empty(0, device=device)):
+        return "torch"
+    import triton
+    return f"triton {triton.__version__}"
 
 
 def _targets(speed, fit) -> dict:

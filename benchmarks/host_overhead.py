@@ -14,6 +14,7 @@ and its time against one ``attention`` call, side by side in one run.
 from __future__ import annotations
 
 import collections
+import contextlib
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -21,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import ringlab
 from ringlab.engine import kernels
 
-from .common import cli, section, side_by_side
+from .common import cli, rank_by_rank, section, side_by_side
 
 
 # Ops that change metadata or take memory from the caching allocator but launch nothing.
@@ -56,6 +57,8 @@ def run(quick: bool = False) -> dict:
     calls = {"attention": lambda q, k, v: ringlab.attention(q, k, v, causal=True),
              "ring P=8 zigzag (simulated)": lambda q, k, v: ringlab.ring_attention(
                  q, k, v, ring_size=8, causal=True, layout="zigzag"),
+             "ring P=8 zigzag (simulated, rank by rank)": lambda q, k, v: ringlab.ring_attention(
+                 q, k, v, ring_size=8, causal=True, layout="zigzag"),
              "dilated (LongNet)": lambda q, k, v: ringlab.dilated_attention(q, k, v, segments, rates, causal=True)}
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -63,12 +66,15 @@ def run(quick: bool = False) -> dict:
         for backward in (False, True):
             leaves = [torch.randn(1, n, heads, dim, generator=g).to(dtype).requires_grad_(backward) for _ in range(3)]
 
-            def step(fn):
-                if not backward:
-                    return lambda: fn(*leaves)
-                return lambda: fn(*leaves).sum().backward()
+            def step(fn, around):
+                def call():
+                    with around():
+                        out = fn(*leaves)
+                        return out.sum().backward() if backward else out
+                return call
 
-            runs = {name: step(fn) for name, fn in calls.items()}
+            runs = {name: step(fn, rank_by_rank if "rank by rank" in name else contextlib.nullcontext)
+                    for name, fn in calls.items()}
             with torch.enable_grad() if backward else torch.no_grad():
                 times = side_by_side(runs, repeats=repeats, warmup=1)
                 counted = {name: _dispatched(run_) for name, run_ in runs.items()}
@@ -80,8 +86,9 @@ def run(quick: bool = False) -> dict:
                                  blocks=c["blocks"], ms=min(times[name]) * 1e3, vs_attention=min(times[name]) / base))
     notes = (f"N = {n}, H = {heads}, D = {dim}, causal; dilated segments {segments}, rates {rates}. kernels: "
              "dispatched ops that are neither views nor allocations (empty, set_); blocks: the forward's attention "
-             "blocks (ringlab's block calls, any backend; the backward makes as many). Times: best of the "
-             "interleaved rounds, on this CPU.")
+             "blocks (ringlab's block calls, any backend; the backward makes as many). The simulated ring runs "
+             "its ranks together (a call per run of ranks with equal tiles); rank by rank: each rank's own "
+             "generator, as while tracing. Times: best of the interleaved rounds, on this CPU.")
     return section("host_overhead", rows,
                    ["call", "dtype", "mode", "ops", "kernels", "blocks", "ms", "vs_attention"], notes=notes)
 

@@ -25,7 +25,7 @@ from ringlab.workbench.experiments import overlap_fraction, rank_times
 from ringlab.engine.launch import launch
 from ringlab.engine.trace import record_events
 
-from .common import cli, ratio, section, side_by_side
+from .common import cli, rank_by_rank, ratio, section, side_by_side
 from .peers import peer_ring_attention
 
 
@@ -84,13 +84,19 @@ def distributed_rows(p, n, *, repeats, backward, causal=False, layout="contiguou
 
 
 def simulated_row(n, repeats):
+    """The simulated ring (all ranks at once), rank by rank, and SDPA, interleaved."""
     q, k, v = (torch.randn(1, n, 8, 64) for _ in range(3))
-    t = side_by_side({"sim": lambda: ringlab.ring_attention(q, k, v, ring_size=8),
+
+    def rank_by_rank_sim():
+        with rank_by_rank():
+            ringlab.ring_attention(q, k, v, ring_size=8)
+    t = side_by_side({"sim": lambda: ringlab.ring_attention(q, k, v, ring_size=8), "sim rank by rank": rank_by_rank_sim,
                       "sdpa": lambda: sdpa(q, k, v)}, repeats=repeats)
     with memory.track() as mem:
         ringlab.ring_attention(q, k, v, ring_size=8)
     return dict(case="simulated ring P=8 / SDPA, forward", N=n, ratio=ratio(t, "sim", "sdpa"),
-                sim_s=min(t["sim"]), sdpa_s=min(t["sdpa"]), process_peak_MiB=mem.peak / 2**20)
+                rank_by_rank_ratio=ratio(t, "sim rank by rank", "sdpa"), sim_s=min(t["sim"]), sdpa_s=min(t["sdpa"]),
+                process_peak_MiB=mem.peak / 2**20)
 
 
 def run(quick: bool = False) -> dict:
@@ -104,8 +110,8 @@ def run(quick: bool = False) -> dict:
                 rows.append(distributed_rows(p, n, repeats=repeats, backward=backward, peer=peer))
     for layout in ("contiguous", "zigzag", "striped"):
         rows.append(distributed_rows(4, sizes[0], repeats=repeats, backward=False, causal=True, layout=layout))
-    notes = (f"Simulated ring P=8 / SDPA forward at N={sizes[0]}: {sim['ratio']:.3f} (target <= 1.3; "
-             f"process peak {sim['process_peak_MiB']:.1f} MiB).\n"
+    notes = (f"Simulated ring P=8 / SDPA forward at N={sizes[0]}: {sim['ratio']:.3f} (target <= 1.3; rank by "
+             f"rank {sim['rank_by_rank_ratio']:.3f}; process peak {sim['process_peak_MiB']:.1f} MiB).\n"
              "ring_over_single: slowest rank's time / ringlab.attention in one process (2 threads) at the "
              "same N. hidden_comm: share of in-flight communication time the rank spent computing "
              "(target >= 0.8). work/time_imbalance: max / mean over ranks of score pairs and of compute "

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
 from hypothesis import settings
 
 from ringlab.reference import branch_mask, tolerance
+
+# Without a GPU, ringlab's Triton kernels run in triton's interpreter (tests/test_fused_merge.py).
+# triton reads the switch when it is imported, so it is set before anything imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Property tests draw the same examples on every run (CI must not flake on a new draw) and keep
 # no example database between runs.

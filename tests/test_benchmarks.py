@@ -20,8 +20,11 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_json(tmp_path):
     assert all(r["backend"] != "-" for r in correctness["rows"])
     assert all("error" not in r and r["ms"] > 0 and r["TFLOPs"] > 0 for r in speed["rows"])
     assert {r["call"] for r in speed["rows"]} == {"SDPA flash", "attention", "ring P=8 (simulated)",
-                                                   "dilated (LongNet)", "A/B: dilated, CPU call split"}
-    assert {r["variant"] for r in merges["rows"]} == {"ringlab merge", "cast + lerp_"}
+                                                   "dilated (LongNet)", "A/B: ring P=8, torch merge",
+                                                   "A/B: ring P=8, rank by rank"}
+    assert {(r["variant"], r["kernel"]) for r in merges["rows"]} == {("ringlab merge", "torch"), ("torch merge", "torch"),
+                                                                     ("cast + lerp_", "torch")}  # the kernel is CUDA's
+    assert summary["merge_kernel"] == "torch"
     assert len(hosts["rows"]) == 4 and all(r["host_us"] > 0 for r in hosts["rows"])
     assert {r["call"] for r in packed["rows"]} == {"attention packed (auto)", "attention packed (per-document blocks)",
                                                     "SDPA per document"}
@@ -57,11 +60,14 @@ def test_host_overhead_counts_the_ops_of_each_call():
     from benchmarks import host_overhead
 
     rows = {(r["call"], r["dtype"], r["mode"]): r for r in host_overhead.run(quick=True)["rows"]}
-    assert len(rows) == 12 and all(r["ms"] > 0 and 0 < r["kernels"] <= r["ops"] for r in rows.values())
+    assert len(rows) == 16 and all(r["ms"] > 0 and 0 < r["kernels"] <= r["ops"] for r in rows.values())
     for dtype in ("float32", "bfloat16"):
         one, ring = rows[("attention", dtype, "fwd")], rows[("ring P=8 zigzag (simulated)", dtype, "fwd")]
-        assert one["blocks"] == 1 and ring["blocks"] == 64  # 8 ranks x 8 steps, zigzag: a block each
-        assert ring["kernels"] > 5 * ring["blocks"]  # merges, copies, accumulators: the host work per block
+        alone = rows[("ring P=8 zigzag (simulated, rank by rank)", dtype, "fwd")]
+        assert one["blocks"] == 1 and alone["blocks"] == 64  # 8 ranks x 8 steps, zigzag: a block each
+        assert ring["blocks"] == 15  # together: one run at step 0, then the ranks before and after the owner
+        assert alone["kernels"] > 5 * alone["blocks"]  # merges, copies, accumulators: the host work per block
+        assert ring["kernels"] < alone["kernels"] / 3
 
 
 def test_exponent_fit():

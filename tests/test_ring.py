@@ -93,6 +93,60 @@ def test_trace_of_simulated_ring(layout):
     assert all(e["bytes"] == 2 * n // p * 2 * 8 * 4 for e in kv_posts)
 
 
+def _ring_run(p, layout, causal, *, together, batch=1, documents=None, kv_heads=4):
+    """(out, lse, dq, dk, dv) and the kernel calls of a float64 simulated ring, fwd+bwd with dlse."""
+    from ringlab.engine import comm, kernels
+
+    n = 2 * p * 8
+    q, k, v = rand_qkv(batch, n, 4, 8, seed=p, count=3)
+    k, v = k[:, :, :kv_heads].clone(), v[:, :, :kv_heads].clone()
+    xs = [x.requires_grad_() for x in (q, k, v)]
+    old, comm.SIMULATE_TOGETHER = comm.SIMULATE_TOGETHER, together
+    try:
+        with kernels.record_backends() as calls:
+            out, lse = ringlab.ring_attention(*xs, ring_size=p, causal=causal, layout=layout, return_lse=True,
+                                              cu_seqlens=documents)
+            g = torch.Generator().manual_seed(0)
+            cotangents = [torch.randn(x.shape, generator=g, dtype=x.dtype) for x in (out, lse)]
+            ((out * cotangents[0]).sum() + (lse * cotangents[1]).sum()).backward()
+    finally:
+        comm.SIMULATE_TOGETHER = old
+    return [out, lse, *(x.grad for x in xs)], sum(calls.values())
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+@pytest.mark.parametrize("layout", LAYOUTS + ["doc_zigzag"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_simulated_ranks_together_give_what_each_rank_gives(p, layout, causal):
+    """The simulated ring's all-ranks form equals the per-rank generators (packed documents and
+    GQA too), with one kernel call per run of ranks with equal tiles instead of one per rank."""
+    documents = torch.tensor([0, 4 * p, 12 * p, 16 * p]) if layout == "doc_zigzag" else None
+    for batch, kv_heads in ((1, 4), (1, 2)) if documents is not None else ((1, 4), (2, 2)):  # packed: batch 1
+        (together, calls), (alone, per_rank) = (
+            _ring_run(p, layout, causal, together=t, batch=batch, documents=documents, kv_heads=kv_heads)
+            for t in (True, False))
+        for a, e in zip(together, alone):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+        assert calls < per_rank if documents is None else calls <= per_rank  # documents: ranks' tiles may all differ
+        if layout in ("zigzag", "striped") and causal and kv_heads == 4:  # step 0 one run; then the ranks before and after the owner
+            assert calls == 2 * (1 + 2 * (p - 1)) and per_rank == 2 * p * p
+
+
+def test_stacked_shards_are_views_where_one_stride_steps_them():
+    """Contiguous and striped shards of a batch of one stack without a copy; zigzag's (two chunks
+    each) and those of a larger batch are copied. The values are every rank's shard in order."""
+    from ringlab.engine.comm import _stacked_shards
+    from ringlab.engine.layout import get
+
+    for layout, batch in itertools.product(LAYOUTS, [1, 2]):
+        x = torch.randn(batch, 24, 3, 2)
+        for dim, y in ((1, x), (2, x.permute(0, 2, 1, 3))):  # q-like (B, N, H, D) and lse-like (B, H, N)
+            stacked = _stacked_shards(get(layout), y, 4, dim, None)
+            assert torch.equal(stacked, torch.cat([ringlab.shard(y, r, 4, layout, dim=dim) for r in range(4)], 0))
+            view = stacked.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+            assert view == (layout != "zigzag" and batch == 1), (layout, batch, dim)
+
+
 def test_simulated_delivery_hands_over_the_sent_tensor():
     """A simulated rank receives the tensor its neighbour sent, not a copy (on a GPU a copy is a
     memcpy per rank and step); a message that does not fit the receive buffer is an engine bug."""

@@ -146,6 +146,28 @@ MUTANTS = (
            "    blocks = _blocks(pb, ((0, n),), whole=True)\n",
            "    blocks = _blocks(pb, ((0, n),))\n",
            "tests/test_memory.py", "h200_allocator"),
+    # The simulated ring's all-ranks form.
+    Mutant("together-backward-reads-its-own-block", "ringlab/engine/ring.py",
+           "rdq, *_of(srcs, b, dk, dv),",
+           "rdq, *_of(ranks, b, dk, dv),",
+           "tests/test_ring.py", "simulated_ring_f64"),
+    Mutant("stacked-shards-view-ignores-the-batch", "ringlab/engine/comm.py",
+           "if views and (b == 1 or step == b * first.stride(0)):",
+           "if views:",
+           "tests/test_ring.py", "together"),
+    # The Triton merge (run on CPU through triton's interpreter).
+    Mutant("fused-merge-nan-weight-for-empty-rows", "ringlab/engine/merge.py",
+           'w = tl.where(new == float("-inf"), 0.0, tl.sigmoid(new - old))',
+           "w = tl.sigmoid(new - old)",
+           "tests/test_fused_merge.py", "equals_the_torch_merge"),
+    Mutant("fused-merge-reads-the-block-with-out-strides", "ringlab/engine/merge.py",
+           "    b_strides = (0,) * pad + block_out.stride()\n",
+           "    b_strides = o_strides\n",
+           "tests/test_fused_merge.py", "equals_the_torch_merge"),
+    Mutant("fused-merge-max-instead-of-logaddexp", "ringlab/engine/merge.py",
+           "both = tl.where(hi == float(\"-inf\"), hi, hi + tl.log(1.0 + tl.exp(-tl.abs(old - new))))",
+           "both = hi",
+           "tests/test_fused_merge.py", "rings_and_dilated"),
 )
 
 

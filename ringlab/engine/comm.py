@@ -275,6 +275,12 @@ def _gather(outputs, tensor, group, meta, names, show) -> None:
     work.wait()
 
 
+# A simulated ring whose algorithm has a form for all ranks at once (``RingAlgorithm.together``)
+# runs that form, unless a trace is being recorded: a trace shows each rank's transfers, which
+# only the per-rank generators make. False: always the generators (an A/B in benchmarks).
+SIMULATE_TOGETHER = True
+
+
 @dataclass(frozen=True, eq=False)
 class RingAlgorithm:
     """An algorithm given as per-rank generators, run on a real ring or a simulated one.
@@ -284,7 +290,10 @@ class RingAlgorithm:
     heads that q, k, v hold. Real (``group`` given): tensors are this rank's
     shards. Simulated (``ring_size``): tensors are whole sequences, sharded by ``layout`` for
     each simulated rank, and the ranks' results are unsharded (``documents``: the packed
-    documents, for a layout that splits each one).
+    documents, for a layout that splits each one). ``together``: optional (forward, backward)
+    that take and return every rank's shards at once, stacked in dim 0 (rank r: rows r*B to
+    (r+1)*B), and give what the generators give; a simulated ring runs them when it may
+    (:data:`SIMULATE_TOGETHER`).
     """
     forward_rank: Callable
     backward_rank: Callable
@@ -292,20 +301,44 @@ class RingAlgorithm:
     ring_size: int | None
     layout: str
     documents: tuple[int, ...] = ()
+    together: tuple[Callable, Callable] | None = None
 
     def forward(self, q, k, v, heads, into):
-        return self._run(functools.partial(self.forward_rank, heads=heads), (q, k, v), (1, 1, 1), (1, 2))
+        return self._run(functools.partial(self.forward_rank, heads=heads), (q, k, v), (1, 1, 1), (1, 2),
+                         self._together(0, heads))
 
     def backward(self, dout, q, k, v, out, lse, dlse, heads, into):
         return self._run(functools.partial(self.backward_rank, heads=heads), (dout, q, k, v, out, lse, dlse),
-                         (1, 1, 1, 1, 1, 2, 2), (1, 1, 1))
+                         (1, 1, 1, 1, 1, 2, 2), (1, 1, 1), self._together(1, heads))
 
-    def _run(self, rank_fn, tensors, dims, out_dims):
+    def _together(self, pass_: int, heads):
+        return None if self.together is None else functools.partial(self.together[pass_], heads=heads)
+
+    def _run(self, rank_fn, tensors, dims, out_dims, together=None):
         if self.group is not None:
             return run_rank(rank_fn(P2PComm(self.group), *tensors))
         p, layout, docs = self.ring_size, get(self.layout), self.documents or None
+        if together is not None and SIMULATE_TOGETHER and not trace.recording():
+            stacked = [None if t is None else _stacked_shards(layout, t, p, d, docs) for t, d in zip(tensors, dims)]
+            return tuple(layout.unshard(list(x.chunk(p, 0)), d, docs) for x, d in zip(together(*stacked), out_dims))
         local = [[None if t is None else layout.shard(t, r, p, d, docs) for t, d in zip(tensors, dims)]
                  for r in range(p)]
         box = Mailbox()
         results = run_lockstep([rank_fn(SimComm(r, p, box), *local[r]) for r in range(p)], box)
         return tuple(layout.unshard([res[i] for res in results], d, docs) for i, d in enumerate(out_dims))
+
+
+def _stacked_shards(layout, x, p: int, dim: int, documents) -> torch.Tensor:
+    """Every rank's shard of x along ``dim``, stacked in dim 0 (rank r: rows r*B to (r+1)*B).
+    A view of x where the shards are views at equal distances that one stride can step
+    (contiguous and striped shards of a batch of one): then nothing is copied."""
+    shards = [layout.shard(x, r, p, dim, documents) for r in range(p)]
+    first, b = shards[0], x.shape[0]
+    offsets = [s.storage_offset() for s in shards]
+    step = offsets[1] - offsets[0] if p > 1 else 0
+    views = all(s.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and s.stride() == first.stride()
+                and o == offsets[0] + r * step for r, (s, o) in enumerate(zip(shards, offsets)))
+    if views and (b == 1 or step == b * first.stride(0)):
+        return x.as_strided((p * b, *first.shape[1:]), (step if b == 1 else first.stride(0), *first.stride()[1:]),
+                            offsets[0])
+    return torch.cat(shards, 0)

@@ -135,10 +135,22 @@ def rank_functions(config: RingConfig):
             functools.partial(algo.backward_rank, config=config))
 
 
+def together_functions(config: RingConfig):
+    """(forward, backward) of every simulated rank at once (see RingAlgorithm), or None where
+    only the per-rank generators exist (ring-dilated)."""
+    from . import ring
+
+    if config.dilated:
+        return None
+    return (functools.partial(ring.forward_together, config=config),
+            functools.partial(ring.backward_together, config=config))
+
+
 def run_ring(config: RingConfig, q, k, v, *, group, ring_size):
     """(out, lse) of the ring call ``config`` on q, k, v: this rank's shards with ``group``, the
     whole sequence with ``ring_size``. Ranks of a group first check that they agree."""
     if group is not None:
         check_group_agrees(group, q.device, *config.agreement(q, k))
-    algorithm = RingAlgorithm(*rank_functions(config), group, ring_size, config.layout, config.documents)
+    algorithm = RingAlgorithm(*rank_functions(config), group, ring_size, config.layout, config.documents,
+                              together_functions(config))
     return exact_attention(q, k, v, algorithm, config.model(simulated=group is None))

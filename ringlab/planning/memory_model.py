@@ -187,9 +187,10 @@ def _block_forward(pb: Problem, rows: int, keys: int, heads: int, kv: int, q_len
                    copied: bool = False) -> dict:
     """One kernel call (``heads`` query heads, ``kv`` K/V heads) merged into accumulators.
     Inside the kernel its scratch is live (and copies of q, k, v rows that no view can fold
-    into the kernel's batch); after it, the merge's temporaries (new lse, shift, two weights;
+    into the kernel's batch); after it, the torch merge's temporaries (new lse, shift, two weights;
     for 16-bit dtypes on CPU also the float32 upcast of the block output inside addcmul_; CUDA
-    casts on the fly). With kv < heads the kernel runs kv query heads at a time, each call's
+    casts on the fly). The Triton merge makes none; the model keeps the torch merge's, since a
+    plan cannot know whether its GPU machine has triton, and they are far below the kernel's phase. With kv < heads the kernel runs kv query heads at a time, each call's
     output next to the block output it is copied into."""
     base = {"block output": pb.elements(rows, heads) * pb.item_bytes, "block lse": pb.lse_elements(rows, heads) * pb.acc_bytes}
     upcast = pb.elements(rows, heads) * pb.acc_bytes if pb.item_bytes != pb.acc_bytes and pb.device == "cpu" else 0
