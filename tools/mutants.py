@@ -79,7 +79,7 @@ MUTANTS = (
     Mutant("dkdv-handoff-keeps-the-held-accumulator", "ringlab/engine/ring.py",
            "return dq, dkv_incoming[0], dkv_incoming[1]",
            "return dq, dkv[0], dkv[1]",
-           "tests/test_ring.py", "simulated_ring_scale"),
+           "tests/test_ring.py", "together_give_what_each_rank_gives"),  # the generators against the together form
     Mutant("grouped-offset-floor-instead-of-ceil", "ringlab/engine/dilation.py",
            "    size = math.ceil(num_heads / rate)\n",
            "    size = max(1, num_heads // rate)\n",
