@@ -8,12 +8,12 @@ per-round ratios: the helpers live in ringlab.workbench.timing, which the scalin
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
 import pathlib
 import platform
+from unittest import mock
 
 import torch
 
@@ -24,15 +24,10 @@ from ringlab.workbench.timing import ratio, side_by_side, sync  # noqa: F401 - t
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
-@contextlib.contextmanager
 def rank_by_rank():
-    """Simulated rings run each rank's generator (as while tracing) instead of all ranks at once
-    (ringlab.engine.comm.SIMULATE_TOGETHER), forward and backward: the A/B of the all-ranks form."""
-    saved, comm.SIMULATE_TOGETHER = comm.SIMULATE_TOGETHER, False
-    try:
-        yield
-    finally:
-        comm.SIMULATE_TOGETHER = saved
+    """A context in which simulated rings run each rank's generator (as while tracing) instead of
+    all ranks at once (ringlab.engine.comm.SIMULATE_TOGETHER): the A/B of the all-ranks form."""
+    return mock.patch.object(comm, "SIMULATE_TOGETHER", False)
 
 
 def machine() -> dict:

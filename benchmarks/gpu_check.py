@@ -43,6 +43,7 @@ import os
 import time
 import traceback
 import warnings
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -246,16 +247,10 @@ def _inside(context, fn):
     return call
 
 
-@contextlib.contextmanager
 def _torch_merge():
-    """Merges with torch ops instead of the Triton kernel (ringlab.engine.merge.FUSED): what the
-    one-pass merge gains in a ring, side by side. The same call where triton is missing."""
-    saved = dict(merge.FUSED)
-    merge.FUSED["cuda"] = False
-    try:
-        yield
-    finally:
-        merge.FUSED.update(saved)
+    """A context that merges with torch ops instead of the Triton kernel (ringlab.engine.merge.FUSED):
+    what the one-pass merge gains in a ring, side by side. The same call where triton is missing."""
+    return mock.patch.dict(merge.FUSED, {"cuda": False})
 
 
 def _step(fn, leaves, causal, dout):

@@ -54,12 +54,15 @@ def _dispatched(fn) -> collections.Counter:
 def run(quick: bool = False) -> dict:
     n, heads, dim, repeats = 256, 2, 16, (3 if quick else 30)
     segments, rates = [n // 8, n // 4, n // 2, n], [1, 2, 4, 8]
-    calls = {"attention": lambda q, k, v: ringlab.attention(q, k, v, causal=True),
-             "ring P=8 zigzag (simulated)": lambda q, k, v: ringlab.ring_attention(
-                 q, k, v, ring_size=8, causal=True, layout="zigzag"),
-             "ring P=8 zigzag (simulated, rank by rank)": lambda q, k, v: ringlab.ring_attention(
-                 q, k, v, ring_size=8, causal=True, layout="zigzag"),
-             "dilated (LongNet)": lambda q, k, v: ringlab.dilated_attention(q, k, v, segments, rates, causal=True)}
+    def ring(q, k, v):
+        return ringlab.ring_attention(q, k, v, ring_size=8, causal=True, layout="zigzag")
+
+    none = contextlib.nullcontext  # (call, the context it runs in, backward included)
+    calls = {"attention": (lambda q, k, v: ringlab.attention(q, k, v, causal=True), none),
+             "ring P=8 zigzag (simulated)": (ring, none),
+             "ring P=8 zigzag (simulated, rank by rank)": (ring, rank_by_rank),
+             "dilated (LongNet)": (lambda q, k, v: ringlab.dilated_attention(q, k, v, segments, rates, causal=True),
+                                   none)}
     rows = []
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
@@ -73,8 +76,7 @@ def run(quick: bool = False) -> dict:
                         return out.sum().backward() if backward else out
                 return call
 
-            runs = {name: step(fn, rank_by_rank if "rank by rank" in name else contextlib.nullcontext)
-                    for name, fn in calls.items()}
+            runs = {name: step(fn, around) for name, (fn, around) in calls.items()}
             with torch.enable_grad() if backward else torch.no_grad():
                 times = side_by_side(runs, repeats=repeats, warmup=1)
                 counted = {name: _dispatched(run_) for name, run_ in runs.items()}

@@ -1,6 +1,7 @@
 """Ring attention: simulated ring and real gloo ranks against the float64 reference."""
 
 import itertools
+from unittest import mock
 
 import pytest
 import torch
@@ -101,16 +102,12 @@ def _ring_run(p, layout, causal, *, together, batch=1, documents=None, kv_heads=
     q, k, v = rand_qkv(batch, n, 4, 8, seed=p, count=3)
     k, v = k[:, :, :kv_heads].clone(), v[:, :, :kv_heads].clone()
     xs = [x.requires_grad_() for x in (q, k, v)]
-    old, comm.SIMULATE_TOGETHER = comm.SIMULATE_TOGETHER, together
-    try:
-        with kernels.record_backends() as calls:
-            out, lse = ringlab.ring_attention(*xs, ring_size=p, causal=causal, layout=layout, return_lse=True,
-                                              cu_seqlens=documents)
-            g = torch.Generator().manual_seed(0)
-            cotangents = [torch.randn(x.shape, generator=g, dtype=x.dtype) for x in (out, lse)]
-            ((out * cotangents[0]).sum() + (lse * cotangents[1]).sum()).backward()
-    finally:
-        comm.SIMULATE_TOGETHER = old
+    with mock.patch.object(comm, "SIMULATE_TOGETHER", together), kernels.record_backends() as calls:
+        out, lse = ringlab.ring_attention(*xs, ring_size=p, causal=causal, layout=layout, return_lse=True,
+                                          cu_seqlens=documents)
+        g = torch.Generator().manual_seed(0)
+        cotangents = [torch.randn(x.shape, generator=g, dtype=x.dtype) for x in (out, lse)]
+        ((out * cotangents[0]).sum() + (lse * cotangents[1]).sum()).backward()
     return [out, lse, *(x.grad for x in xs)], sum(calls.values())
 
 

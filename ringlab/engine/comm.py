@@ -304,23 +304,29 @@ class RingAlgorithm:
     together: tuple[Callable, Callable] | None = None
 
     def forward(self, q, k, v, heads, into):
-        return self._run(functools.partial(self.forward_rank, heads=heads), (q, k, v), (1, 1, 1), (1, 2),
-                         self._together(0, heads))
+        args = (q, k, v), (1, 1, 1), (1, 2)
+        if self._runs_together():
+            return self._run_together(self.together[0], heads, *args)
+        return self._run(functools.partial(self.forward_rank, heads=heads), *args)
 
     def backward(self, dout, q, k, v, out, lse, dlse, heads, into):
-        return self._run(functools.partial(self.backward_rank, heads=heads), (dout, q, k, v, out, lse, dlse),
-                         (1, 1, 1, 1, 1, 2, 2), (1, 1, 1), self._together(1, heads))
+        args = (dout, q, k, v, out, lse, dlse), (1, 1, 1, 1, 1, 2, 2), (1, 1, 1)
+        if self._runs_together():
+            return self._run_together(self.together[1], heads, *args)
+        return self._run(functools.partial(self.backward_rank, heads=heads), *args)
 
-    def _together(self, pass_: int, heads):
-        return None if self.together is None else functools.partial(self.together[pass_], heads=heads)
+    def _runs_together(self) -> bool:
+        return self.together is not None and self.group is None and SIMULATE_TOGETHER and not trace.recording()
 
-    def _run(self, rank_fn, tensors, dims, out_dims, together=None):
+    def _run_together(self, fn, heads, tensors, dims, out_dims):
+        p, layout, docs = self.ring_size, get(self.layout), self.documents or None
+        stacked = [None if t is None else _stacked_shards(layout, t, p, d, docs) for t, d in zip(tensors, dims)]
+        return tuple(layout.unshard(list(x.chunk(p, 0)), d, docs) for x, d in zip(fn(*stacked, heads=heads), out_dims))
+
+    def _run(self, rank_fn, tensors, dims, out_dims):
         if self.group is not None:
             return run_rank(rank_fn(P2PComm(self.group), *tensors))
         p, layout, docs = self.ring_size, get(self.layout), self.documents or None
-        if together is not None and SIMULATE_TOGETHER and not trace.recording():
-            stacked = [None if t is None else _stacked_shards(layout, t, p, d, docs) for t, d in zip(tensors, dims)]
-            return tuple(layout.unshard(list(x.chunk(p, 0)), d, docs) for x, d in zip(together(*stacked), out_dims))
         local = [[None if t is None else layout.shard(t, r, p, d, docs) for t, d in zip(tensors, dims)]
                  for r in range(p)]
         box = Mailbox()

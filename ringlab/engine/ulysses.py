@@ -199,7 +199,7 @@ class MeshAlgorithm(RingAlgorithm):
     ulysses_size: int = 1
     distributed: bool = False
 
-    def _run(self, rank_fn, tensors, dims, out_dims, together=None):  # a mesh has no all-ranks form
+    def _run(self, rank_fn, tensors, dims, out_dims):
         if self.distributed:
             mesh = Mesh(_group_comm(self.ulysses_group), _group_comm(self.group))
             return run_rank(trace.tagged(rank_fn(mesh, *tensors), mesh_rank=mesh.rank))
