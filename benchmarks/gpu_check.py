@@ -18,15 +18,21 @@
    of the fastest dense backend.
    ``host_ms`` is the time until the call returns, before the device finishes.
    profile: the kernels with the most device time in a causal forward and forward+backward
-   of the ring and of dilated attention at 32K, and how much of the wall time the device was busy;
+   of the ring and of dilated attention at 32K (and of dilated at 128K, where it is device-bound),
+   and how much of the wall time the device was busy;
    then the host time of one ring tile per backend and shape, and the LSE merge (the Triton
    kernel) against the torch merge and a cast plus one lerp_. "A/B: ring P=8, torch merge" is
    the ring with the torch merge, timed beside the ring with the kernel; "A/B: ring P=8, rank
-   by rank" the ring running each simulated rank's generator instead of all ranks at once.
+   by rank" the ring running each simulated rank's generator instead of all ranks at once;
+   "A/B: dilated, a call per offset group" dilated attention without copying a branch's offset
+   groups into one call.
 3. capacity: dilated forward+backward and forward alone at growing N (targets: 2M and 4M
    tokens), peak against the memory model; an out-of-memory error is shown as the user sees it.
 4. notebooks: every notebook through papermill with device="cuda" at its default parameters
    (needs the wheels of tools/gpu-wheels on PYTHONPATH; skipped with a note otherwise).
+5. graphs: the ring's and dilated forward captured in a CUDA graph and replayed, against the
+   eager call: what removing all host work would give (last: a failed capture could spoil
+   the steps after it).
 
 Prints one table per step; writes gpu_check.{json,md} to $OUT when set (else
 benchmarks/results/<card>-<date>-gpu_check.*). Every step is guarded: a failure is recorded
@@ -50,7 +56,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ringlab
-from ringlab.engine import autograd, kernels, merge
+from ringlab.engine import autograd, dilation, kernels, merge
 from ringlab.planning.memory_model import Problem, estimate
 from ringlab.engine.nn import MultiheadDilatedAttention
 from ringlab.reference import dense_attention, dense_dilated_attention, tolerance
@@ -169,6 +175,12 @@ def correctness_rows(device, n) -> list[dict]:
             rows.append(_guard(name, lambda: _check(
                 name, lambda q, k, v: ringlab.ring_attention(q, k, v, ring_size=8, causal=True, layout="zigzag"),
                 lambda q, k, v: dense_attention(q, k, v, causal=True)[0], ring_qkv, torch.bfloat16, device)))
+    with _call_per_group():
+        name = "dilated causal, a call per offset group"
+        rows.append(_guard(name, lambda: _check(
+            name, lambda q, k, v: ringlab.dilated_attention(q, k, v, segs, rates, causal=True),
+            lambda q, k, v: dense_dilated_attention(q, k, v, segs, rates, causal=True)[0], qkv, torch.bfloat16,
+            device)))
     with _chunks_of(1):
         for dtype in (torch.float32, torch.bfloat16):
             rows.append(_guard("dilated, head chunks", lambda: _check(
@@ -236,7 +248,70 @@ def _contestants(segs, device):
         q, k, v, segs, LONGNET["rates"], causal=c), segs, "dilated")
     calls["A/B: ring P=8, torch merge"] = (_inside(_torch_merge, calls["ring P=8 (simulated)"][0]), None, None)
     calls["A/B: ring P=8, rank by rank"] = (_inside(rank_by_rank, calls["ring P=8 (simulated)"][0]), None, None)
+    calls["A/B: dilated, a call per offset group"] = (_inside(_call_per_group, calls["dilated (LongNet)"][0]),
+                                                      segs, None)
     return calls
+
+
+def graph_rows(device, sizes, heads, dim, repeats, scale) -> list[dict]:
+    """The ring's and dilated forward (bf16, causal and not) against the same call captured once
+    in a CUDA graph and replayed, the engine unchanged: what no host work at all would give, to
+    decide whether graphs belong in the engine. Last of the steps: a capture that fails could
+    leave the device unusable for the steps after it. CUDA only."""
+    if torch.device(device).type != "cuda":
+        return []
+    segs = [s // scale for s in LONGNET["segments"]]
+    eager = _contestants(segs, device)
+    rows = []
+    for n in sizes:
+        leaves = [torch.randn(1, n, heads, dim, device=device, dtype=torch.bfloat16) for _ in range(3)]
+        for causal in (False, True):
+            runs, errors = {}, {}
+            for name in ("ring P=8 (simulated)", "dilated (LongNet)"):
+                for label, fn in ((name, eager[name][0]), (f"{name}, CUDA graph replay", _graphed(eager[name][0]))):
+                    try:
+                        with torch.no_grad():
+                            fn(*leaves, causal)
+                        runs[label] = functools.partial(fn, *leaves, causal)
+                    except Exception as err:  # noqa: BLE001 - the row says why
+                        errors[label] = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"[:120]
+            with torch.no_grad():
+                times = side_by_side(runs, repeats=repeats, warmup=0, device=device)
+            for label in list(runs) + list(errors):
+                row = dict(N=n, causal=causal, call=label, error=errors.get(label))
+                if label in times:
+                    eager_ms = min(times.get(label.split(", CUDA")[0], [float("nan")])) * 1e3
+                    row.update(ms=min(times[label]) * 1e3, over_eager=min(times[label]) * 1e3 / eager_ms)
+                rows.append(row)
+            del runs
+            _clear([], device)
+        del leaves
+    return rows
+
+
+def _graphed(fn):
+    """``fn``'s forward captured in a CUDA graph on its first call with a set of inputs, then
+    replayed: the time with no host work at all, the most that graphs in the engine could gain.
+    The engine is not changed; a capture that fails (a host sync, an op that graphs reject) is
+    the row's error."""
+    graphs = {}
+
+    def call(q, k, v, causal):
+        key = (q.data_ptr(), k.data_ptr(), v.data_ptr(), causal)
+        if key not in graphs:
+            side = torch.cuda.Stream()  # warm up off the capture stream, as torch.cuda.graph asks
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn(q, k, v, causal)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn(q, k, v, causal)
+            graphs[key] = graph, out
+        graph, out = graphs[key]
+        graph.replay()
+        return out
+    return call
 
 
 def _inside(context, fn):
@@ -251,6 +326,12 @@ def _torch_merge():
     """A context that merges with torch ops instead of the Triton kernel (ringlab.engine.merge.FUSED):
     what the one-pass merge gains in a ring, side by side. The same call where triton is missing."""
     return mock.patch.dict(merge.FUSED, {"cuda": False})
+
+
+def _call_per_group():
+    """A context in which dilated calls on CUDA give each offset group its own call, its rows a
+    view, instead of copying a branch's groups into one call (ringlab.engine.dilation.COPY_TO_FUSE)."""
+    return mock.patch.dict(dilation.COPY_TO_FUSE, {"cuda": False})
 
 
 def _step(fn, leaves, causal, dout):
@@ -369,10 +450,10 @@ def _host_seconds(run, device) -> float:
     return host
 
 
-def profile_rows(device, n, heads, dim, scale, top=12) -> list[dict]:
-    """Where the time of a causal forward (and forward+backward) at N goes, for the simulated
-    ring and dilated attention: the kernels (ops on CPU) with the most self time, and the
-    device's busy share."""
+def profile_rows(device, n, heads, dim, scale, names=("ring P=8 (simulated)", "dilated (LongNet)"),
+                 top=12) -> list[dict]:
+    """Where the time of a causal forward (and forward+backward) at N goes, for the contestants
+    ``names``: the kernels (ops on CPU) with the most self time, and the device's busy share."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.device(device).type == "cuda"
@@ -384,7 +465,7 @@ def profile_rows(device, n, heads, dim, scale, top=12) -> list[dict]:
                   for _ in range(3)]
         dout = torch.randn_like(leaves[0]) if backward else None
         with torch.enable_grad() if backward else torch.no_grad():
-            for name in ("ring P=8 (simulated)", "dilated (LongNet)"):
+            for name in names:
                 step = _step(_contestants(segs, device)[name][0], leaves, True, dout)
                 step()
                 sync(device)
@@ -586,7 +667,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_check.{json,md} (default $OUT)")
     parser.add_argument("--notebook-budget", type=float, default=240, help="seconds for the notebooks step")
     parser.add_argument("--skip", nargs="*", default=[], choices=["correctness", "speed", "packed", "profile", "chunks", "capacity",
-                                                            "notebooks"],
+                                                            "notebooks", "graphs"],
                         help="steps to leave out")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
@@ -606,7 +687,8 @@ def main(argv=None) -> dict:
             device, min(size["speed"]), size["heads"], size["dim"], size["repeats"]), log)
         print(markdown_table(packed, PACKED_COLUMNS), flush=True)
         profiled = [] if "profile" in args.skip else _timed("profile", lambda: profile_rows(
-            device, min(size["speed"]), size["heads"], size["dim"], size["scale"]), log)
+            device, min(size["speed"]), size["heads"], size["dim"], size["scale"]) + profile_rows(
+            device, max(size["speed"]), size["heads"], size["dim"], size["scale"], names=["dilated (LongNet)"]), log)
         print(markdown_table(profiled, PROFILE_COLUMNS), flush=True)
         merges = [] if "profile" in args.skip else _timed("merge", lambda: merge_rows(
             device, min(size["speed"]), size["heads"], size["dim"], size["repeats"]), log)
@@ -620,6 +702,9 @@ def main(argv=None) -> dict:
             device, size["capacity_fwd_bwd"], size["capacity_fwd"], size["heads"], size["dim"], size["scale"]), log)
         books = [] if "notebooks" in args.skip or args.dry_run else _timed(
             "notebooks", lambda: notebook_rows(device, os.path.join("runs", "gpu_check"), args.notebook_budget), log)
+        graphs = [] if "graphs" in args.skip else _timed("graphs", lambda: graph_rows(
+            device, size["speed"], size["heads"], size["dim"], size["repeats"], size["scale"]), log)
+        print(markdown_table(graphs, GRAPH_COLUMNS), flush=True)
     summary = dict(device=machine()["gpu"] or "cpu (dry run)", torch=torch.__version__,
                    cudnn=torch.backends.cudnn.version() if device == "cuda" else None,
                    merge_kernel=_merge_kernel(device),
@@ -653,6 +738,10 @@ def main(argv=None) -> dict:
                 section("capacity: dilated attention (LongNet config)", fit,
                         ["mode", "N", "fits", "seconds", "peak_GiB", "inputs_GiB", "model_over_measured", "error"]),
                 section("notebooks (papermill, device=cuda)", books, ["notebook", "ok", "seconds", "error"]),
+                section("CUDA graph replay: forward, vs the same call run eagerly", graphs, GRAPH_COLUMNS,
+                        notes="Each call captured once in a CUDA graph and replayed (no host work), the engine "
+                              "unchanged; over_eager: its time over the eager call's, timed interleaved. "
+                              "CUDA only (none in a dry run)."),
                 section("summary", [summary], list(summary))]
     record(sections, "gpu_check" if device == "cuda" else "gpu_check-dry-run", out_dir=args.out,
            stem="gpu_check" if args.out else None)
@@ -665,6 +754,7 @@ PACKED_COLUMNS = ["N", "documents", "causal", "mode", "call", "ms", "vs_sdpa_per
 HOST_COLUMNS = ["backend", "tile", "q_rows", "k_rows", "host_us", "error"]
 MERGE_COLUMNS = ["rows", "heads", "dim", "variant", "kernel", "ms", "GB_per_s"]
 PROFILE_COLUMNS = ["call", "mode", "N", "kernel", "calls", "ms", "of_wall", "wall_ms"]
+GRAPH_COLUMNS = ["N", "causal", "call", "ms", "over_eager", "error"]
 
 
 def _merge_kernel(device) -> str:

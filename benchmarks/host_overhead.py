@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+from unittest import mock
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ringlab
-from ringlab.engine import kernels
+from ringlab.engine import dilation, kernels
 
 from .common import cli, rank_by_rank, section, side_by_side
 
@@ -51,18 +52,30 @@ def _dispatched(fn) -> collections.Counter:
     return counter.counts + collections.Counter(blocks=sum(n for k, n in served.items() if k.startswith("forward/")))
 
 
+def _as_on_a_gpu():
+    """A context in which dilated calls on CPU are cut as on a GPU: no finer than its floor, and a
+    branch's offset groups in one call (ringlab.engine.dilation.COPY_TO_FUSE)."""
+    stack = contextlib.ExitStack()
+    for table in (dilation.MIN_CALL_ELEMENTS, dilation.COPY_TO_FUSE):
+        stack.enter_context(mock.patch.dict(table, {"cpu": table["cuda"]}))
+    return stack
+
+
 def run(quick: bool = False) -> dict:
     n, heads, dim, repeats = 256, 2, 16, (3 if quick else 30)
     segments, rates = [n // 8, n // 4, n // 2, n], [1, 2, 4, 8]
     def ring(q, k, v):
         return ringlab.ring_attention(q, k, v, ring_size=8, causal=True, layout="zigzag")
 
+    def dilated(q, k, v):
+        return ringlab.dilated_attention(q, k, v, segments, rates, causal=True)
+
     none = contextlib.nullcontext  # (call, the context it runs in, backward included)
     calls = {"attention": (lambda q, k, v: ringlab.attention(q, k, v, causal=True), none),
              "ring P=8 zigzag (simulated)": (ring, none),
              "ring P=8 zigzag (simulated, rank by rank)": (ring, rank_by_rank),
-             "dilated (LongNet)": (lambda q, k, v: ringlab.dilated_attention(q, k, v, segments, rates, causal=True),
-                                   none)}
+             "dilated (LongNet)": (dilated, none),
+             "dilated (LongNet, cut as on a GPU)": (dilated, _as_on_a_gpu)}
     rows = []
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
@@ -90,7 +103,9 @@ def run(quick: bool = False) -> dict:
              "dispatched ops that are neither views nor allocations (empty, set_); blocks: the forward's attention "
              "blocks (ringlab's block calls, any backend; the backward makes as many). The simulated ring runs "
              "its ranks together (a call per run of ranks with equal tiles); rank by rank: each rank's own "
-             "generator, as while tracing. Times: best of the interleaved rounds, on this CPU.")
+             "generator, as while tracing. Dilated cut as on a GPU: calls no finer than the GPU's floor, "
+             "a branch's offset groups in one call, their rows copied. Times: best of the interleaved rounds, "
+             "on this CPU.")
     return section("host_overhead", rows,
                    ["call", "dtype", "mode", "ops", "kernels", "blocks", "ms", "vs_attention"], notes=notes)
 

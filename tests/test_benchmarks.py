@@ -13,7 +13,7 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_json(tmp_path):
     summary = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
     assert summary["correctness_ok"], summary["failed_checks"]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
-    correctness, speed, packed, profiled, merges, hosts, chunks, capacity, notebooks, _ = data["sections"]
+    correctness, speed, packed, profiled, merges, hosts, chunks, capacity, notebooks, graphs, _ = data["sections"]
     checked = {r["check"].split()[0].rstrip(",") for r in correctness["rows"]}
     assert checked == {"attention", "dilated_attention", "ring_attention", "ring_dilated_attention", "dilated",
                        "ring", "MultiheadDilatedAttention"}
@@ -21,7 +21,8 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_json(tmp_path):
     assert all("error" not in r and r["ms"] > 0 and r["TFLOPs"] > 0 for r in speed["rows"])
     assert {r["call"] for r in speed["rows"]} == {"SDPA flash", "attention", "ring P=8 (simulated)",
                                                    "dilated (LongNet)", "A/B: ring P=8, torch merge",
-                                                   "A/B: ring P=8, rank by rank"}
+                                                   "A/B: ring P=8, rank by rank",
+                                                   "A/B: dilated, a call per offset group"}
     assert {(r["variant"], r["kernel"]) for r in merges["rows"]} == {("ringlab merge", "torch"), ("torch merge", "torch"),
                                                                      ("cast + lerp_", "torch")}  # the kernel is CUDA's
     assert summary["merge_kernel"] == "torch"
@@ -30,13 +31,16 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_json(tmp_path):
                                                     "SDPA per document"}
     assert all(r["ms"] > 0 and r["documents"] > 4 for r in packed["rows"])
     assert {r["call"] for r in chunks["rows"]} == {"ring P=8 (simulated)", "dilated (LongNet)"}
-    busy = {r["call"]: r for r in profiled["rows"] if r["kernel"] == "(all)"}
-    assert set(busy) == {"ring P=8 (simulated)", "dilated (LongNet)"}
+    busy = {(r["call"], r["N"], r["mode"]): r for r in profiled["rows"] if r["kernel"] == "(all)"}
+    small, large = sorted({n for _, n, _ in busy})
+    assert set(busy) == {(c, n, m) for c, n in [("ring P=8 (simulated)", small), ("dilated (LongNet)", small),
+                                               ("dilated (LongNet)", large)] for m in ("fwd", "fwd+bwd")}
     assert all(0 < r["ms"] and 0 < r["of_wall"] <= 1.05 for r in busy.values())
     assert all(r["host_ms"] > 0 for r in speed["rows"])
     assert summary["largest_N_fwd+bwd"] >= 512 and summary["largest_N_fwd"] >= 1024
     assert all(r["fits"] and abs(r["model_over_measured"] - 1) <= 0.1 for r in capacity["rows"])
     assert notebooks["rows"] == []  # the dry run leaves the notebooks to the CPU tests
+    assert graphs["rows"] == []  # CUDA graphs need CUDA
     assert (tmp_path / "gpu_check.md").read_text().startswith("# ringlab benchmarks: gpu_check-dry-run")
 
 
@@ -60,7 +64,7 @@ def test_host_overhead_counts_the_ops_of_each_call():
     from benchmarks import host_overhead
 
     rows = {(r["call"], r["dtype"], r["mode"]): r for r in host_overhead.run(quick=True)["rows"]}
-    assert len(rows) == 16 and all(r["ms"] > 0 and 0 < r["kernels"] <= r["ops"] for r in rows.values())
+    assert len(rows) == 20 and all(r["ms"] > 0 and 0 < r["kernels"] <= r["ops"] for r in rows.values())
     for dtype in ("float32", "bfloat16"):
         one, ring = rows[("attention", dtype, "fwd")], rows[("ring P=8 zigzag (simulated)", dtype, "fwd")]
         alone = rows[("ring P=8 zigzag (simulated, rank by rank)", dtype, "fwd")]
@@ -68,6 +72,10 @@ def test_host_overhead_counts_the_ops_of_each_call():
         assert ring["blocks"] == 15  # together: one run at step 0, then the ranks before and after the owner
         assert alone["kernels"] > 5 * alone["blocks"]  # merges, copies, accumulators: the host work per block
         assert ring["kernels"] < alone["kernels"] / 3
+        dilated, as_on_gpu = rows[("dilated (LongNet)", dtype, "fwd")], rows[("dilated (LongNet, cut as on a GPU)",
+                                                                                 dtype, "fwd")]
+        assert dilated["blocks"] == 11 and as_on_gpu["blocks"] == 4  # one call per branch
+        assert as_on_gpu["kernels"] < dilated["kernels"]
 
 
 def test_exponent_fit():

@@ -7,6 +7,7 @@ import torch
 from conftest import check_against, rand_qkv
 
 import ringlab
+from ringlab.engine import dilation
 from ringlab.engine.dilation import multiplicity, offset_groups, runs, score_pairs
 from ringlab.engine.kernels import use_backend
 from ringlab.reference import dense_dilated_attention
@@ -141,17 +142,19 @@ def test_score_pairs_dense_case():
 
 def test_gpu_calls_are_cut_no_finer_than_the_floor():
     """On CUDA (meta, the dry run's stand-in, dispatches alike) the quarter-of-rows split stops
-    at dilation.MIN_CALL_ELEMENTS: fewer, larger kernel calls, the same pairs, and the memory
-    model counts the engine's blocks on each device."""
-    from ringlab.engine import dilation, kernels
+    at dilation.MIN_CALL_ELEMENTS and a branch's offset groups share a call (COPY_TO_FUSE):
+    fewer, larger kernel calls, the same pairs, and the memory model counts the engine's blocks
+    on each device."""
+    from ringlab.engine import kernels
     from ringlab.planning.memory_model import Problem, _blocks
 
     n, h, d, segs, rates = 4096, 4, 16, (256, 512, 1024, 4096), (1, 2, 4, 8)
     geometry = (((0, n),), h, segs, rates, "interleaved", True)
-    cpu = dilation.local_blocks(*geometry, None, 1, dilation.min_call_rows("cpu", 1, h, d))
-    gpu = dilation.local_blocks(*geometry, None, 1, dilation.min_call_rows("cuda", 1, h, d))
+    cpu, gpu = (dilation.local_blocks(*geometry, None, 1, dilation.min_call_rows(dev, 1, h, d),
+                                      dilation.copies_to_fuse(dev)) for dev in ("cpu", "cuda"))
     assert dilation.min_call_rows("cpu", 1, h, d) == 1 and dilation.min_call_rows("meta", 2, h, d) == (1 << 27) // 128
-    assert len(gpu) < len(cpu) and max(b.groups * b.q.num_rows for b in gpu) > n // 4
+    assert not dilation.copies_to_fuse("cpu") and dilation.copies_to_fuse("meta")
+    assert len(gpu) == len(segs) < len(cpu) and max(b.groups * b.q.num_rows for b in gpu) > n // 4
     assert sum(b.pairs(h) for b in gpu) == sum(b.pairs(h) for b in cpu) == dilation.score_pairs(n, h, segs, rates,
                                                                                                causal=True)
     for device, expected in (("cpu", cpu), ("meta", gpu)):
@@ -162,3 +165,72 @@ def test_gpu_calls_are_cut_no_finer_than_the_floor():
         pb = Problem(n, h, d, dtype="bfloat16", causal=True, segments=segs, rates=rates,
                      device="cpu" if device == "cpu" else "cuda")
         assert tuple(_blocks(pb, ((0, n),), whole=True)) == expected
+
+
+# ---------------------------------------------------------------- groups fused by copying (a GPU's calls)
+def _gpu_calls(monkeypatch, floor):
+    """CPU blocks cut as on a GPU: offset groups of many-segment runs share a call, their rows
+    copied into the kernel's batch (dilation.COPY_TO_FUSE), with the floor ``floor``."""
+    monkeypatch.setitem(dilation.COPY_TO_FUSE, "cpu", True)
+    monkeypatch.setitem(dilation.MIN_CALL_ELEMENTS, "cpu", floor)
+
+
+def _copies(n, h, d, segs, rates, mode, causal, kv_group=1):
+    """How many of the blocks the engine runs on CPU fold copied rows: many groups and segments."""
+    blocks = dilation.local_blocks(((0, n),), h, tuple(segs), tuple(rates), mode, causal, None, kv_group,
+                                   dilation.min_call_rows("cpu", 1, h, d), dilation.copies_to_fuse("cpu"))
+    return sum(b.groups > 1 and b.q.nseg > 1 for b in blocks)
+
+
+def test_groups_fuse_by_copy_only_when_allowed_and_alike():
+    """Runs of many segments fuse only with ``copy``, and only runs of as many segments and rows."""
+    a, b = dilation.Rows(0, 0, 0, 4, 8, 2, 16), dilation.Rows(1, 1, 0, 4, 8, 2, 16)
+    heads = slice(0, 4, 2), slice(1, 4, 2)
+    assert dilation.fusable(a, heads[0], 1, 0, b, heads[1]) is None
+    assert dilation.fusable(a, heads[0], 1, 0, b, heads[1], copy=True) == 1
+    for other in (dilation.Rows(1, 1, 0, 3, 8, 2, 16), dilation.Rows(1, 1, 0, 4, 7, 2, 16)):
+        assert dilation.fusable(a, heads[0], 1, 0, other, heads[1], copy=True) is None
+
+
+def _repeated_kv(ref):
+    def run(q, k, v):
+        group = q.shape[2] // k.shape[2]
+        return ref(q, k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2))
+    return run
+
+
+@pytest.mark.parametrize("segs,rates,floor", [([16, 32], [1, 2], 1 << 27), ([7, 20, 64], [1, 3, 5], 1 << 27),
+                                              ([40, 120], [4, 8], 1 << 27), ([50, 50], [2, 3], 1 << 27),
+                                              ([16, 32], [1, 2], 0)])
+@pytest.mark.parametrize("batch,kv_heads", [(1, 6), (2, 6), (2, 3)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mode", ["interleaved", "grouped"])
+def test_groups_fused_by_copy_against_reference_f64(monkeypatch, segs, rates, floor, batch, kv_heads, causal, mode):
+    """The GPU's dilated calls (one per branch, copied rows) run on CPU, outputs, lse and gradients
+    against float64; floor 0 also cuts the fused calls by the quarter rule."""
+    _gpu_calls(monkeypatch, floor)
+    n, h, d = 257, 6, 16
+    assert _copies(n, h, d, segs, rates, mode, causal, h // kv_heads) > 0
+    q, = rand_qkv(batch, n, h, d, seed=3, count=1)
+    k, v = rand_qkv(batch, n, kv_heads, d, seed=4, count=2)
+    check_against(_fn(segs, rates, causal, mode), _repeated_kv(_ref(segs, rates, causal, mode)), [q, k, v],
+                  torch.float64, use_lse=causal, name=f"{segs}/{rates}")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_groups_fused_by_copy_in_packed_documents_bf16(monkeypatch, causal):
+    """Packed documents, each its own sequence of many segments, in bfloat16 (the GPU's dtype)."""
+    _gpu_calls(monkeypatch, 1 << 27)
+    docs, segs, rates = [0, 3, 70, 71, 160, 200], [4, 8, 16], [1, 2, 4]
+    blocks = dilation.document_blocks(((0, 200),), tuple(docs), 4, tuple(segs), tuple(rates), "interleaved",
+                                      causal, None, 1, dilation.min_call_rows("cpu", 1, 4, 8), True)
+    assert any(b.groups > 1 and b.q.nseg > 1 for b in blocks)
+
+    def per_document(q, k, v):
+        parts = [_ref(segs, rates, causal, "interleaved")(q[:, a:b], k[:, a:b], v[:, a:b])
+                 for a, b in zip(docs, docs[1:])]
+        return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
+
+    fn = lambda q, k, v: ringlab.dilated_attention(q, k, v, segs, rates, causal=causal, cu_seqlens=torch.tensor(docs),  # noqa: E731
+                                                   return_lse=True)
+    check_against(fn, per_document, rand_qkv(1, 200, 4, 8, seed=7), torch.bfloat16, use_lse=True)

@@ -146,6 +146,11 @@ MUTANTS = (
            "    blocks = _blocks(pb, ((0, n),), whole=True)\n",
            "    blocks = _blocks(pb, ((0, n),))\n",
            "tests/test_memory.py", "h200_allocator"),
+    # The memory model forgetting the rows a GPU copies to fuse a branch's offset groups.
+    Mutant("memory-model-misses-fused-copies", "ringlab/planning/memory_model.py",
+           "copied = (pb.batch > 1 and not tiles) or (blk.groups > 1 and blk.q.nseg > 1)",
+           "copied = pb.batch > 1 and not tiles",
+           "tests/test_memory.py", "fuse_by_copy"),
     # The simulated ring's all-ranks form.
     Mutant("together-backward-reads-its-own-block", "ringlab/engine/ring.py",
            "rdq, *_of(srcs, b, dk, dv),",

@@ -25,7 +25,7 @@ from .checks import (
     check_qkv,
     resolve_scale,
 )
-from .dilation import Rows, document_blocks, min_call_rows
+from .dilation import Rows, copies_to_fuse, document_blocks, min_call_rows
 from .kernels import accum_dtype, block_attention, block_attention_backward
 from .merge import merge, new_accumulators
 
@@ -111,7 +111,8 @@ class _Dilated:
     def blocks(self, q, k, heads: slice):
         return document_blocks(((0, q.shape[1]),), self.documents, self.num_heads, self.segments, self.rates,
                                self.head_offsets, self.causal, (heads.start, heads.stop), q.shape[2] // k.shape[2],
-                               min_call_rows(q.device.type, q.shape[0], q.shape[2], q.shape[3]))
+                               min_call_rows(q.device.type, q.shape[0], q.shape[2], q.shape[3]),
+                               copies_to_fuse(q.device.type))
 
     def forward(self, q, k, v, heads, into):
         out, lse = new_accumulators(q, into)

@@ -200,11 +200,14 @@ def head_count(h: slice) -> int:
     return len(range(h.start, h.stop, h.step or 1))
 
 
-def fusable(a_rows: Rows, a_heads: slice, a_groups: int, a_step: int, b_rows: Rows, b_heads: slice) -> int | None:
+def fusable(a_rows: Rows, a_heads: slice, a_groups: int, a_step: int, b_rows: Rows, b_heads: slice,
+            copy: bool = False) -> int | None:
     """The head step if the next group (rows b, heads b) extends a fused run of ``a_groups``
-    groups (rows a, heads a) as a pure shift, else None. Only single-segment runs fuse: their
-    rows stay a view when the groups fold into the kernel's batch."""
-    if (a_rows.nseg == b_rows.nseg == 1 and a_rows.count == b_rows.count and a_rows.seg == b_rows.seg
+    groups (rows a, heads a) as a pure shift, else None. Single-segment runs fuse: their rows
+    stay a view when the groups fold into the kernel's batch. Runs of many segments fuse only
+    with ``copy``: no view folds both groups and segments into one batch dimension."""
+    if ((a_rows.nseg == b_rows.nseg == 1 or (copy and a_rows.nseg == b_rows.nseg))
+            and a_rows.count == b_rows.count and a_rows.seg == b_rows.seg
             and b_rows.start == a_rows.start + a_groups and b_rows.pos == a_rows.pos + a_groups):
         return head_shift(a_heads, a_groups, a_step, b_heads)
     return None
@@ -231,9 +234,9 @@ def pair_blocks(branch: int, heads: slice, kv_heads: slice, qs, ks, causal: bool
                 yield Block(branch, heads, kv_heads, x, y, False)
 
 
-def _fuse_blocks(numbered) -> list[Block]:
+def _fuse_blocks(numbered, copy: bool) -> list[Block]:
     """Fuse the blocks of consecutive offset groups that are pure shifts of each other.
-    ``numbered`` yields (offset group index, block) in group order."""
+    ``numbered`` yields (offset group index, block) in group order; ``copy``: see :func:`fusable`."""
     out: list[Block] = []
     where: dict = {}  # shift-normalised identity of a run pair -> index in out
     for o, blk in numbered:
@@ -243,8 +246,9 @@ def _fuse_blocks(numbered) -> list[Block]:
         step = None
         kv_step = None
         if cur is not None:
-            step = fusable(cur.q, cur.heads, cur.groups, cur.head_step, blk.q, blk.heads)
-            if step is not None and fusable(cur.k, cur.heads, cur.groups, cur.head_step, blk.k, blk.heads) != step:
+            step = fusable(cur.q, cur.heads, cur.groups, cur.head_step, blk.q, blk.heads, copy)
+            if step is not None and fusable(cur.k, cur.heads, cur.groups, cur.head_step, blk.k, blk.heads,
+                                            copy) != step:
                 step = None
             kv_step = head_shift(cur.kv_heads, cur.groups, cur.kv_step, blk.kv_heads)
         if step is None or kv_step is None:
@@ -260,28 +264,44 @@ def _fuse_blocks(numbered) -> list[Block]:
 # call cannot hide (an H200 ran 32K-token dilated attention host-bound), and a temporary of
 # 2^27 bf16 elements (256 MiB) is small. "meta" (the dry run) counts as CUDA.
 MIN_CALL_ELEMENTS = {"cpu": 0, "cuda": 1 << 27}
+# Whether the offset groups of a branch's many-segment runs share one call on a GPU, their rows
+# copied into the kernel's batch: a LongNet branch of rate r is then one call, not r, and the
+# copies (3 of its rows forward, 5 backward) cost less device time than r - 1 calls cost host
+# time. CPU keeps one view per group, which its memory targets need.
+COPY_TO_FUSE = {"cpu": False, "cuda": True}
+
+
+def _device_kind(device_type: str) -> str:
+    return "cpu" if device_type == "cpu" else "cuda"
 
 
 def min_call_rows(device_type: str, batch: int, heads: int, head_dim: int) -> int:
     """The fewest query rows a dilated kernel call is cut to on ``device_type`` for q of
     (batch, N, heads, head_dim): the ``min_rows`` of :func:`local_blocks`."""
-    floor = MIN_CALL_ELEMENTS["cpu" if device_type == "cpu" else "cuda"]
+    floor = MIN_CALL_ELEMENTS[_device_kind(device_type)]
     return max(1, -(-floor // max(1, batch * heads * head_dim)))
+
+
+def copies_to_fuse(device_type: str) -> bool:
+    """Whether dilated calls on ``device_type`` fuse groups by copying: the ``copy`` of
+    :func:`local_blocks`."""
+    return COPY_TO_FUSE[_device_kind(device_type)]
 
 
 @functools.lru_cache(maxsize=256)
 def local_blocks(pieces: Pieces, num_heads: int, segment_lengths: tuple, dilation_rates: tuple,
                  head_offsets: str, causal: bool, heads: tuple[int, int] | None = None,
-                 kv_group: int = 1, min_rows: int = 1) -> tuple[Block, ...]:
+                 kv_group: int = 1, min_rows: int = 1, copy: bool = False) -> tuple[Block, ...]:
     """Every block of dilated attention among the rows in ``pieces`` (one rank's own work),
     for the heads ``heads`` (see :func:`head_groups`; default all). A block of many segments
     is cut into calls of at most a quarter of the rows, but not below ``min_rows``
-    (see :func:`min_call_rows`)."""
+    (see :func:`min_call_rows`). ``copy``: groups of many-segment runs fuse too
+    (see :func:`copies_to_fuse`)."""
     blocks = []
     for i, (w, r) in enumerate(zip(segment_lengths, dilation_rates)):
-        blocks += _fuse_blocks((o, blk) for o, hs, kvs in head_groups(num_heads, r, head_offsets, heads, kv_group)
-                               for blk in pair_blocks(i, hs, kvs, runs(pieces, w, r, o), runs(pieces, w, r, o),
-                                                      causal, same_rank=True))
+        blocks += _fuse_blocks(((o, blk) for o, hs, kvs in head_groups(num_heads, r, head_offsets, heads, kv_group)
+                                for blk in pair_blocks(i, hs, kvs, runs(pieces, w, r, o), runs(pieces, w, r, o),
+                                                       causal, same_rank=True)), copy)
     # A kernel's temporaries (its output, or dq, dk, dv in the backward) are the size of its
     # rows: a block of many segments is cut into calls of at most a quarter of the rows.
     most = max(min_rows, sum(b - a for a, b in pieces) // 4)
@@ -333,12 +353,12 @@ def relocated(rows: Rows, start: int, pos: int) -> Rows:
 @functools.lru_cache(maxsize=256)
 def document_blocks(pieces: Pieces, documents: tuple[int, ...], num_heads: int, segment_lengths: tuple,
                     dilation_rates: tuple, head_offsets: str, causal: bool, heads: tuple[int, int] | None = None,
-                    kv_group: int = 1, min_rows: int = 1) -> tuple[Block, ...]:
+                    kv_group: int = 1, min_rows: int = 1, copy: bool = False) -> tuple[Block, ...]:
     """:func:`local_blocks` of the rows in ``pieces`` when the packed documents ``documents``
     (cu_seqlens boundaries; () for one document) are separate sequences. A rank's rows of one
     document are consecutive local rows (positions increase), so each document's blocks are its
     own sequence's blocks moved to those rows."""
-    args = (num_heads, segment_lengths, dilation_rates, head_offsets, causal, heads, kv_group, min_rows)
+    args = (num_heads, segment_lengths, dilation_rates, head_offsets, causal, heads, kv_group, min_rows, copy)
     if not documents:
         return local_blocks(pieces, *args)
     out = []

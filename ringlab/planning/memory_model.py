@@ -39,7 +39,7 @@ import torch
 from ..engine import autograd, kernels
 from ..engine.checks import DTYPE_NAMES
 from ..engine.config import RingConfig
-from ..engine.dilation import head_count, local_blocks, min_call_rows
+from ..engine.dilation import copies_to_fuse, head_count, local_blocks, min_call_rows
 from ..engine.layout import shard_pieces
 from ..engine.ring_dilated import cross_blocks, rank_plan
 
@@ -246,7 +246,8 @@ def _blocks(pb: Problem, pieces, heads: slice | None = None, *, whole: bool = Fa
     count = pb.heads if heads is None else heads.stop - heads.start
     floor = min_call_rows(pb.device, pb.batch, count, pb.head_dim) if whole else 1
     return local_blocks(pieces, pb.heads, tuple(pb.segments), tuple(pb.rates), pb.head_offsets, pb.causal,
-                        None if heads is None else (heads.start, heads.stop), pb.kv_group, floor)
+                        None if heads is None else (heads.start, heads.stop), pb.kv_group, floor,
+                        whole and copies_to_fuse(pb.device))
 
 
 def _chunks(pb: Problem, rows: int) -> list[slice]:
@@ -272,10 +273,11 @@ def _chunked(pb: Problem, rows: int, backward: bool, inner, chunk_rows: int | No
 
 def _dims(pb: Problem, blk, local_len: int):
     """(rows, keys, heads, K/V heads, kernel q length, kernel k length, copied) of a dilated block.
-    Its (batch, groups, segments) fold into the kernel's batch as a view when batch is 1, or
-    when one group's segments tile the whole local sequence; otherwise the rows are copied."""
+    Its (batch, groups, segments) fold into the kernel's batch as a view when at most one of
+    them exceeds 1, or when one group's segments tile the whole local sequence; otherwise the
+    rows are copied."""
     tiles = blk.groups == 1 and (blk.q.nseg == 1 or blk.q.nseg * blk.q.seg_stride == local_len)
-    copied = pb.batch > 1 and not tiles
+    copied = (pb.batch > 1 and not tiles) or (blk.groups > 1 and blk.q.nseg > 1)
     return (blk.groups * blk.q.num_rows, blk.groups * blk.k.num_rows, head_count(blk.heads),
             head_count(blk.kv_heads), blk.q.count, blk.k.count, copied)
 
