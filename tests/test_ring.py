@@ -131,17 +131,26 @@ def test_simulated_ranks_together_give_what_each_rank_gives(p, layout, causal):
 
 def test_stacked_shards_are_views_where_one_stride_steps_them():
     """Contiguous and striped shards of a batch of one stack without a copy; zigzag's (two chunks
-    each) and those of a larger batch are copied. The values are every rank's shard in order."""
-    from ringlab.engine.comm import _stacked_shards
+    each) and those of a larger batch are gathered in one index_select, not copied per rank and
+    joined (lse-like tensors, whose positions come last, are joined). The values are every
+    rank's shard in order, packed documents too."""
+    from ringlab.engine import comm
     from ringlab.engine.layout import get
 
-    for layout, batch in itertools.product(LAYOUTS, [1, 2]):
+    cases = [(layout, None) for layout in LAYOUTS] + [("doc_zigzag", (0, 8, 24)), ("contiguous", (0, 5, 24))]
+    for (layout, docs), batch in itertools.product(cases, [1, 2]):
         x = torch.randn(batch, 24, 3, 2)
         for dim, y in ((1, x), (2, x.permute(0, 2, 1, 3))):  # q-like (B, N, H, D) and lse-like (B, H, N)
-            stacked = _stacked_shards(get(layout), y, 4, dim, None)
-            assert torch.equal(stacked, torch.cat([ringlab.shard(y, r, 4, layout, dim=dim) for r in range(4)], 0))
+            lay = get(layout)
+            one_run = layout in ("contiguous", "striped")
+            with mock.patch.object(type(lay), "shard", wraps=lay.shard) as shard:
+                stacked = comm._stacked_shards(lay, y, 4, dim, docs)
+            expected = torch.cat([ringlab.shard(y, r, 4, layout, dim=dim, cu_seqlens=None if docs is None
+                                                else torch.tensor(docs)) for r in range(4)], 0)
+            assert torch.equal(stacked, expected), (layout, docs, batch, dim)
             view = stacked.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
-            assert view == (layout != "zigzag" and batch == 1), (layout, batch, dim)
+            assert view == (one_run and batch == 1), (layout, batch, dim)
+            assert shard.call_count == (0 if view or dim == 1 else 4), (layout, batch, dim)
 
 
 def test_simulated_delivery_hands_over_the_sent_tensor():

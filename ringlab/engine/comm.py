@@ -336,15 +336,29 @@ class RingAlgorithm:
 
 def _stacked_shards(layout, x, p: int, dim: int, documents) -> torch.Tensor:
     """Every rank's shard of x along ``dim``, stacked in dim 0 (rank r: rows r*B to (r+1)*B).
-    A view of x where the shards are views at equal distances that one stride can step
-    (contiguous and striped shards of a batch of one): then nothing is copied."""
-    shards = [layout.shard(x, r, p, dim, documents) for r in range(p)]
-    first, b = shards[0], x.shape[0]
-    offsets = [s.storage_offset() for s in shards]
-    step = offsets[1] - offsets[0] if p > 1 else 0
-    views = all(s.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and s.stride() == first.stride()
-                and o == offsets[0] + r * step for r, (s, o) in enumerate(zip(shards, offsets)))
-    if views and (b == 1 or step == b * first.stride(0)):
-        return x.as_strided((p * b, *first.shape[1:]), (step if b == 1 else first.stride(0), *first.stride()[1:]),
-                            offsets[0])
-    return torch.cat(shards, 0)
+    A view of x where every rank holds one strided run and one stride steps from rank to rank
+    (contiguous and striped shards of a batch of one). Otherwise one gather of the rows (zigzag,
+    packed documents, a larger batch), never a copy per rank joined into a second one."""
+    n, b, s = x.shape[dim], x.shape[0], x.stride()
+    runs = [layout.runs(n, r, p, documents) for r in range(p)]
+    if all(len(held) == 1 for held in runs):
+        first = [held[0] for held in runs]
+        step = first[1].pos - first[0].pos if p > 1 else 0
+        if (all(r.stride == first[0].stride and r.pos == first[0].pos + i * step for i, r in enumerate(first))
+                and (b == 1 or step * s[dim] == b * s[0])):
+            shape, strides = list(x.shape), list(s)
+            shape[0], shape[dim] = p * b, n // p
+            strides[0], strides[dim] = step * s[dim] if b == 1 else s[0], first[0].stride * s[dim]
+            return x.as_strided(shape, strides, x.storage_offset() + first[0].pos * s[dim])
+    if dim == 1 and (b == 1 or s[0] == n * s[1]):  # batch and positions merge into one row index
+        rows = x.flatten(0, 1).index_select(0, _gathered_rows(layout, n, p, b, documents, x.device))
+        return rows.unflatten(0, (p * b, n // p))
+    return torch.cat([layout.shard(x, r, p, dim, documents) for r in range(p)], 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _gathered_rows(layout, n: int, p: int, b: int, documents, device) -> torch.Tensor:
+    """Indices into x's (batch x positions) rows, in the stacked order: rank, then batch, then
+    the rank's local order."""
+    held = torch.stack([layout.positions(n, r, p, documents) for r in range(p)])  # (P, N / P)
+    return (held[:, None, :] + n * torch.arange(b)[None, :, None]).flatten().to(device)
