@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ringlab
-from ringlab.engine import autograd, dilation, kernels, merge
+from ringlab.engine import autograd, comm, dilation, kernels, merge
 from ringlab.planning.memory_model import Problem, estimate
 from ringlab.engine.nn import MultiheadDilatedAttention
 from ringlab.reference import dense_attention, dense_dilated_attention, tolerance
@@ -702,12 +702,15 @@ def main(argv=None) -> dict:
             device, size["capacity_fwd_bwd"], size["capacity_fwd"], size["heads"], size["dim"], size["scale"]), log)
         books = [] if "notebooks" in args.skip or args.dry_run else _timed(
             "notebooks", lambda: notebook_rows(device, os.path.join("runs", "gpu_check"), args.notebook_budget), log)
+        merge_kernel = _merge_kernel(device)  # before the graphs: nothing after them touches the device
         graphs = [] if "graphs" in args.skip else _timed("graphs", lambda: graph_rows(
             device, size["speed"], size["heads"], size["dim"], size["repeats"], size["scale"]), log)
         print(markdown_table(graphs, GRAPH_COLUMNS), flush=True)
     summary = dict(device=machine()["gpu"] or "cpu (dry run)", torch=torch.__version__,
                    cudnn=torch.backends.cudnn.version() if device == "cuda" else None,
-                   merge_kernel=_merge_kernel(device),
+                   merge_kernel=merge_kernel,
+                   # the engine's switches as this run had them (tests read the model's assumptions off them)
+                   switches=dict(copy_to_fuse=dilation.COPY_TO_FUSE["cuda"], simulate_together=comm.SIMULATE_TOGETHER),
                    matmul_bf16_TFLOPs=peak / 1e12,
                    correctness_ok=all(r.get("ok") for r in correct), failed_checks=[r["check"] for r in correct if not r.get("ok")],
                    set_aside=[f"{k}: {v}" for k, v in kernels.set_aside().items()],

@@ -338,7 +338,8 @@ def _stacked_shards(layout, x, p: int, dim: int, documents) -> torch.Tensor:
     """Every rank's shard of x along ``dim``, stacked in dim 0 (rank r: rows r*B to (r+1)*B).
     A view of x where every rank holds one strided run and one stride steps from rank to rank
     (contiguous and striped shards of a batch of one). Otherwise one gather of the rows (zigzag,
-    packed documents, a larger batch), never a copy per rank joined into a second one."""
+    packed documents, a larger batch), not a copy per rank joined into a second one (except
+    for a lse-like x of a larger batch, whose positions come after its heads)."""
     n, b, s = x.shape[dim], x.shape[0], x.stride()
     runs = [layout.runs(n, r, p, documents) for r in range(p)]
     if all(len(held) == 1 for held in runs):
@@ -353,10 +354,13 @@ def _stacked_shards(layout, x, p: int, dim: int, documents) -> torch.Tensor:
     if dim == 1 and (b == 1 or s[0] == n * s[1]):  # batch and positions merge into one row index
         rows = x.flatten(0, 1).index_select(0, _gathered_rows(layout, n, p, b, documents, x.device))
         return rows.unflatten(0, (p * b, n // p))
+    if b == 1:  # positions in rank order, then the ranks moved to the front: a view of the gather
+        picked = x.index_select(dim, _gathered_rows(layout, n, p, 1, documents, x.device))
+        return picked.unflatten(dim, (p, n // p)).movedim(dim, 0).flatten(0, 1)
     return torch.cat([layout.shard(x, r, p, dim, documents) for r in range(p)], 0)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=8)  # few: at a million tokens one index is 8 MB of device memory
 def _gathered_rows(layout, n: int, p: int, b: int, documents, device) -> torch.Tensor:
     """Indices into x's (batch x positions) rows, in the stacked order: rank, then batch, then
     the rank's local order."""
