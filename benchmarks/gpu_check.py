@@ -253,13 +253,12 @@ def _contestants(segs, device):
     return calls
 
 
-def graph_rows(device, sizes, heads, dim, repeats, scale) -> list[dict]:
+def graph_rows(device, sizes, heads, dim, repeats, scale, capture=None) -> list[dict]:
     """The ring's and dilated forward (bf16, causal and not) against the same call captured once
-    in a CUDA graph and replayed, the engine unchanged: what no host work at all would give, to
-    decide whether graphs belong in the engine. Last of the steps: a capture that fails could
-    leave the device unusable for the steps after it. CUDA only."""
-    if torch.device(device).type != "cuda":
-        return []
+    in a CUDA graph and replayed (``capture``, default :func:`_graphed`; CUDA only), the engine
+    unchanged: what no host work at all would give, to decide whether graphs belong in the
+    engine. Last of the steps: a capture that fails could leave the device unusable after it."""
+    capture = capture or _graphed
     segs = [s // scale for s in LONGNET["segments"]]
     eager = _contestants(segs, device)
     rows = []
@@ -268,7 +267,7 @@ def graph_rows(device, sizes, heads, dim, repeats, scale) -> list[dict]:
         for causal in (False, True):
             runs, errors = {}, {}
             for name in ("ring P=8 (simulated)", "dilated (LongNet)"):
-                for label, fn in ((name, eager[name][0]), (f"{name}, CUDA graph replay", _graphed(eager[name][0]))):
+                for label, fn in ((name, eager[name][0]), (f"{name}, CUDA graph replay", capture(eager[name][0]))):
                     try:
                         with torch.no_grad():
                             fn(*leaves, causal)
@@ -278,7 +277,7 @@ def graph_rows(device, sizes, heads, dim, repeats, scale) -> list[dict]:
             with torch.no_grad():
                 times = side_by_side(runs, repeats=repeats, warmup=0, device=device)
             for label in list(runs) + list(errors):
-                row = dict(N=n, causal=causal, call=label, error=errors.get(label))
+                row = dict(N=n, causal=causal, call=label) | ({"error": errors[label]} if label in errors else {})
                 if label in times:
                     eager_ms = min(times.get(label.split(", CUDA")[0], [float("nan")])) * 1e3
                     row.update(ms=min(times[label]) * 1e3, over_eager=min(times[label]) * 1e3 / eager_ms)
@@ -703,7 +702,7 @@ def main(argv=None) -> dict:
         books = [] if "notebooks" in args.skip or args.dry_run else _timed(
             "notebooks", lambda: notebook_rows(device, os.path.join("runs", "gpu_check"), args.notebook_budget), log)
         merge_kernel = _merge_kernel(device)  # before the graphs: nothing after them touches the device
-        graphs = [] if "graphs" in args.skip else _timed("graphs", lambda: graph_rows(
+        graphs = [] if "graphs" in args.skip or device != "cuda" else _timed("graphs", lambda: graph_rows(
             device, size["speed"], size["heads"], size["dim"], size["repeats"], size["scale"]), log)
         print(markdown_table(graphs, GRAPH_COLUMNS), flush=True)
     summary = dict(device=machine()["gpu"] or "cpu (dry run)", torch=torch.__version__,

@@ -90,3 +90,37 @@ def test_timing_interleaves_and_reports_the_per_round_ratio():
     assert calls == ["a", "b"] * 4 and [len(t) for t in times.values()] == [3, 3]
     stats = ratio_spread({"a": [2.0, 4.0, 3.0], "b": [1.0, 1.0, 1.0]}, "a", "b")
     assert stats == dict(median=3.0, low=2.0, high=4.0, spread=2.0)
+
+
+def test_gpu_check_graph_step_captures_once_and_replays():
+    """The CUDA-graph step (CUDA only, last on a lease) with a stand-in capture on CPU: each call
+    is captured once per input set and replayed after, beside its eager form; a capture that
+    fails is its row's error, and the other rows stand."""
+    captured, replayed = [], []
+
+    def stand_in(fn):
+        graphs = {}
+
+        def call(q, k, v, causal):
+            key = (q.data_ptr(), causal)
+            if key not in graphs:
+                captured.append(key)
+                graphs[key] = fn(q, k, v, causal)
+            replayed.append(key)
+            return graphs[key]
+        return call
+
+    rows = gpu_check.graph_rows("cpu", [64], 2, 16, 2, 256, capture=stand_in)
+    assert len(rows) == 8 and len(captured) == 4 and len(replayed) == 4 * 3  # the trial call and 2 repeats
+    graphed = [r for r in rows if r["call"].endswith("CUDA graph replay")]
+    assert len(graphed) == 4 and all(r["ms"] > 0 and r["over_eager"] > 0 and "error" not in r for r in graphed)
+
+    def failing(fn):
+        def call(*args):
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return call
+
+    rows = gpu_check.graph_rows("cpu", [64], 2, 16, 1, 256, capture=failing)
+    errors = [r for r in rows if "error" in r]
+    assert len(errors) == 4 and all("capturing" in r["error"] and "ms" not in r for r in errors)
+    assert all(r["ms"] > 0 for r in rows if "error" not in r) and len(rows) == 8
