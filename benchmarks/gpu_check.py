@@ -24,8 +24,8 @@
    kernel) against the torch merge and a cast plus one lerp_. "A/B: ring P=8, torch merge" is
    the ring with the torch merge, timed beside the ring with the kernel; "A/B: ring P=8, rank
    by rank" the ring running each simulated rank's generator instead of all ranks at once;
-   "A/B: dilated, a call per offset group" dilated attention without copying a branch's offset
-   groups into one call.
+   "A/B: dilated, as before" dilated attention with a call per offset group (no copies) and
+   every block merged into zeros (no first-branch writes).
 3. capacity: dilated forward+backward and forward alone at growing N (targets: 2M and 4M
    tokens), peak against the memory model; an out-of-memory error is shown as the user sees it.
 4. notebooks: every notebook through papermill with device="cuda" at its default parameters
@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import ringlab
-from ringlab.engine import autograd, comm, dilation, kernels, merge
+from ringlab.engine import autograd, comm, dilated, dilation, kernels, merge
 from ringlab.planning.memory_model import Problem, estimate
 from ringlab.engine.nn import MultiheadDilatedAttention
 from ringlab.reference import dense_attention, dense_dilated_attention, tolerance
@@ -175,8 +175,8 @@ def correctness_rows(device, n) -> list[dict]:
             rows.append(_guard(name, lambda: _check(
                 name, lambda q, k, v: ringlab.ring_attention(q, k, v, ring_size=8, causal=True, layout="zigzag"),
                 lambda q, k, v: dense_attention(q, k, v, causal=True)[0], ring_qkv, torch.bfloat16, device)))
-    with _call_per_group():
-        name = "dilated causal, a call per offset group"
+    with _dilated_before():
+        name = "dilated causal, as before (a call per offset group, merged from zeros)"
         rows.append(_guard(name, lambda: _check(
             name, lambda q, k, v: ringlab.dilated_attention(q, k, v, segs, rates, causal=True),
             lambda q, k, v: dense_dilated_attention(q, k, v, segs, rates, causal=True)[0], qkv, torch.bfloat16,
@@ -248,8 +248,7 @@ def _contestants(segs, device):
         q, k, v, segs, LONGNET["rates"], causal=c), segs, "dilated")
     calls["A/B: ring P=8, torch merge"] = (_inside(_torch_merge, calls["ring P=8 (simulated)"][0]), None, None)
     calls["A/B: ring P=8, rank by rank"] = (_inside(rank_by_rank, calls["ring P=8 (simulated)"][0]), None, None)
-    calls["A/B: dilated, a call per offset group"] = (_inside(_call_per_group, calls["dilated (LongNet)"][0]),
-                                                      segs, None)
+    calls["A/B: dilated, as before"] = (_inside(_dilated_before, calls["dilated (LongNet)"][0]), segs, None)
     return calls
 
 
@@ -327,10 +326,15 @@ def _torch_merge():
     return mock.patch.dict(merge.FUSED, {"cuda": False})
 
 
-def _call_per_group():
-    """A context in which dilated calls on CUDA give each offset group its own call, its rows a
-    view, instead of copying a branch's groups into one call (ringlab.engine.dilation.COPY_TO_FUSE)."""
-    return mock.patch.dict(dilation.COPY_TO_FUSE, {"cuda": False})
+def _dilated_before():
+    """A context in which dilated attention on CUDA runs as before two changes: each offset group
+    gets its own call, its rows a view, instead of a branch's groups copied into one call
+    (ringlab.engine.dilation.COPY_TO_FUSE); and every block merges into accumulators of zeros
+    and -inf, where a rate-1 first branch now writes them (ringlab.engine.dilated.writes_first)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.dict(dilation.COPY_TO_FUSE, {"cuda": False}))
+    stack.enter_context(mock.patch.object(dilated, "writes_first", lambda blocks, rates: False))
+    return stack
 
 
 def _step(fn, leaves, causal, dout):

@@ -1,5 +1,6 @@
 """ringlab.dilated_attention against the dense float64 reference with bias log m (docs/design.md §3)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -234,3 +235,52 @@ def test_groups_fused_by_copy_in_packed_documents_bf16(monkeypatch, causal):
     fn = lambda q, k, v: ringlab.dilated_attention(q, k, v, segs, rates, causal=causal, cu_seqlens=torch.tensor(docs),  # noqa: E731
                                                    return_lse=True)
     check_against(fn, per_document, rand_qkv(1, 200, 4, 8, seed=7), torch.bfloat16, use_lse=True)
+
+
+# ---------------------------------------------------------------- the first branch writes, not merges
+@pytest.fixture
+def uninitialized_is_nan():
+    """Fresh tensors (torch.empty) hold NaN: a row that no block writes shows."""
+    torch.use_deterministic_algorithms(True)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("case", ["plain", "ragged", "gqa", "batch", "chunks", "packed", "gpu calls"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_first_branch_writes_every_row_and_head(uninitialized_is_nan, monkeypatch, case, causal):
+    """With a rate-1 first branch the accumulators start uninitialized and its blocks write them
+    (dilated.writes_first): every row, head and gradient must still equal the float64 reference."""
+    segs, rates, mode = [16, 32, 64], [1, 2, 4], "interleaved"
+    n, batch, kv_heads, docs = {"ragged": 101}.get(case, 96), 2 if case == "batch" else 1, 2 if case == "gqa" else 4, None
+    if case == "chunks":
+        monkeypatch.setattr("ringlab.engine.autograd.MIN_CHUNK_ELEMENTS", {"cuda": 1, "cpu": 1})
+    if case == "gpu calls":
+        _gpu_calls(monkeypatch, 1 << 27)
+    blocks = dilation.local_blocks(((0, n),), 4, tuple(segs), tuple(rates), mode, causal, None, 4 // kv_heads)
+    assert ringlab.engine.dilated.writes_first(blocks, rates)
+    q, = rand_qkv(batch, n, 4, 8, seed=11, count=1)
+    k, v = rand_qkv(batch, n, kv_heads, 8, seed=12, count=2)
+    ref = _repeated_kv(_ref(segs, rates, causal, mode))
+    if case == "packed":
+        docs = [0, 5, 40, 96]
+        single = ref
+
+        def ref(q, k, v):
+            parts = [single(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in zip(docs, docs[1:])]
+            return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
+
+    fn = lambda q, k, v: ringlab.dilated_attention(  # noqa: E731
+        q, k, v, segs, rates, causal=causal, return_lse=True, cu_seqlens=None if docs is None else torch.tensor(docs))
+    check_against(fn, ref, [q, k, v], torch.float64, use_lse=True, name=case)
+
+
+def test_first_branch_writes_only_when_it_reaches_every_row_first():
+    """No rate-1 first branch: merge from zeros and -inf as before."""
+    blocks = dilation.local_blocks(((0, 96),), 4, (16, 32), (1, 2), "interleaved", True)
+    assert ringlab.engine.dilated.writes_first(blocks, (1, 2))
+    assert not ringlab.engine.dilated.writes_first(dilation.local_blocks(((0, 96),), 4, (16, 32), (2, 4),
+                                                                        "interleaved", True), (2, 4))
+    crossed = [dataclasses.replace(blocks[0], k=dataclasses.replace(blocks[0].k, start=1))] + list(blocks[1:])
+    assert not ringlab.engine.dilated.writes_first(crossed, (1, 2))

@@ -151,6 +151,11 @@ MUTANTS = (
            "copied = (pb.batch > 1 and not tiles) or (blk.groups > 1 and blk.q.nseg > 1)",
            "copied = pb.batch > 1 and not tiles",
            "tests/test_memory.py", "fuse_by_copy"),
+    # Dilated attention's first branch writing its rows' lse into uninitialized accumulators.
+    Mutant("dilated-first-branch-forgets-lse", "ringlab/engine/dilated.py",
+           "        lse.copy_(l.view(lse.shape))\n",
+           "",
+           "tests/test_dilated.py", "first_branch"),
     # The simulated ring's all-ranks form.
     Mutant("together-backward-reads-its-own-block", "ringlab/engine/ring.py",
            "rdq, *_of(srcs, b, dk, dv),",

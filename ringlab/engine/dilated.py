@@ -54,48 +54,69 @@ def _batch(x):
     return x.flatten(0, 2)
 
 
-def attend(q, k, v, out, lse, *, causal: bool, scale: float) -> None:
+def attend(q, k, v, out, lse, *, causal: bool, scale: float, first: bool = False) -> None:
     """One block on views q (B, G, nseg, cq, Hg, D), k, v (B, G, nseg, ck, Hg, D); the result
-    merges into the accumulator views out (like q) and lse (B, G, nseg, Hg, cq)."""
+    merges into the accumulator views out (like q) and lse (B, G, nseg, Hg, cq). ``first``:
+    no block reached these rows before, so the result is written, not merged."""
     o, l = block_attention(_batch(q), _batch(k), _batch(v), causal=causal, scale=scale)
-    merge(out, lse, o.view(out.shape), l.view(lse.shape))
+    if first:
+        out.copy_(o.view(out.shape))
+        lse.copy_(l.view(lse.shape))
+    else:
+        merge(out, lse, o.view(out.shape), l.view(lse.shape))
 
 
-def attend_backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, *, causal: bool, scale: float) -> None:
-    """Gradients of one block (views as in :func:`attend`), added in place to the views dq, dk, dv."""
-    gq, gk, gv = block_attention_backward(
+def attend_backward(dout, q, k, v, out, lse, dlse, dq, dk, dv, *, causal: bool, scale: float,
+                    first: bool = False) -> None:
+    """Gradients of one block (views as in :func:`attend`), added in place to the views dq, dk, dv
+    (written, if ``first``)."""
+    grads = block_attention_backward(
         _batch(dout), _batch(q), _batch(k), _batch(v), _batch(out), _batch(lse), causal=causal, scale=scale,
         dlse=None if dlse is None else _batch(dlse))
-    dq += gq.view(dq.shape)
-    dk += gk.view(dk.shape)
-    dv += gv.view(dv.shape)
+    for acc, g in zip((dq, dk, dv), grads):
+        if first:
+            acc.copy_(g.view(acc.shape))
+        else:
+            acc += g.view(acc.shape)
 
 
-def blocks_forward(q, k, v, blocks, out, lse, *, scale: float) -> None:
-    """Run blocks among the rows of q, k, v and merge them into the accumulators out, lse."""
+def writes_first(blocks, rates) -> bool:
+    """Whether the first branch's blocks reach every row and head once, before any other block:
+    a rate-1 branch whose blocks are all diagonal (each run against itself; runs are disjoint).
+    Then those blocks write the accumulators, which need no initial values."""
+    return rates[0] == 1 and all(blk.q == blk.k for blk in blocks if blk.branch == 0)
+
+
+def blocks_forward(q, k, v, blocks, out, lse, *, scale: float, first: bool = False) -> None:
+    """Run blocks among the rows of q, k, v and merge them into the accumulators out, lse.
+    ``first``: the first branch's blocks write them (:func:`writes_first`)."""
     for blk in blocks:
         g, kv = (blk.heads, blk.groups, blk.head_step), (blk.kv_heads, blk.groups, blk.kv_step)
         attend(rows_view(q, blk.q, *g), rows_view(k, blk.k, *kv), rows_view(v, blk.k, *kv),
-               rows_view(out, blk.q, *g), lse_view(lse, blk.q, *g), causal=blk.causal, scale=scale)
+               rows_view(out, blk.q, *g), lse_view(lse, blk.q, *g), causal=blk.causal, scale=scale,
+               first=first and blk.branch == 0)
 
 
-def blocks_backward(dout, q, k, v, out, lse, dlse, blocks, dq, dk, dv, *, scale: float) -> None:
-    """Accumulate the gradients of the blocks into dq, dk, dv (float32 or float64)."""
+def blocks_backward(dout, q, k, v, out, lse, dlse, blocks, dq, dk, dv, *, scale: float, first: bool = False) -> None:
+    """Accumulate the gradients of the blocks into dq, dk, dv (float32 or float64); ``first``:
+    as in :func:`blocks_forward`."""
     for blk in blocks:
         g, kv, qr, kr = (blk.heads, blk.groups, blk.head_step), (blk.kv_heads, blk.groups, blk.kv_step), blk.q, blk.k
         attend_backward(rows_view(dout, qr, *g), rows_view(q, qr, *g), rows_view(k, kr, *kv),
                         rows_view(v, kr, *kv), rows_view(out, qr, *g), lse_view(lse, qr, *g),
                         None if dlse is None else lse_view(dlse, qr, *g),
                         rows_view(dq, qr, *g), rows_view(dk, kr, *kv), rows_view(dv, kr, *kv),
-                        causal=blk.causal, scale=scale)
+                        causal=blk.causal, scale=scale, first=first and blk.branch == 0)
 
 
-def new_grads(q, k, v, into=None):
-    """Zero gradient accumulators for q, k, v in the accumulation dtype (``into``, if given)."""
+def new_grads(q, k, v, into=None, *, reset: bool = True):
+    """Zero gradient accumulators for q, k, v in the accumulation dtype (``into``, if given).
+    ``reset`` False: left as they are, for a caller whose first blocks write every row."""
     if into is not None:
-        return tuple(g.zero_() for g in into)
+        return tuple(g.zero_() if reset else g for g in into)
     acc = accum_dtype(q.dtype)
-    return tuple(torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
+    make = torch.zeros if reset else torch.empty
+    return tuple(make(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
 
 
 @dataclass(frozen=True)
@@ -115,13 +136,17 @@ class _Dilated:
                                copies_to_fuse(q.device.type))
 
     def forward(self, q, k, v, heads, into):
-        out, lse = new_accumulators(q, into)
-        blocks_forward(q, k, v, self.blocks(q, k, heads), out, lse, scale=self.scale)
+        blocks = self.blocks(q, k, heads)
+        first = writes_first(blocks, self.rates)
+        out, lse = new_accumulators(q, into, reset=not first)
+        blocks_forward(q, k, v, blocks, out, lse, scale=self.scale, first=first)
         return out, lse
 
     def backward(self, dout, q, k, v, out, lse, dlse, heads, into):
-        dq, dk, dv = new_grads(q, k, v, into)
-        blocks_backward(dout, q, k, v, out, lse, dlse, self.blocks(q, k, heads), dq, dk, dv, scale=self.scale)
+        blocks = self.blocks(q, k, heads)
+        first = writes_first(blocks, self.rates)
+        dq, dk, dv = new_grads(q, k, v, into, reset=not first)
+        blocks_backward(dout, q, k, v, out, lse, dlse, blocks, dq, dk, dv, scale=self.scale, first=first)
         return dq, dk, dv
 
 

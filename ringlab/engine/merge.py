@@ -146,11 +146,15 @@ def _kernel():
     return lse_merge
 
 
-def new_accumulators(q: torch.Tensor, into=None):
+def new_accumulators(q: torch.Tensor, into=None, *, reset: bool = True):
     """Running (out, lse) for the rows of q: zeros and -inf, float32 (float64 for float64).
-    ``into`` = (out or None, lse): tensors to reset and use instead of allocating."""
+    ``into`` = (out or None, lse): tensors to reset and use instead of allocating. ``reset``
+    False: left as they are, for a caller whose first blocks write every row."""
     b, n, h, d = q.shape
     acc = accum_dtype(q.dtype)
     out, lse = into or (None, None)
+    if not reset:
+        return (torch.empty(b, n, h, d, dtype=acc, device=q.device) if out is None else out,
+                torch.empty(b, h, n, dtype=acc, device=q.device) if lse is None else lse)
     return (torch.zeros(b, n, h, d, dtype=acc, device=q.device) if out is None else out.zero_(),
             torch.full((b, h, n), -math.inf, dtype=acc, device=q.device) if lse is None else lse.fill_(-math.inf))

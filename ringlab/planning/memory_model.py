@@ -39,6 +39,7 @@ import torch
 from ..engine import autograd, kernels
 from ..engine.checks import DTYPE_NAMES
 from ..engine.config import RingConfig
+from ..engine.dilated import writes_first
 from ..engine.dilation import copies_to_fuse, head_count, local_blocks, min_call_rows
 from ..engine.layout import shard_pieces
 from ..engine.ring_dilated import cross_blocks, rank_plan
@@ -184,32 +185,35 @@ def _cudnn_serves(dtype: str, batch: int, heads: int, head_dim: int) -> bool:
 
 
 def _block_forward(pb: Problem, rows: int, keys: int, heads: int, kv: int, q_len: int, k_len: int,
-                   copied: bool = False) -> dict:
+                   copied: bool = False, writes: bool = False) -> dict:
     """One kernel call (``heads`` query heads, ``kv`` K/V heads) merged into accumulators.
     Inside the kernel its scratch is live (and copies of q, k, v rows that no view can fold
     into the kernel's batch); after it, the torch merge's temporaries (new lse, shift, two weights;
     for 16-bit dtypes on CPU also the float32 upcast of the block output inside addcmul_; CUDA
     casts on the fly). The Triton merge makes none; the model keeps the torch merge's, since a
     plan cannot know whether its GPU machine has triton, and they are far below the kernel's phase. With kv < heads the kernel runs kv query heads at a time, each call's
-    output next to the block output it is copied into."""
+    output next to the block output it is copied into. ``writes``: the block is copied into the
+    accumulators (a dilated first branch), not merged: no temporaries."""
     base = {"block output": pb.elements(rows, heads) * pb.item_bytes, "block lse": pb.lse_elements(rows, heads) * pb.acc_bytes}
     upcast = pb.elements(rows, heads) * pb.acc_bytes if pb.item_bytes != pb.acc_bytes and pb.device == "cpu" else 0
     copies = (pb.elements(rows, heads) + 2 * pb.elements(keys, kv)) * pb.item_bytes if copied else 0
     scratch = kernel_scratch(pb, q_len, k_len, kv, backward=False, calls=rows // q_len)
     call = {"one call's output": pb.elements(rows, kv) * pb.item_bytes + pb.lse_elements(rows, kv) * pb.acc_bytes
             if kv < heads else 0}
+    merging = 0 if writes else 4 * pb.lse_elements(rows, heads) * pb.acc_bytes + upcast
     return _largest([base | call | {"kernel scratch": scratch, "row copies": copies},
-                     base | {"merge temporaries": 4 * pb.lse_elements(rows, heads) * pb.acc_bytes + upcast}])
+                     base | {"merge temporaries": merging}])
 
 
 def _block_backward(pb: Problem, rows: int, keys: int, heads: int, kv: int, q_len: int, k_len: int,
-                    copied: bool = False) -> dict:
+                    copied: bool = False, writes: bool = False) -> dict:
     """One backward kernel call: the block's dq, dk, dv, the masked lse copy, and the kernel
     scratch and row copies (inside the kernel) or the float32 upcast of a gradient being
     accumulated (after it). The CUDA flash and efficient kernels also take a contiguous copy of
     the output gradient (cuDNN reads it strided: :func:`_cudnn`). With kv < heads see
-    :func:`_gqa_backward`."""
-    upcast = pb.item_bytes != pb.acc_bytes and pb.device == "cpu"
+    :func:`_gqa_backward`. ``writes``: the gradients are copied into the accumulators, not added
+    (a dilated first branch): no upcast."""
+    upcast = pb.item_bytes != pb.acc_bytes and pb.device == "cpu" and not writes
     copies = ((3 * pb.elements(rows, heads) + 2 * pb.elements(keys, kv)) * pb.item_bytes + pb.lse_elements(rows, heads) * pb.acc_bytes) if copied else 0
     scratch = kernel_scratch(pb, q_len, k_len, kv, backward=True, calls=rows // q_len)
     if kv < heads:
@@ -335,20 +339,27 @@ def _dilated(pb: Problem, backward: bool) -> dict:
     if len(_chunks(pb, n)) > 1:
         return _chunked(pb, n, backward, lambda ch, h, direct: _dilated_chunk(pb, ch, h, direct, backward))
     blocks = _blocks(pb, ((0, n),), whole=True)
+    dims = [_dims(pb, b, n) + (_writes(pb, blocks, b),) for b in blocks]
     acc = _accumulators(pb, n)
-    phases = [acc | _largest([_block_forward(pb, *_dims(pb, b, n)) for b in blocks]),
+    phases = [acc | _largest([_block_forward(pb, *d) for d in dims]),
               acc | {"out": _cast(pb, pb.elements(n))}]
     if backward:
         saved = _saved(pb, n) | {"dq, dk, dv accumulators": pb.qkv_elements(n) * pb.acc_bytes}
-        phases += [saved | _largest([_block_backward(pb, *_dims(pb, b, n)) for b in blocks]),
+        phases += [saved | _largest([_block_backward(pb, *d) for d in dims]),
                    saved | {"dq, dk, dv": _cast(pb, pb.qkv_elements(n))}]
     return _largest(phases)
+
+
+def _writes(pb: Problem, blocks, blk) -> bool:
+    """Whether a dilated block writes the accumulators rather than merging (ringlab.engine.dilated.writes_first)."""
+    return blk.branch == 0 and writes_first(blocks, pb.rates)
 
 
 def _dilated_chunk(pb: Problem, ch: Problem, heads: slice, direct: bool, backward: bool) -> dict:
     """One head chunk of dilated attention: its accumulators (unless direct) and blocks."""
     n = pb.seq_len
-    blocks = [_dims(ch, b, n) for b in _blocks(pb, ((0, n),), heads, whole=True)]
+    found = _blocks(pb, ((0, n),), heads, whole=True)
+    blocks = [_dims(ch, b, n) + (_writes(pb, found, b),) for b in found]
     if not backward:
         return ({} if direct else {"out accumulator": ch.elements(n) * ch.acc_bytes}) | _largest(
             [_block_forward(ch, *d) for d in blocks])
