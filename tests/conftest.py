@@ -80,6 +80,22 @@ def check_against(fn, ref, inputs, dtype, *, use_lse=False, check_lse=True, name
     return max(errs)
 
 
+def repeated(ref):
+    """``ref`` on k, v repeated to q's heads: the semantics grouped-query attention must match."""
+    def run(q, k, v):
+        group = q.shape[2] // k.shape[2]
+        return ref(q, k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2))
+    return run
+
+
+def per_document(ref, docs):
+    """ref applied to each document alone, concatenated: what a packed call must equal."""
+    def fn(q, k, v):
+        parts = [ref(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in zip(docs, docs[1:])]
+        return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
+    return fn
+
+
 def dilated_pairs_by_row(docs, heads, segments, rates, *, head_offsets="interleaved", causal=False):
     """(H, N) score pairs of each head's query rows in packed documents (cu_seqlens ``docs``),
     each its own LongNet sequence: the reference masks (ringlab.reference) summed over

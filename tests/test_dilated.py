@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import check_against, rand_qkv
+from conftest import check_against, per_document, rand_qkv, repeated
 
 import ringlab
 from ringlab.engine import dilation
@@ -193,13 +193,6 @@ def test_groups_fuse_by_copy_only_when_allowed_and_alike():
         assert dilation.fusable(a, heads[0], 1, 0, other, heads[1], copy=True) is None
 
 
-def _repeated_kv(ref):
-    def run(q, k, v):
-        group = q.shape[2] // k.shape[2]
-        return ref(q, k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2))
-    return run
-
-
 @pytest.mark.parametrize("segs,rates,floor", [([16, 32], [1, 2], 1 << 27), ([7, 20, 64], [1, 3, 5], 1 << 27),
                                               ([40, 120], [4, 8], 1 << 27), ([50, 50], [2, 3], 1 << 27),
                                               ([16, 32], [1, 2], 0)])
@@ -214,7 +207,7 @@ def test_groups_fused_by_copy_against_reference_f64(monkeypatch, segs, rates, fl
     assert _copies(n, h, d, segs, rates, mode, causal, h // kv_heads) > 0
     q, = rand_qkv(batch, n, h, d, seed=3, count=1)
     k, v = rand_qkv(batch, n, kv_heads, d, seed=4, count=2)
-    check_against(_fn(segs, rates, causal, mode), _repeated_kv(_ref(segs, rates, causal, mode)), [q, k, v],
+    check_against(_fn(segs, rates, causal, mode), repeated(_ref(segs, rates, causal, mode)), [q, k, v],
                   torch.float64, use_lse=causal, name=f"{segs}/{rates}")
 
 
@@ -226,15 +219,10 @@ def test_groups_fused_by_copy_in_packed_documents_bf16(monkeypatch, causal):
     blocks = dilation.document_blocks(((0, 200),), tuple(docs), 4, tuple(segs), tuple(rates), "interleaved",
                                       causal, None, 1, dilation.min_call_rows("cpu", 1, 4, 8), True)
     assert any(b.groups > 1 and b.q.nseg > 1 for b in blocks)
-
-    def per_document(q, k, v):
-        parts = [_ref(segs, rates, causal, "interleaved")(q[:, a:b], k[:, a:b], v[:, a:b])
-                 for a, b in zip(docs, docs[1:])]
-        return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
-
     fn = lambda q, k, v: ringlab.dilated_attention(q, k, v, segs, rates, causal=causal, cu_seqlens=torch.tensor(docs),  # noqa: E731
                                                    return_lse=True)
-    check_against(fn, per_document, rand_qkv(1, 200, 4, 8, seed=7), torch.bfloat16, use_lse=True)
+    check_against(fn, per_document(_ref(segs, rates, causal, "interleaved"), docs), rand_qkv(1, 200, 4, 8, seed=7),
+                  torch.bfloat16, use_lse=True)
 
 
 # ---------------------------------------------------------------- the first branch writes, not merges
@@ -262,14 +250,10 @@ def test_first_branch_writes_every_row_and_head(uninitialized_is_nan, monkeypatc
     assert ringlab.engine.dilated.writes_first(blocks, rates)
     q, = rand_qkv(batch, n, 4, 8, seed=11, count=1)
     k, v = rand_qkv(batch, n, kv_heads, 8, seed=12, count=2)
-    ref = _repeated_kv(_ref(segs, rates, causal, mode))
+    ref = repeated(_ref(segs, rates, causal, mode))
     if case == "packed":
         docs = [0, 5, 40, 96]
-        single = ref
-
-        def ref(q, k, v):
-            parts = [single(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in zip(docs, docs[1:])]
-            return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
+        ref = per_document(ref, docs)
 
     fn = lambda q, k, v: ringlab.dilated_attention(  # noqa: E731
         q, k, v, segs, rates, causal=causal, return_lse=True, cu_seqlens=None if docs is None else torch.tensor(docs))

@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import check_against, rand_qkv
+from conftest import check_against, rand_qkv, repeated
 from ringcases import GQA_WORLD_SIZES, check_case, gathered, gqa_cases
 
 import ringlab
@@ -14,14 +14,6 @@ from ringlab.engine.trace import record_events
 from ringlab.reference import dense_attention, dense_dilated_attention
 
 H = 4
-
-
-def repeated(ref):
-    """``ref`` on k, v repeated to H heads: the semantics GQA must match."""
-    def run(q, k, v):
-        group = q.shape[2] // k.shape[2]
-        return ref(q, k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2))
-    return run
 
 
 def gqa_inputs(kv_heads, n=24, seed=0):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close, check_against, dilated_pairs_by_row, rand_qkv
+from conftest import assert_close, check_against, dilated_pairs_by_row, per_document, rand_qkv
 from ringcases import (MESH_WORLD_SIZE, PACKED_WORLD_SIZES, check_case, gathered, packed_cases, packed_documents,
                        packed_mesh_cases)
 
@@ -22,14 +22,6 @@ from ringlab.reference import dense_attention, dense_dilated_attention
 # Ragged documents of a 40-token sequence: shorter than a segment (3, 1), spanning segments.
 DOCS = [0, 3, 20, 21, 34, 40]
 BRANCHES = ([4, 8, 16], [1, 2, 4])
-
-
-def per_document(ref, docs):
-    """ref applied to each document alone, concatenated: what a packed call must equal."""
-    def fn(q, k, v):
-        parts = [ref(q[:, a:b], k[:, a:b], v[:, a:b]) for a, b in zip(docs, docs[1:])]
-        return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
-    return fn
 
 
 def dense(causal):

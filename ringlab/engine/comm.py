@@ -351,12 +351,12 @@ def _stacked_shards(layout, x, p: int, dim: int, documents) -> torch.Tensor:
             shape[0], shape[dim] = p * b, n // p
             strides[0], strides[dim] = step * s[dim] if b == 1 else s[0], first[0].stride * s[dim]
             return x.as_strided(shape, strides, x.storage_offset() + first[0].pos * s[dim])
-    if dim == 1 and (b == 1 or s[0] == n * s[1]):  # batch and positions merge into one row index
-        rows = x.flatten(0, 1).index_select(0, _gathered_rows(layout, n, p, b, documents, x.device))
-        return rows.unflatten(0, (p * b, n // p))
     if b == 1:  # positions in rank order, then the ranks moved to the front: a view of the gather
         picked = x.index_select(dim, _gathered_rows(layout, n, p, 1, documents, x.device))
         return picked.unflatten(dim, (p, n // p)).movedim(dim, 0).flatten(0, 1)
+    if dim == 1 and s[0] == n * s[1]:  # batch and positions merge into one row index
+        rows = x.flatten(0, 1).index_select(0, _gathered_rows(layout, n, p, b, documents, x.device))
+        return rows.unflatten(0, (p * b, n // p))
     return torch.cat([layout.shard(x, r, p, dim, documents) for r in range(p)], 0)
 
 

@@ -339,7 +339,7 @@ def _dilated(pb: Problem, backward: bool) -> dict:
     if len(_chunks(pb, n)) > 1:
         return _chunked(pb, n, backward, lambda ch, h, direct: _dilated_chunk(pb, ch, h, direct, backward))
     blocks = _blocks(pb, ((0, n),), whole=True)
-    dims = [_dims(pb, b, n) + (_writes(pb, blocks, b),) for b in blocks]
+    dims = _dilated_dims(pb, pb, blocks)
     acc = _accumulators(pb, n)
     phases = [acc | _largest([_block_forward(pb, *d) for d in dims]),
               acc | {"out": _cast(pb, pb.elements(n))}]
@@ -350,16 +350,17 @@ def _dilated(pb: Problem, backward: bool) -> dict:
     return _largest(phases)
 
 
-def _writes(pb: Problem, blocks, blk) -> bool:
-    """Whether a dilated block writes the accumulators rather than merging (ringlab.engine.dilated.writes_first)."""
-    return blk.branch == 0 and writes_first(blocks, pb.rates)
+def _dilated_dims(pb: Problem, ch: Problem, blocks) -> list[tuple]:
+    """:func:`_dims` of each dilated block (of the head chunk ``ch``), and whether it writes the
+    accumulators rather than merging (ringlab.engine.dilated.writes_first)."""
+    first = writes_first(blocks, pb.rates)
+    return [_dims(ch, b, pb.seq_len) + (first and b.branch == 0,) for b in blocks]
 
 
 def _dilated_chunk(pb: Problem, ch: Problem, heads: slice, direct: bool, backward: bool) -> dict:
     """One head chunk of dilated attention: its accumulators (unless direct) and blocks."""
     n = pb.seq_len
-    found = _blocks(pb, ((0, n),), heads, whole=True)
-    blocks = [_dims(ch, b, n) + (_writes(pb, found, b),) for b in found]
+    blocks = _dilated_dims(pb, ch, _blocks(pb, ((0, n),), heads, whole=True))
     if not backward:
         return ({} if direct else {"out accumulator": ch.elements(n) * ch.acc_bytes}) | _largest(
             [_block_forward(ch, *d) for d in blocks])
