@@ -6,6 +6,7 @@ Sections, each a script that also runs alone (``python -m benchmarks.<name>``):
 - ring: gloo ring vs one process and vs ring-attention-pytorch; overlap; causal balance; simulated ring vs SDPA
 - ring_dilated: ring-dilated time, bytes on the wire per branch vs the plain ring, peak per rank
 - accuracy: ring gradients vs float64, ours and ring-attention-pytorch's
+- low_precision: bf16 and fp16 errors over random cases, each call vs torch's SDPA on the same inputs
 - hardware: achieved FLOP/s of each call / this machine's measured matmul FLOP/s
 - scaling: time and peak memory vs N and vs P, with fitted exponents
 - host_overhead: aten ops, kernels and time per call at tiny shapes (the host work a GPU waits on)
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 
 from .common import record, section, section_markdown
 
-SECTIONS = ["single_device", "ring", "ring_dilated", "accuracy", "hardware", "scaling", "host_overhead"]
+SECTIONS = ["single_device", "ring", "ring_dilated", "accuracy", "low_precision", "hardware", "scaling",
+            "host_overhead"]
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,9 @@ ABS_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 5e-5)}
 REL_TOL = {torch.float64: 1e-11, torch.float32: 2e-5}
 # bf16/fp16 have no fixed absolute limits (see docs/design.md §7). Inputs and results are rounded to 7 (bf16) or 10 (fp16)
 # mantissa bits while the kernels accumulate in float32, so 2 units in the last place of the
-# largest reference value are allowed (measured: at most about 1 ulp).
+# largest reference value are allowed. A limit for the tests' inputs, not a bound for all: over
+# 300 random cases the worst is 1.6 ulps, as for torch's SDPA (benchmarks/low_precision.py),
+# but rare inputs reach 2.5 in torch's own kernel too.
 LOW_PRECISION_ULPS = 2
 
 

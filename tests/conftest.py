@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -51,26 +52,27 @@ def assert_close(actual, expected, dtype, *, grad=False, name="") -> float:
     return err
 
 
-def run_and_grad(fn, inputs, dtype, grad_out_seed=1, use_lse=False):
-    """Run fn on inputs cast to dtype; backprop a random cotangent. Returns (out, lse, grads)."""
+def run_and_grad(fn, inputs, dtype, grad_out_seed=1, use_lse=False, grad_dtypes=(torch.float64, torch.float64)):
+    """Run fn on inputs cast to dtype; backprop a random cotangent, rounded to ``grad_dtypes``
+    (out's, lse's) as a result of those dtypes rounds it. Returns (out, lse, grads)."""
     xs = [x.to(dtype).clone().requires_grad_() for x in inputs]
     out, lse = fn(*xs)
     g = torch.Generator().manual_seed(grad_out_seed)
-    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64).to(grad_dtypes[0]).double()
     loss = (out.double() * go).sum()
     if use_lse:
-        gl = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+        gl = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(grad_dtypes[1]).double()
         loss = loss + (lse.double().masked_fill(torch.isinf(lse), 0) * gl).sum()
     loss.backward()
     return out.detach(), lse.detach(), [x.grad for x in xs]
 
 
 def check_against(fn, ref, inputs, dtype, *, use_lse=False, check_lse=True, name=""):
-    """Compare fn (cast to dtype) with ref (float64, on the dtype-rounded inputs).
-    Returns the largest max-abs error over out, lse and the gradients."""
+    """Compare fn (cast to dtype) with ref (float64, on the dtype-rounded inputs and output
+    gradients). Returns the largest max-abs error over out, lse and the gradients."""
     out, lse, grads = run_and_grad(fn, inputs, dtype, use_lse=use_lse)
     rounded = [x.to(dtype).double() for x in inputs]
-    rout, rlse, rgrads = run_and_grad(ref, rounded, torch.float64, use_lse=use_lse)
+    rout, rlse, rgrads = run_and_grad(ref, rounded, torch.float64, use_lse=use_lse, grad_dtypes=(out.dtype, lse.dtype))
     assert out.dtype == dtype
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     errs = [assert_close(out, rout, dtype, name=f"{name} out")]
@@ -102,6 +104,17 @@ def dilated_pairs_by_row(docs, heads, segments, rates, *, head_offsets="interlea
     branches and keys."""
     return torch.cat([sum(branch_mask(b - a, heads, w, r, head_offsets=head_offsets, causal=causal).sum(2)
                           for w, r in zip(segments, rates)) for a, b in zip(docs, docs[1:])], 1)
+
+
+@contextlib.contextmanager
+def uninitialized_is_nan():
+    """Fresh tensors (torch.empty) hold NaN inside: a row that nothing writes shows."""
+    torch.use_deterministic_algorithms(True)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @pytest.fixture(autouse=True)

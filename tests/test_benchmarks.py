@@ -60,6 +60,17 @@ def test_run_writes_one_summary_and_keeps_sections_when_one_fails(tmp_path, monk
     assert "FAILED" in sections["hardware"]["notes"] and "boom" in md.read_text()
 
 
+def test_low_precision_measures_every_call_against_sdpa():
+    from benchmarks import low_precision
+
+    rows = low_precision.run(quick=True)["rows"]
+    assert [(r["call"], r["dtype"]) for r in rows] == [(c, d) for d in ("bfloat16", "float16") for c in low_precision.CALLS]
+    for r in rows:
+        assert 0 < r["worst_ulps"] <= 2, r  # the tests' limit (docs/design.md §7)
+        assert r["worst_ulps"] == max(r[f"{q}_ulps"] for q in low_precision.QUANTITIES)
+    assert {r["vs_sdpa"] for r in rows if r["call"] == "SDPA (torch)"} == {1.0}
+
+
 def test_host_overhead_counts_the_ops_of_each_call():
     from benchmarks import host_overhead
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import check_against, per_document, rand_qkv, repeated
+from conftest import check_against, per_document, rand_qkv, repeated, uninitialized_is_nan
 
 import ringlab
 from ringlab.engine import dilation
@@ -226,18 +226,9 @@ def test_groups_fused_by_copy_in_packed_documents_bf16(monkeypatch, causal):
 
 
 # ---------------------------------------------------------------- the first branch writes, not merges
-@pytest.fixture
-def uninitialized_is_nan():
-    """Fresh tensors (torch.empty) hold NaN: a row that no block writes shows."""
-    torch.use_deterministic_algorithms(True)
-    assert torch.utils.deterministic.fill_uninitialized_memory
-    yield
-    torch.use_deterministic_algorithms(False)
-
-
 @pytest.mark.parametrize("case", ["plain", "ragged", "gqa", "batch", "chunks", "packed", "gpu calls"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_first_branch_writes_every_row_and_head(uninitialized_is_nan, monkeypatch, case, causal):
+def test_first_branch_writes_every_row_and_head(monkeypatch, case, causal):
     """With a rate-1 first branch the accumulators start uninitialized and its blocks write them
     (dilated.writes_first): every row, head and gradient must still equal the float64 reference."""
     segs, rates, mode = [16, 32, 64], [1, 2, 4], "interleaved"
@@ -257,7 +248,8 @@ def test_first_branch_writes_every_row_and_head(uninitialized_is_nan, monkeypatc
 
     fn = lambda q, k, v: ringlab.dilated_attention(  # noqa: E731
         q, k, v, segs, rates, causal=causal, return_lse=True, cu_seqlens=None if docs is None else torch.tensor(docs))
-    check_against(fn, ref, [q, k, v], torch.float64, use_lse=True, name=case)
+    with uninitialized_is_nan():
+        check_against(fn, ref, [q, k, v], torch.float64, use_lse=True, name=case)
 
 
 def test_first_branch_writes_only_when_it_reaches_every_row_first():
