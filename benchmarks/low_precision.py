@@ -89,9 +89,10 @@ def run(quick: bool = False) -> dict:
             rows.append(dict(call=name, dtype=str(dtype).removeprefix("torch."),
                              **{f"{q}_ulps": e for q, e in zip(QUANTITIES, errs)}, worst_ulps=max(errs),
                              vs_sdpa=max(errs) / base))
-    notes = (f"{cases} random cases per dtype: batch 2, H = 4, H_kv = 4 or 2, D = 8 or 32, N from 4 to 64, causal or not; dilated "
-             f"segments {list(SEGMENTS)}, rates {list(RATES)}. ulps: max abs error / (eps x max(1, max|reference|)), "
-             "the largest over the cases; the reference is float64 on the same rounded inputs and output gradient "
+    notes = (f"{cases} random cases per dtype: batch 2, H = 4, H_kv = 4 or 2, D = 8 or 32, N from 4 to 64, "
+             f"causal or not; dilated segments {list(SEGMENTS)}, rates {list(RATES)}. ulps: max abs error / "
+             "(eps x max(1, max|reference|)), the largest over the cases; the reference is float64 on the same "
+             "rounded inputs and output gradient "
              "(a dilated call's: dense_dilated_attention). vs_sdpa: a call's worst ulps over SDPA's. The tests hold "
              "their bf16 and fp16 cases to 2 ulps (docs/design.md §7).")
     return section("low_precision", rows, ["call", "dtype", *(f"{q}_ulps" for q in QUANTITIES), "worst_ulps",

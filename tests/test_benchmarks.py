@@ -64,7 +64,8 @@ def test_low_precision_measures_every_call_against_sdpa():
     from benchmarks import low_precision
 
     rows = low_precision.run(quick=True)["rows"]
-    assert [(r["call"], r["dtype"]) for r in rows] == [(c, d) for d in ("bfloat16", "float16") for c in low_precision.CALLS]
+    calls = [(c, d) for d in ("bfloat16", "float16") for c in low_precision.CALLS]
+    assert [(r["call"], r["dtype"]) for r in rows] == calls
     for r in rows:
         assert 0 < r["worst_ulps"] <= 2, r  # the tests' limit (docs/design.md §7)
         assert r["worst_ulps"] == max(r[f"{q}_ulps"] for q in low_precision.QUANTITIES)
