@@ -110,6 +110,16 @@ def test_model_matches_measurement_with_grouped_query_attention(mode, pb, backwa
         assert abs(model - measured) <= 0.1 * measured, (mode, rank, model, measured)
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_model_of_a_grouped_query_forward_has_no_merge(dtype, kv_heads):
+    """attention's grouped-query forward writes each call's heads into the result: no merge
+    temporaries (at D = 64 they would outweigh the kernel's scratch, unlike the grid's D = 32)."""
+    pb = Problem(2048, 8, 64, dtype=dtype, kv_heads=kv_heads)
+    measured = measure_peak(pb, "attention")
+    assert abs(estimate(pb, "attention").peak - measured) <= 0.1 * measured
+
+
 def test_grouped_query_attention_shrinks_every_kv_term():
     """Each term that holds K/V-sized tensors holds H_kv heads; the query-sized ones do not change."""
     mha = estimate(Problem(4096, 8, 64, world_size=4), "ring", backward=True)
