@@ -3,6 +3,7 @@ the tests then compare the gathered shards with the float64 reference and the si
 
 import functools
 import itertools
+import random
 
 import torch
 import workers
@@ -109,8 +110,44 @@ def packed_mesh_cases(p):
                                                                     ["ring", "ring_dilated"]))]
 
 
+RANDOM_CASES = 6
+
+
+def random_cases(p):
+    """Drawn configurations (seeded per world size): ring or ring-dilated, any layout that can
+    split them, GQA, packed documents, ragged segments, scale, dlse, float64 or float32."""
+    rng, cases = random.Random(p), []
+    for i in range(RANDOM_CASES):
+        fn = rng.choice(["ring", "ring_dilated"])
+        heads = rng.choice([1, 2, 4])
+        packed = rng.random() < 0.4
+        layouts = ["contiguous", "zigzag"] + (["striped"] if fn == "ring" else []) + (["doc_zigzag"] if packed else [])
+        case = dict(fn=fn, batch=1 if packed else rng.choice([1, 2]), heads=heads, head_dim=rng.choice([8, 16]),
+                    kv_heads=rng.choice([x for x in (1, 2, heads) if heads % x == 0]), layout=rng.choice(layouts),
+                    causal=rng.random() < 0.5, dtype=rng.choice(["float64", "float32"]), seed=600 * p + i,
+                    scale=rng.choice([None, 0.3]), dlse=rng.random() < 0.5)
+        unit = p * (2 if "zigzag" in case["layout"] else 1)
+        if case["layout"] == "doc_zigzag":  # every document a multiple of 2P
+            docs = [0]
+            for _ in range(rng.randint(1, 3)):
+                docs.append(docs[-1] + unit * rng.randint(1, 3))
+            case |= dict(n=docs[-1], cu_seqlens=docs)
+        else:
+            case["n"] = unit * rng.randint(1, 6)
+            if packed and case["n"] > 1:
+                cuts = rng.sample(range(1, case["n"]), min(case["n"] - 1, rng.randint(1, 3)))
+                case["cu_seqlens"] = [0, *sorted(cuts), case["n"]]
+        if fn == "ring_dilated":
+            branches = rng.randint(1, 3)
+            case |= dict(segments=[rng.randint(1, case["n"] + 4) for _ in range(branches)],
+                         rates=[rng.randint(1, 4) for _ in range(branches)],
+                         head_offsets=rng.choice(["interleaved", "grouped"]))
+        cases.append(case)
+    return cases
+
+
 def all_cases(p):
-    return (ring_cases(p) + dilated_cases(p) + (gqa_cases(p) if p in GQA_WORLD_SIZES else [])
+    return (ring_cases(p) + dilated_cases(p) + random_cases(p) + (gqa_cases(p) if p in GQA_WORLD_SIZES else [])
             + (mesh_cases(p) + packed_mesh_cases(p) if p == MESH_WORLD_SIZE else [])
             + (packed_cases(p) if p in PACKED_WORLD_SIZES else []))
 

@@ -3,10 +3,12 @@
 import contextlib
 from unittest import mock
 
+import pytest
 import torch
 from conftest import check_against, per_document, rand_qkv, repeated, uninitialized_is_nan
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ringcases import RANDOM_CASES, WORLD_SIZES, check_case, gathered, random_cases
 
 import ringlab
 from ringlab.engine import autograd, comm, dilation
@@ -129,3 +131,12 @@ def test_sharded_functions_match_reference(c):
             for patch in SWITCHES[name]():
                 stack.enter_context(patch)
         check_against(fn, ref, [q, k, v], c["dtype"], use_lse=True, name=str(c))
+
+
+@pytest.mark.parametrize("i", range(RANDOM_CASES))
+@pytest.mark.parametrize("p", WORLD_SIZES)
+def test_random_cases_on_gloo_ranks(p, i):
+    """Drawn configurations on real gloo ranks (ringcases.random_cases) against float64 and
+    the simulated ring."""
+    case = random_cases(p)[i]
+    check_case(case, *gathered(p, case))
