@@ -111,12 +111,12 @@ def test_merge_is_exact_and_stable():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_math_path_in_many_row_chunks(monkeypatch, causal):
-    """The math path splits the query rows into chunks of _MATH_CHUNK_ELEMENTS scores; with a
+    """The math path splits the query rows into chunks of MATH_CHUNK_ELEMENTS scores; with a
     small limit the same inputs take many chunks, forward and backward (with dlse), and the
     causal mask is cut at chunk edges."""
     from ringlab.engine import kernels
 
-    monkeypatch.setattr(kernels, "_MATH_CHUNK_ELEMENTS", 2 * 3 * 40 * 7)  # 7 rows per chunk
+    monkeypatch.setattr(kernels, "MATH_CHUNK_ELEMENTS", 2 * 3 * 40 * 7)  # 7 rows per chunk
     inputs = rand_qkv(2, 50, 3, 16, nk=40, seed=8)
     with use_backend("math"):
         for dtype in (torch.float64, torch.float32):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import workers
 
-from ringlab.engine import dilation
+from ringlab.engine import dilation, kernels
 from ringlab.planning import memory
 from ringlab.planning.dryrun import dry_run
 from ringlab.workbench.experiments import measure_peak, ring_rank_peak, seed_memory_table
@@ -108,6 +108,17 @@ def test_model_matches_measurement_with_grouped_query_attention(mode, pb, backwa
             measured = measure_peak(pb, mode, backward=backward)
         model = estimate(pb, mode, backward=backward, rank=rank).peak
         assert abs(model - measured) <= 0.1 * measured, (mode, rank, model, measured)
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_model_counts_the_math_path_of_blocks_with_few_keys(dtype, backward):
+    """On CPU a block with under 16 keys runs the math path (its float32 copies and scores);
+    here two of three branches select 8 rows per segment."""
+    pb = Problem(2048, 8, 64, dtype=dtype, causal=True, segments=(16, 64, 256), rates=(2, 8, 2))
+    assert any(b.k.count < kernels.CPU_FLASH_MIN_KEYS for b in _blocks(pb, ((0, pb.seq_len),), whole=True))
+    measured = measure_peak(pb, "dilated", backward=backward)
+    assert abs(estimate(pb, "dilated", backward=backward).peak - measured) <= 0.1 * measured
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2])

@@ -41,10 +41,10 @@ from typing import Callable
 import torch
 
 # Elements of one (B, H, rows, Sk) score chunk in the math path: 2^24 float32 = 64 MiB.
-_MATH_CHUNK_ELEMENTS = 1 << 24
+MATH_CHUNK_ELEMENTS = 1 << 24
 # torch's CPU flash op turns a NaN query row into a finite one when a block has under 8 keys;
 # such blocks are tiny, so the math path (which propagates NaN) costs nothing there.
-_CPU_FLASH_MIN_KEYS = 16
+CPU_FLASH_MIN_KEYS = 16
 # cuDNN takes batch and heads up to 2^16 - 1 each.
 _CUDNN_MAX_DIM = 65535
 
@@ -172,7 +172,7 @@ def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
 BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("cpu_flash", "cpu", ("_scaled_dot_product_flash_attention_for_cpu",
                                  "_scaled_dot_product_flash_attention_for_cpu_backward"),
-            lambda q, k, causal: k.shape[1] >= _CPU_FLASH_MIN_KEYS, _cpu_flash_forward, _cpu_flash_backward),
+            lambda q, k, causal: k.shape[1] >= CPU_FLASH_MIN_KEYS, _cpu_flash_forward, _cpu_flash_backward),
     Backend("cuda_cudnn", "cuda", ("_scaled_dot_product_cudnn_attention",
                                    "_scaled_dot_product_cudnn_attention_backward"),
             _cudnn_applies, _cudnn_forward, _cudnn_backward),
@@ -473,7 +473,7 @@ def _visible(sq_rows: range, sk: int, causal: bool, mask, device):
 
 def _row_chunks(q, k):
     b, sq, h, _ = q.shape
-    rows = max(1, _MATH_CHUNK_ELEMENTS // max(1, b * h * k.shape[1]))
+    rows = max(1, MATH_CHUNK_ELEMENTS // max(1, b * h * k.shape[1]))
     return [range(s, min(sq, s + rows)) for s in range(0, sq, rows)]
 
 

@@ -28,9 +28,8 @@ over the calls in float32 (float64 for float64).
 Kernel scratch: torch's CPU flash kernels allocate per-thread work buffers (threads x q-split
 x kv-split); the CUDA flash backward keeps a float32 dQ accumulator and the row sums.
 
-Not modeled: on CPU a block with under 16 keys runs the math path (a dilated segment, or its
-piece on a ring rank, with under 16 selected keys), and its float32 copies of q, k, v and the
-scores come on top. Random problems with such branches measured up to 1.35x the model.
+On CPU a block with under 16 keys (a dilated segment, or its piece on a ring rank, with
+fewer selected keys) runs the math path instead: float32 copies of q, k, v and the scores.
 """
 
 from __future__ import annotations
@@ -161,12 +160,34 @@ def kernel_scratch(pb: Problem, q_len: int, k_len: int, heads: int | None = None
         h = heads or pb.heads
         # float32 dQ accumulator and row sums of the flash backward
         return 4 * pb.batch * calls * h * pad(q_len, 128) * (pad(pb.head_dim, 32) + 1)
+    if pb.device == "cpu" and k_len < kernels.CPU_FLASH_MIN_KEYS:
+        return _math_scratch(pb, q_len, k_len, heads or pb.heads, pb.batch * calls, backward)
     qs, ks = _q_split(q_len), min(512, k_len)
     acc = 8 if pb.dtype == "float64" else 4
     reduced = pb.item_bytes if pb.item_bytes == 2 else 0
     if backward:
         return _threads(pb) * (2 * qs * ks * (acc + reduced) + qs * acc)
     return _threads(pb) * (qs * (ks + 2 + pb.head_dim) * acc + qs * ks * reduced)
+
+
+def _math_scratch(pb: Problem, q_len: int, k_len: int, heads: int, batch: int, backward: bool) -> int:
+    """The math path (ringlab.engine.kernels, CPU blocks with few keys) beyond the call's
+    result: float32 copies of 16-bit inputs, its float32 results, and the (q_len x k_len)
+    scores, probabilities and their gradients of every head. At its peak the forward holds
+    out, the einsum's output and V's copy; the backward dq, dk, dv and the output of the dq or
+    the dk product and its scaled copy."""
+    eq, ek = batch * q_len * heads * pb.head_dim, batch * k_len * heads * pb.head_dim
+    rows = batch * heads * q_len
+    chunk = min(q_len, max(1, kernels.MATH_CHUNK_ELEMENTS // (batch * heads * k_len)))  # query rows per chunk
+    scores = batch * heads * chunk * k_len
+    narrow = pb.item_bytes != pb.acc_bytes
+    if backward:
+        upcast = 3 * eq + 2 * ek if narrow else 0
+        peak = upcast + max(3 * eq + 2 * ek, eq + 4 * ek) + 4 * scores + rows
+        return peak * pb.acc_bytes - (eq + 2 * ek) * pb.item_bytes
+    upcast = eq + 2 * ek if narrow else 0
+    peak = upcast + 2 * eq + ek + 2 * scores + 2 * rows
+    return peak * pb.acc_bytes - eq * pb.item_bytes - rows * pb.acc_bytes
 
 
 # ---------------------------------------------------------------- pieces shared by the modes
