@@ -78,7 +78,7 @@ def run(quick: bool = False) -> dict:
             inputs = [torch.randn(2, n, h, d, generator=g, dtype=torch.float64).to(dtype).double()
                       for h in (4, kv_heads, kv_heads)]
             dout = torch.randn(2, n, 4, d, generator=g, dtype=torch.float64).to(dtype).double()
-            refs = {d: _reference(inputs, dout, causal, d) for d in (False, True)}
+            refs = {dilated: _reference(inputs, dout, causal, dilated) for dilated in (False, True)}
             for name, (call, dilated) in CALLS.items():
                 if n % 8 and name.startswith("ring"):
                     continue  # zigzag over 4 ranks needs N divisible by 8
