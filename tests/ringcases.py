@@ -113,6 +113,23 @@ def packed_mesh_cases(p):
 RANDOM_CASES = 6
 
 
+def draw_split(pick, *, ranks, dilated, packed, most=6):
+    """A random layout that a ring (``dilated``: ring-dilated) call over ``ranks`` ranks accepts,
+    drawn from the registry, and a sequence it splits, with packed documents when ``packed``.
+    ``pick(options)`` returns one of a sequence: random.Random.choice for the gloo cases, a
+    Hypothesis draw in test_properties. Returns (layout, n, cu_seqlens or None)."""
+    layouts = [name for name, lay in REGISTRY.items()
+               if (lay.has_pieces or not dilated) and (packed or not lay.splits_documents)]
+    layout = REGISTRY[pick(layouts)]
+    if layout.splits_documents:
+        lengths = [layout.document_unit(ranks) * pick(range(1, 4)) for _ in range(pick(range(1, 4)))]
+        docs = [0, *itertools.accumulate(lengths)]
+        return layout.name, docs[-1], docs
+    n = layout.unit * ranks * pick(range(1, most + 1))
+    cuts = {pick(range(1, n)) for _ in range(pick(range(1, 4)))} if packed and n > 1 else set()
+    return layout.name, n, [0, *sorted(cuts), n] if packed else None
+
+
 def random_cases(p):
     """Drawn configurations (seeded per world size): ring or ring-dilated, any layout that can
     split them, GQA, packed documents, ragged segments, scale, dlse, float64 or float32."""
@@ -121,25 +138,16 @@ def random_cases(p):
         fn = rng.choice(["ring", "ring_dilated"])
         heads = rng.choice([1, 2, 4])
         packed = rng.random() < 0.4
-        layouts = ["contiguous", "zigzag"] + (["striped"] if fn == "ring" else []) + (["doc_zigzag"] if packed else [])
-        case = dict(fn=fn, batch=1 if packed else rng.choice([1, 2]), heads=heads, head_dim=rng.choice([8, 16]),
-                    kv_heads=rng.choice([x for x in (1, 2, heads) if heads % x == 0]), layout=rng.choice(layouts),
+        layout, n, docs = draw_split(rng.choice, ranks=p, dilated=fn == "ring_dilated", packed=packed)
+        case = dict(fn=fn, n=n, batch=1 if packed else rng.choice([1, 2]), heads=heads, head_dim=rng.choice([8, 16]),
+                    kv_heads=rng.choice([x for x in (1, 2, heads) if heads % x == 0]), layout=layout,
                     causal=rng.random() < 0.5, dtype=rng.choice(["float64", "float32"]), seed=600 * p + i,
                     scale=rng.choice([None, 0.3]), dlse=rng.random() < 0.5)
-        unit = p * (2 if "zigzag" in case["layout"] else 1)
-        if case["layout"] == "doc_zigzag":  # every document a multiple of 2P
-            docs = [0]
-            for _ in range(rng.randint(1, 3)):
-                docs.append(docs[-1] + unit * rng.randint(1, 3))
-            case |= dict(n=docs[-1], cu_seqlens=docs)
-        else:
-            case["n"] = unit * rng.randint(1, 6)
-            if packed and case["n"] > 1:
-                cuts = rng.sample(range(1, case["n"]), min(case["n"] - 1, rng.randint(1, 3)))
-                case["cu_seqlens"] = [0, *sorted(cuts), case["n"]]
+        if docs:
+            case["cu_seqlens"] = docs
         if fn == "ring_dilated":
             branches = rng.randint(1, 3)
-            case |= dict(segments=[rng.randint(1, case["n"] + 4) for _ in range(branches)],
+            case |= dict(segments=[rng.randint(1, n + 4) for _ in range(branches)],
                          rates=[rng.randint(1, 4) for _ in range(branches)],
                          head_offsets=rng.choice(["interleaved", "grouped"]))
         cases.append(case)

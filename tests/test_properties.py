@@ -8,7 +8,7 @@ import torch
 from conftest import check_against, per_document, rand_qkv, repeated, uninitialized_is_nan
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ringcases import RANDOM_CASES, WORLD_SIZES, check_case, gathered, random_cases
+from ringcases import RANDOM_CASES, WORLD_SIZES, check_case, draw_split, gathered, random_cases
 
 import ringlab
 from ringlab.engine import autograd, comm, dilation
@@ -75,23 +75,11 @@ def sharded_configs(draw):
     ring = draw(st.integers(1, 2 if mesh else 4))
     h = draw(st.sampled_from([2, 4] if mesh else [1, 2, 4, 6]))
     kv_heads = draw(st.sampled_from([x for x in (1, 2, h) if h % x == 0 and x % ulysses == 0]))
-    packed = draw(st.booleans())
-    layouts = ["contiguous", "zigzag"] + ([] if dilated else ["striped"]) + (["doc_zigzag"] if packed else [])
-    layout = draw(st.sampled_from(layouts))
-    unit = (2 if "zigzag" in layout else 1) * ring * ulysses
-    if layout == "doc_zigzag":  # every document cut into 2 R chunks (of U rows each)
-        lengths = draw(st.lists(st.integers(1, 4), min_size=1, max_size=3))
-        docs = [0]
-        for length in lengths:
-            docs.append(docs[-1] + unit * length)
-        n = docs[-1]
-    else:
-        n = unit * draw(st.integers(1, 10))
-        cuts = draw(st.sets(st.integers(1, n - 1), max_size=3)) if packed and n > 1 else set()
-        docs = [0, *sorted(cuts), n] if packed else None
+    layout, n, docs = draw_split(lambda options: draw(st.sampled_from(options)), ranks=ring * ulysses,
+                                 dilated=dilated, packed=draw(st.booleans()), most=10)
     branches = draw(st.integers(1, 3))
     return dict(fn=fn, ulysses=ulysses, ring=ring, h=h, kv_heads=kv_heads, n=n, layout=layout, docs=docs,
-                b=1 if packed else draw(st.integers(1, 2)), d=draw(st.sampled_from([8, 16])),
+                b=1 if docs else draw(st.integers(1, 2)), d=draw(st.sampled_from([8, 16])),
                 segs=draw(st.lists(st.integers(1, n + 4), min_size=branches, max_size=branches)),
                 rates=draw(st.lists(st.integers(1, 5), min_size=branches, max_size=branches)),
                 causal=draw(st.booleans()), mode=draw(st.sampled_from(["interleaved", "grouped"])),
