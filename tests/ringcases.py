@@ -126,7 +126,7 @@ def draw_split(pick, *, ranks, dilated, packed, most=6):
         docs = [0, *itertools.accumulate(lengths)]
         return layout.name, docs[-1], docs
     n = layout.unit * ranks * pick(range(1, most + 1))
-    cuts = {pick(range(1, n)) for _ in range(pick(range(1, 4)))} if packed and n > 1 else set()
+    cuts = {pick(range(1, n)) for _ in range(pick(range(4)))} if packed and n > 1 else set()
     return layout.name, n, [0, *sorted(cuts), n] if packed else None
 
 
