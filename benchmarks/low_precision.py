@@ -14,10 +14,10 @@ is the baseline: ``vs_sdpa`` is a call's worst case over SDPA's worst case.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 import ringlab
 from ringlab.reference import dense_attention, dense_dilated_attention
+from ringlab.workbench.baselines import sdpa
 
 from .common import cli, section
 
@@ -25,13 +25,8 @@ QUANTITIES = ("out", "dq", "dk", "dv")
 SEGMENTS, RATES = (8, 16, 32), (1, 2, 4)
 
 
-def _sdpa(q, k, v, causal):
-    t = lambda x: x.transpose(1, 2)  # noqa: E731 - SDPA takes (B, H, N, D)
-    return t(F.scaled_dot_product_attention(t(q), t(k), t(v), is_causal=causal, enable_gqa=True))
-
-
 CALLS = {  # name: (call, whether the reference is dilated)
-    "SDPA (torch)": (_sdpa, False),
+    "SDPA (torch)": (lambda q, k, v, causal: sdpa(q, k, v, causal=causal), False),
     "attention": (lambda q, k, v, causal: ringlab.attention(q, k, v, causal=causal), False),
     "ring P=4 zigzag (simulated)": (lambda q, k, v, causal: ringlab.ring_attention(
         q, k, v, ring_size=4, causal=causal, layout="zigzag"), False),
