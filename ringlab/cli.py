@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="what an N-token run needs per GPU")
     p.add_argument("--tokens", required=True, help="sequence length: 65536, 512K, 1G (=2**30), 1e9")
-    p.add_argument("--heads", type=int, required=True)
-    p.add_argument("--head-dim", type=int, required=True)
+    p.add_argument("--heads", type=int, required=True, help="query heads")
+    p.add_argument("--head-dim", type=int, required=True, help="dimension of each head (D)")
     p.add_argument("--kv-heads", type=int, default=None,
                    help="K/V heads, a divisor of --heads (grouped-query attention; default: --heads)")
     p.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32, fp64 (default bf16)")
@@ -148,10 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rates", default="", help="comma-separated dilation rates, one per segment")
     p.add_argument("--gpu", default="h100", help="device profile: h100, h200, a100 (see ringlab/planning/devices.json)")
     p.add_argument("--gpus", type=int, default=None, help="number of GPUs (default: the fewest that fit)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--no-causal", action="store_true")
-    p.add_argument("--layout", default="zigzag", choices=list(LAYOUTS))
-    p.add_argument("--head-offsets", default="interleaved", choices=["interleaved", "grouped"])
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default 1)")
+    p.add_argument("--no-causal", action="store_true", help="bidirectional attention (default: causal)")
+    p.add_argument("--layout", default="zigzag", choices=list(LAYOUTS),
+                   help="how the sequence is sharded (default zigzag)")
+    p.add_argument("--head-offsets", default="interleaved", choices=["interleaved", "grouped"],
+                   help="which heads take which dilation offset (default interleaved)")
     p.add_argument("--forward-only", action="store_true", help="inference: no backward")
     p.add_argument("--devices", default=None, help="a JSON file of device profiles to use instead")
     p.add_argument("--dry-run", action="store_true", help="also run rank 0's engine on meta tensors")
