@@ -7,11 +7,8 @@ segments 256-2048, so that every N is past the longest segment) forward; time ~ 
 live tensor bytes ~ N^b, a and b fitted by least squares on log-log. Exact attention should
 give a ~ 2 and b ~ 1 (no N x N matrix kept); dilated attention a ~ 1.
 vs P (real gloo ranks, fixed N): ring attention forward, the slowest rank's time and the
-largest per-rank peak. From P = 2 on a rank holds six shard-sized tensors (the K/V block it
-computes on, the one arriving, its accumulators and one block's result), so the peak should
-fall as P^-1; the fit is over P >= 2. P = 1 sends nothing, and at the full run's N its
-accumulators exceed the CPU head-chunk budget (ringlab.engine.autograd.ACCUM_BUDGET), so it
-runs its heads in chunks: its peak is printed, not fitted.
+largest per-rank peak, which should fall as P^-1 from P = 2 on (the printed notes say why
+P = 1 is printed but not fitted).
 """
 
 from __future__ import annotations
@@ -61,7 +58,7 @@ def versus_p(n, ring_sizes, *, repeats=2) -> list[dict]:
 def fits(rows) -> list[dict]:
     out = []
     for axis, call in dict.fromkeys((r["axis"], r["call"]) for r in rows):
-        sel = [r for r in rows if r["axis"] == axis and r["call"] == call and (axis == "N" or r["P"] >= 2)]
+        sel = [r for r in rows if r["axis"] == axis and r["call"] == call]
         xs = [r[axis] for r in sel]
         out.append(dict(call=call, axis=axis, range=f"{min(xs)}-{max(xs)}",
                         time_exponent=exponent(xs, [r["seconds"] for r in sel]),
@@ -70,10 +67,12 @@ def fits(rows) -> list[dict]:
 
 
 def run(quick: bool = False) -> dict:
-    sizes, n_ring, repeats = ([2048, 4096], 1024, 1) if quick else ([4096, 8192, 16384, 32768], 16384, 2)
+    sizes, n_ring, ring_sizes, repeats = (([2048, 4096], 1024, [1, 2, 4], 1) if quick
+                                          else ([4096, 8192, 16384, 32768], 16384, [1, 2, 4, 8], 2))
     torch.manual_seed(0)
-    rows = versus_n(sizes, repeats=repeats) + versus_p(n_ring, [1, 2, 4] if quick else [1, 2, 4, 8], repeats=repeats)
-    fitted = fits(rows)
+    n_rows, p_rows = versus_n(sizes, repeats=repeats), versus_p(n_ring, ring_sizes, repeats=repeats)
+    fitted = fits(n_rows) + fits([r for r in p_rows if r["P"] > 1])  # P = 1 is no ring: see the notes
+    rows = n_rows + p_rows
     notes = ("Fitted exponents (least squares on log-log):\n\n"
              + "\n".join(f"- {f['call']} vs {f['axis']} ({f['range']}): time ~ {f['axis']}^{f['time_exponent']:.2f}, "
                          f"peak ~ {f['axis']}^{f['memory_exponent']:.2f}" for f in fitted)
@@ -81,8 +80,9 @@ def run(quick: bool = False) -> dict:
              "Expected: exact attention time ~ N^2, peak ~ N^1; dilated time ~ N^1; "
              "ring per-rank peak ~ P^-1 from P = 2 on (six shard-sized tensors: two K/V blocks, the "
              "accumulators, a block's result). P = 1 sends nothing, and where its accumulators exceed the CPU "
-             "head-chunk budget (at the full run's N) it runs its heads in chunks, so it is not fitted. Ring time "
-             "vs P on a 2-core machine is bounded by the cores, not by the algorithm (P ranks share 2 cores).")
+             "head-chunk budget (ringlab.engine.autograd.ACCUM_BUDGET; at the full run's N) it runs its heads in "
+             "chunks, so it is not fitted. Ring time vs P on a 2-core machine is bounded by the cores, not by the "
+             "algorithm (P ranks share 2 cores).")
     return section("scaling", rows, ["axis", "call", "N", "P", "seconds", "peak_MiB"],
            notes=notes, extra=dict(fits=fitted))
 
