@@ -171,6 +171,13 @@ def test_rank_that_exits_with_code_zero_is_a_rank_error():
     assert info.value.ranks[0] == 1
 
 
+@pytest.mark.distributed
+def test_rank_that_returned_is_not_failed_by_an_abort_in_interpreter_teardown():
+    # CI once lost a run to SIGABRT ("terminate called without an active exception") in a gloo
+    # rank's teardown; a rank that has returned its result leaves without finalization.
+    assert launch(rw.abort_at_interpreter_exit, 2, timeout=120) == [0, 1]
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -1, 0, "10"])
 def test_launch_timeout_must_be_a_finite_positive_number(bad):
     with pytest.raises(ValueError, match="timeout must be a finite number"):

@@ -163,6 +163,11 @@ def _worker(rank, world_size, port, backend, fn, args, kwargs, outdir, timeout, 
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         fail()
+    # Leave without interpreter finalization: torch's gloo teardown there can abort a rank whose
+    # work is done ("terminate called without an active exception", SIGABRT; see pytorch#179291).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(fn, world_size: int, *, args=(), kwargs=None, backend: str | None = None,
