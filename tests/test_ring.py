@@ -155,7 +155,8 @@ def test_stacked_shards_are_views_where_one_stride_steps_them():
 
 def test_simulated_delivery_hands_over_the_sent_tensor():
     """A simulated rank receives the tensor its neighbour sent, not a copy (on a GPU a copy is a
-    memcpy per rank and step); a message that does not fit the receive buffer is an engine bug."""
+    memcpy per rank and step), into a buffer that holds no memory of its own until then; a
+    message that does not fit the receive buffer is an engine bug."""
     from ringlab.engine.comm import Mailbox, SimComm, run_lockstep
 
     box = Mailbox()
@@ -163,11 +164,13 @@ def test_simulated_delivery_hands_over_the_sent_tensor():
     def rank(r):
         sent = torch.full((2, 3), float(r))
         got, pending = SimComm(r, 2, box).pass_on(sent, step=0, label="kv")
+        assert got.shape == sent.shape and got.untyped_storage().nbytes() == sent.element_size()
         yield from pending.wait()
         return sent, got
 
     (s0, g0), (s1, g1) = run_lockstep([rank(0), rank(1)], box)
     assert g0.data_ptr() == s1.data_ptr() and g1.data_ptr() == s0.data_ptr() and g0[0, 0] == 1
+    assert g0.stride() == s1.stride()
 
     def wrong(r):
         comm = SimComm(r, 2, box)

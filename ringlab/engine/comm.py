@@ -93,10 +93,14 @@ class RingComm:
                          t=pending.posted_at, bytes=nbytes, peers=[p for p, _ in sends])
         return pending
 
+    def receive_buffer(self, shape, like: torch.Tensor) -> torch.Tensor:
+        """A tensor of ``shape``, with ``like``'s dtype and device, to receive into."""
+        return like.new_empty(shape)
+
     def pass_on(self, tensor, *, step: int, label: str, tag: int = 0):
         """Send ``tensor`` to the next rank and receive one like it from the previous.
         Returns (receive buffer, pending)."""
-        incoming = torch.empty_like(tensor)
+        incoming = self.receive_buffer(tensor.shape, tensor)
         return incoming, self.exchange([(self.next, tensor)], [(self.prev, incoming)], step=step,
                                        label=label, tag=tag)
 
@@ -105,7 +109,7 @@ class RingComm:
         part j to rank j; receive one part from every rank. ``AllToAll.wait()`` returns the
         received parts joined along dim ``cat`` in rank order. Nothing is sent to oneself."""
         parts = x.chunk(self.world_size, split)
-        got = [parts[i] if i == self.rank else torch.empty_like(parts[i]) for i in range(self.world_size)]
+        got = [parts[i] if i == self.rank else self.receive_buffer(parts[i].shape, x) for i in range(self.world_size)]
         others = [i for i in range(self.world_size) if i != self.rank]
         pending = self.exchange([(i, parts[i]) for i in others], [(i, got[i]) for i in others],
                                 step=step, label=label, tag=tag)
@@ -173,6 +177,10 @@ class SimComm(RingComm):
     def __init__(self, rank: int, world_size: int, mailbox: Mailbox, members: tuple[int, ...] | None = None):
         self.rank, self.world_size, self.mailbox = rank, world_size, mailbox
         self.members = members or tuple(range(world_size))
+
+    def receive_buffer(self, shape, like: torch.Tensor) -> torch.Tensor:
+        # A delivery adopts the sent tensor itself (_adopt), so the buffer needs no memory of its own.
+        return like.new_empty(1).expand(shape)
 
     def _post(self, sends, recvs, tag, pending) -> None:
         me = self.members[self.rank]

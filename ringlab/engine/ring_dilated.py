@@ -198,7 +198,7 @@ def _rotate(comm, subs, idx, held, step):
         if step < s.hops():
             members = len(s.members)
             b, _, d = held[j].shape[1:]
-            incoming = held[j].new_empty(2, b, s.sizes[(i - step - 1) % members], d)
+            incoming = comm.receive_buffer((2, b, s.sizes[(i - step - 1) % members], d), held[j])
             pending.append((j, incoming, comm.exchange(
                 [(s.members[(i + 1) % members], held[j])], [(s.members[(i - 1) % members], incoming)],
                 step=step, label=f"kv/b{s.branch}/s{s.segment}", tag=_tag(s, False))))
@@ -283,7 +283,7 @@ def backward_rank(comm, dout, q, k, v, out, lse, dlse, *, config: RingConfig, he
                             None if dlse is None else lse_view(dlse, rows, *at), rows_view(dq, rows, *at),
                             _part_view(dkv[0], k_part), _part_view(dkv[1], k_part), causal=False, scale=scale)
                 # Pass the accumulator on; from the last holder, that is home to its owner.
-                incoming = dkv.new_empty(2, q.shape[0], s.sizes[(src_i - 1) % members], q.shape[-1])
+                incoming = comm.receive_buffer((2, q.shape[0], s.sizes[(src_i - 1) % members], q.shape[-1]), dkv)
                 p = comm.exchange([(s.members[(i + 1) % members], dkv)], [(s.members[(i - 1) % members], incoming)],
                                   step=step, label=f"dkv/b{b}/s{s.segment}", tag=_tag(s, True))
                 if step == s.hops():
