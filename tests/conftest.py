@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -80,6 +81,20 @@ def check_against(fn, ref, inputs, dtype, *, use_lse=False, check_lse=True, name
         errs.append(assert_close(lse, rlse, dtype, name=f"{name} lse"))
     errs += [assert_close(a, e, dtype, grad=True, name=f"{name} d{label}") for label, a, e in zip("qkv", grads, rgrads)]
     return max(errs)
+
+
+def simulated_forms(fn, inputs):
+    """``fn(q, k, v) -> (out, lse)`` on a simulated ring, all ranks at once and then rank by rank
+    (ringlab.engine.comm.SIMULATE_TOGETHER), float64, forward+backward with a gradient through
+    lse. Returns, per form, ([out, lse, dq, dk, dv], its kernel calls)."""
+    from ringlab.engine import comm, kernels
+
+    forms = []
+    for together in (True, False):
+        with mock.patch.object(comm, "SIMULATE_TOGETHER", together), kernels.record_backends() as calls:
+            out, lse, grads = run_and_grad(fn, inputs, torch.float64, use_lse=True)
+        forms.append(([out, lse, *grads], sum(calls.values())))
+    return forms
 
 
 def repeated(ref):

@@ -76,7 +76,7 @@ def test_host_overhead_counts_the_ops_of_each_call():
     from benchmarks import host_overhead
 
     rows = {(r["call"], r["dtype"], r["mode"]): r for r in host_overhead.run(quick=True)["rows"]}
-    assert len(rows) == 24 and all(r["ms"] > 0 and 0 < r["kernels"] <= r["ops"] for r in rows.values())
+    assert len(rows) == 28 and all(r["ms"] > 0 and 0 < r["kernels"] <= r["ops"] for r in rows.values())
     for dtype in ("float32", "bfloat16"):
         one, ring = rows[("attention", dtype, "fwd")], rows[("ring P=8 zigzag (simulated)", dtype, "fwd")]
         alone = rows[("ring P=8 zigzag (simulated, rank by rank)", dtype, "fwd")]
@@ -88,7 +88,9 @@ def test_host_overhead_counts_the_ops_of_each_call():
                                                                                  dtype, "fwd")]
         assert dilated["blocks"] == 11 and as_on_gpu["blocks"] == 4  # one call per branch
         assert as_on_gpu["kernels"] < dilated["kernels"]
-        assert rows[("ring-dilated P=8 zigzag (simulated)", dtype, "fwd")]["blocks"] > dilated["blocks"]
+        rd, rd_alone = (rows[("ring-dilated P=8 zigzag (simulated" + how, dtype, "fwd")] for how in (")", ", rank by rank)"))
+        assert rd_alone["blocks"] == 256 and rd["blocks"] == 82  # together: runs of ranks whose blocks read alike
+        assert dilated["blocks"] < rd["blocks"] and rd["kernels"] < rd_alone["kernels"] / 2
 
 
 def test_exponent_fit():

@@ -35,10 +35,11 @@ def test_a_registered_layout_shards_as_defined(reversed_layout):
 
 @pytest.mark.parametrize("p", [1, 2, 3, 4])
 @pytest.mark.parametrize("causal", [False, True])
-def test_a_registered_layout_runs_the_ring(reversed_layout, p, causal):
+@pytest.mark.parametrize("batch", [1, 2])  # a batch of one stacks the shards as a view where it can
+def test_a_registered_layout_runs_the_ring(reversed_layout, p, causal, batch):
     def fn(q, k, v):
         return ringlab.ring_attention(q, k, v, ring_size=p, causal=causal, layout=reversed_layout, return_lse=True)
-    check_against(fn, lambda q, k, v: dense_attention(q, k, v, causal=causal), rand_qkv(2, 4 * p, 3, 8),
+    check_against(fn, lambda q, k, v: dense_attention(q, k, v, causal=causal), rand_qkv(batch, 4 * p, 3, 8),
                   torch.float64, use_lse=True)
 
 

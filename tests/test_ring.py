@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import workers
-from conftest import check_against, rand_qkv
+from conftest import check_against, rand_qkv, simulated_forms
 from ringcases import LAYOUTS, WORLD_SIZES, check_case, gathered, ring_cases
 
 import ringlab
@@ -94,23 +94,6 @@ def test_trace_of_simulated_ring(layout):
     assert all(e["bytes"] == 2 * n // p * 2 * 8 * 4 for e in kv_posts)
 
 
-def _ring_run(p, layout, causal, *, together, batch=1, documents=None, kv_heads=4):
-    """(out, lse, dq, dk, dv) and the kernel calls of a float64 simulated ring, fwd+bwd with dlse."""
-    from ringlab.engine import comm, kernels
-
-    n = 2 * p * 8
-    q, k, v = rand_qkv(batch, n, 4, 8, seed=p, count=3)
-    k, v = k[:, :, :kv_heads].clone(), v[:, :, :kv_heads].clone()
-    xs = [x.requires_grad_() for x in (q, k, v)]
-    with mock.patch.object(comm, "SIMULATE_TOGETHER", together), kernels.record_backends() as calls:
-        out, lse = ringlab.ring_attention(*xs, ring_size=p, causal=causal, layout=layout, return_lse=True,
-                                          cu_seqlens=documents)
-        g = torch.Generator().manual_seed(0)
-        cotangents = [torch.randn(x.shape, generator=g, dtype=x.dtype) for x in (out, lse)]
-        ((out * cotangents[0]).sum() + (lse * cotangents[1]).sum()).backward()
-    return [out, lse, *(x.grad for x in xs)], sum(calls.values())
-
-
 @pytest.mark.parametrize("p", [2, 3, 4])
 @pytest.mark.parametrize("layout", LAYOUTS + ["doc_zigzag"])
 @pytest.mark.parametrize("causal", [False, True])
@@ -119,9 +102,13 @@ def test_simulated_ranks_together_give_what_each_rank_gives(p, layout, causal):
     GQA too), with one kernel call per run of ranks with equal tiles instead of one per rank."""
     documents = torch.tensor([0, 4 * p, 12 * p, 16 * p]) if layout == "doc_zigzag" else None
     for batch, kv_heads in ((1, 4), (1, 2)) if documents is not None else ((1, 4), (2, 2)):  # packed: batch 1
-        (together, calls), (alone, per_rank) = (
-            _ring_run(p, layout, causal, together=t, batch=batch, documents=documents, kv_heads=kv_heads)
-            for t in (True, False))
+        q, k, v = rand_qkv(batch, 2 * p * 8, 4, 8, seed=p)
+
+        def fn(q, k, v):
+            return ringlab.ring_attention(q, k, v, ring_size=p, causal=causal, layout=layout, return_lse=True,
+                                          cu_seqlens=documents)
+
+        (together, calls), (alone, per_rank) = simulated_forms(fn, (q, k[:, :, :kv_heads], v[:, :, :kv_heads]))
         for a, e in zip(together, alone):
             torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
         assert calls < per_rank if documents is None else calls <= per_rank  # documents: ranks' tiles may all differ

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import check_against, rand_qkv
-from ringcases import WORLD_SIZES, check_case, dilated_cases, gathered
+from conftest import check_against, rand_qkv, simulated_forms
+from ringcases import WORLD_SIZES, check_case, dilated_cases, gathered, packed_documents
 
 import ringlab
 from ringlab.engine.layout import with_pieces
@@ -42,6 +42,35 @@ def test_simulated_f64(p, layout, causal, config):
     inputs = rand_qkv(2, 2 * p * 6, 5, 8, seed=p)
     check_against(_fn(p, segs, rates, causal, layout, mode), _ref(segs, rates, causal, mode),
                   inputs, torch.float64, use_lse=True)
+
+
+@pytest.mark.parametrize("p", [2, 3, 4])
+@pytest.mark.parametrize("layout", with_pieces())
+@pytest.mark.parametrize("causal", [False, True])
+def test_simulated_ranks_together_give_what_each_rank_gives(p, layout, causal):
+    """The simulated ring-dilated's all-ranks form equals the per-rank generators: every config
+    (unaligned, ragged, rows that see nothing), both offset modes, GQA with a batch of two, and
+    packed documents. Runs of ranks whose blocks read alike take one kernel call per block,
+    never more calls than rank by rank, and fewer where contiguous shards hold segments alike."""
+    packed = layout == "doc_zigzag"
+    cases = [(1, 12 * p, [4, 12, 30], [1, 2, 3], "interleaved", torch.tensor(packed_documents(p, layout)))]
+    if not packed:  # doc_zigzag splits packed documents only
+        cases = [(2 if i % 2 else 1, 2 * p * 6, *CONFIGS[i], ("interleaved", "grouped")[i % 2], None)
+                 for i in range(len(CONFIGS))] + cases
+    for i, (batch, n, segs, rates, mode, documents) in enumerate(cases):
+        q, k, v = rand_qkv(batch, n, 4, 8, seed=p + 10 * i)
+        kv_heads = 2 if i % 2 else 4
+
+        def fn(q, k, v):
+            return ringlab.ring_dilated_attention(q, k, v, segs, rates, ring_size=p, causal=causal, layout=layout,
+                                                  head_offsets=mode, return_lse=True, cu_seqlens=documents)
+
+        (together, calls), (alone, per_rank) = simulated_forms(fn, (q, k[:, :, :kv_heads], v[:, :, :kv_heads]))
+        for a, e in zip(together, alone):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+        assert calls <= per_rank
+        if layout == "contiguous" and documents is None and i == 0:
+            assert calls < per_rank
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -158,8 +158,8 @@ MUTANTS = (
            "tests/test_dilated.py", "first_branch"),
     # The simulated ring's all-ranks form.
     Mutant("together-backward-reads-its-own-block", "ringlab/engine/ring.py",
-           "rdq, *_of(srcs, b, dk, dv),",
-           "rdq, *_of(ranks, b, dk, dv),",
+           "*of_ranks(srcs, b, dk, dv), config.scale)",
+           "*of_ranks(ranks, b, dk, dv), config.scale)",
            "tests/test_ring.py", "simulated_ring_f64"),
     Mutant("stacked-shards-view-ignores-the-batch", "ringlab/engine/comm.py",
            "and (b == 1 or step * s[dim] == b * s[0])",
@@ -169,6 +169,15 @@ MUTANTS = (
            "(held[:, None, :] + n * torch.arange(b)[None, :, None])",
            "(held[None, :, :] + n * torch.arange(b)[:, None, None])",
            "tests/test_ring.py", "together"),
+    # The simulated ring-dilated's all-ranks form, and the per-rank generators it is checked against.
+    Mutant("ring-dilated-together-reads-its-own-rows", "ringlab/engine/ring_dilated.py",
+           "return of_ranks(slice(sender, sender + ranks.stop - ranks.start), batch, *xs)",
+           "return of_ranks(ranks, batch, *xs)",
+           "tests/test_ring_dilated.py", "simulated_scale"),
+    Mutant("ring-dilated-homecoming-dk-takes-dv", "ringlab/engine/ring_dilated.py",
+           "rows_view(dk, part.rows, *part.kv_view_args()).add_(_part_view(buf[0], part))",
+           "rows_view(dk, part.rows, *part.kv_view_args()).add_(_part_view(buf[1], part))",
+           "tests/test_ring_dilated.py", "together_give_what_each_rank_gives"),
     # The Triton merge (run on CPU through triton's interpreter).
     Mutant("fused-merge-nan-weight-for-empty-rows", "ringlab/engine/merge.py",
            'w = tl.where(new == float("-inf"), 0.0, tl.sigmoid(new - old))',

@@ -344,17 +344,18 @@ class RingAlgorithm:
 
 def _stacked_shards(layout, x, p: int, dim: int, documents) -> torch.Tensor:
     """Every rank's shard of x along ``dim``, stacked in dim 0 (rank r: rows r*B to (r+1)*B).
-    A view of x where every rank holds one strided run and one stride steps from rank to rank
-    (contiguous and striped shards of a batch of one). Otherwise one gather of the rows (zigzag,
-    packed documents, a larger batch), not a copy per rank joined into a second one (except
-    for a lse-like x of a larger batch, whose positions come after its heads)."""
+    A view of x where every rank holds one strided run and one stride steps forward from rank
+    to rank (contiguous and striped shards of a batch of one). Otherwise one gather of the
+    rows (zigzag, packed documents, a larger batch), not a copy per rank joined into a second
+    one (except for a lse-like x of a larger batch, whose positions come after its heads)."""
     n, b, s = x.shape[dim], x.shape[0], x.stride()
     runs = [layout.runs(n, r, p, documents) for r in range(p)]
     if all(len(held) == 1 for held in runs):
         first = [held[0] for held in runs]
         step = first[1].pos - first[0].pos if p > 1 else 0
-        if (all(r.stride == first[0].stride and r.pos == first[0].pos + i * step for i, r in enumerate(first))
-                and (b == 1 or step * s[dim] == b * s[0])):
+        if (step >= 0 and all(r.stride == first[0].stride and r.pos == first[0].pos + i * step
+                              for i, r in enumerate(first))
+                and (b == 1 or step * s[dim] == b * s[0])):  # as_strided takes no negative stride
             shape, strides = list(x.shape), list(s)
             shape[0], shape[dim] = p * b, n // p
             strides[0], strides[dim] = step * s[dim] if b == 1 else s[0], first[0].stride * s[dim]

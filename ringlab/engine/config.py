@@ -136,14 +136,12 @@ def rank_functions(config: RingConfig):
 
 
 def together_functions(config: RingConfig):
-    """(forward, backward) of every simulated rank at once (see RingAlgorithm), or None where
-    only the per-rank generators exist (ring-dilated)."""
-    from . import ring
+    """(forward, backward) of every simulated rank at once (see RingAlgorithm)."""
+    from . import ring, ring_dilated
 
-    if config.dilated:
-        return None
-    return (functools.partial(ring.forward_together, config=config),
-            functools.partial(ring.backward_together, config=config))
+    algo = ring_dilated if config.dilated else ring
+    return (functools.partial(algo.forward_together, config=config),
+            functools.partial(algo.backward_together, config=config))
 
 
 def run_ring(config: RingConfig, q, k, v, *, group, ring_size):

@@ -137,7 +137,7 @@ def _runs(config: RingConfig, step: int, n: int) -> tuple[tuple[slice, slice, tu
     return tuple(run for run in runs if run[2])
 
 
-def _of(ranks: slice, batch: int, *xs):
+def of_ranks(ranks: slice, batch: int, *xs):
     """The rows of ``ranks`` in tensors that stack the ranks' shards in dim 0, ``batch`` each."""
     return [None if x is None else _rows(x, slice(ranks.start * batch, ranks.stop * batch), 0) for x in xs]
 
@@ -155,7 +155,8 @@ def forward_together(q, k, v, *, config: RingConfig, heads: slice):
     out, lse = new_accumulators(q)
     for step in range(p):
         for ranks, srcs, tiles in _runs(config, step, n):
-            _attend(tiles, *_of(ranks, b, q), *_of(srcs, b, k, v), *_of(ranks, b, out, lse), config.scale)
+            _attend(tiles, *of_ranks(ranks, b, q), *of_ranks(srcs, b, k, v), *of_ranks(ranks, b, out, lse),
+                    config.scale)
     return out, lse
 
 
@@ -168,9 +169,9 @@ def backward_together(dout, q, k, v, out, lse, dlse, *, config: RingConfig, head
     dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
     for step in range(p):
         for ranks, srcs, tiles in _runs(config, step, n):
-            rdout, rq, rout, rlse, rdlse, rdq = _of(ranks, b, dout, q, out, lse, dlse, dq)
-            _attend_backward(tiles, rdout, rq, *_of(srcs, b, k, v), rout, rlse, rdlse, rdq, *_of(srcs, b, dk, dv),
-                             config.scale)
+            rdout, rq, rout, rlse, rdlse, rdq = of_ranks(ranks, b, dout, q, out, lse, dlse, dq)
+            _attend_backward(tiles, rdout, rq, *of_ranks(srcs, b, k, v), rout, rlse, rdlse, rdq,
+                             *of_ranks(srcs, b, dk, dv), config.scale)
     return dq, dk, dv
 
 

@@ -12,6 +12,9 @@ recomputing each block from the global lse, and a last hop brings each accumulat
 
 The per-rank plan is pure geometry (ringlab.engine.dilation, ringlab.engine.layout): every rank computes the
 same plan for every other rank, so message sizes need no handshake.
+
+A simulated ring (one device) runs all ranks at once instead (:func:`forward_together`): the
+same blocks, reading each message's rows where their sender holds them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .dilation import (Block, Rows, document_blocks, document_pieces, fusable, h
 from .kernels import accum_dtype
 from .layout import get
 from .merge import new_accumulators
+from .ring import of_ranks
 
 
 @dataclass(frozen=True)
@@ -299,6 +303,114 @@ def backward_rank(comm, dout, q, k, v, out, lse, dlse, *, config: RingConfig, he
             for part in s.parts[i]:
                 rows_view(dk, part.rows, *part.kv_view_args()).add_(_part_view(buf[0], part))
                 rows_view(dv, part.rows, *part.kv_view_args()).add_(_part_view(buf[1], part))
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------- all simulated ranks at once
+def _read(rows: Rows) -> Rows:
+    """Which local rows ``rows`` reads, whatever their global positions and segments."""
+    return dataclasses.replace(rows, pos=0, seg=0)
+
+
+def _reads(x: Block | Part) -> tuple:
+    """What a block, or a part's side of one, reads: rows and heads (not message slots)."""
+    if isinstance(x, Block):
+        return _read(x.q), _read(x.k), x.heads, x.kv_heads, x.causal, x.groups, x.head_step, x.kv_step
+    return _read(x.rows), x.heads, x.kv_heads, x.groups, x.head_step, x.kv_step
+
+
+def _step_blocks(config: RingConfig, span: tuple[int, int], rank: int, branch: int, step: int):
+    """The blocks ``rank`` computes at ``step`` of a branch, in :func:`forward_rank`'s order:
+    (blocks, their senders, what they read). Step 0: the local blocks (no senders); later
+    steps: (my part, their part) per cross block, each from the member that sent it."""
+    plan = rank_plan(config, rank, span)
+    if step == 0:
+        return plan.local[branch], (), tuple(_reads(x) for x in plan.local[branch])
+    work = []
+    for s in plan.subrings[branch]:
+        if step <= s.hops():
+            i = s.members.index(rank)
+            src = (i - step) % len(s.members)
+            work += [(pair, s.members[src]) for pair in cross_blocks(s.parts[i], s.parts[src], config.causal)]
+    blocks = tuple(pair for pair, _ in work)
+    return blocks, tuple(x for _, x in work), tuple((_reads(a), _reads(b)) for a, b in blocks)
+
+
+@functools.lru_cache(maxsize=1024)  # a model's layers repeat the same configuration
+def _runs(config: RingConfig, span: tuple[int, int], branch: int, step: int):
+    """One step of a branch for every simulated rank, in runs that compute together: (ranks,
+    the first rank's senders, blocks) for consecutive ranks whose blocks read alike and whose
+    senders advance with the rank."""
+    runs = []  # [ranks, senders, blocks, what they read]
+    for rank in range(config.world_size):
+        blocks, senders, reads = _step_blocks(config, span, rank, branch, step)
+        if not blocks:
+            continue
+        last = runs[-1] if runs else None
+        if (last is not None and last[0].stop == rank and last[3] == reads
+                and senders == tuple(x + rank - last[0].start for x in last[1])):
+            last[0] = slice(last[0].start, rank + 1)
+        else:
+            runs.append([slice(rank, rank + 1), senders, blocks, reads])
+    return tuple((ranks, senders, blocks) for ranks, senders, blocks, _ in runs)
+
+
+def _of_senders(ranks: slice, sender: int, batch: int, *xs):
+    """The rows of the ranks that sent to the run ``ranks``, the first of them ``sender``."""
+    return of_ranks(slice(sender, sender + ranks.stop - ranks.start), batch, *xs)
+
+
+def forward_together(q, k, v, *, config: RingConfig, heads: slice):
+    """Every rank of a simulated ring at once; q, k, v (P*B, n, H, D) stack the ranks' shards
+    (rank r: rows r*B to (r+1)*B). Returns (out, lse) stacked alike.
+
+    The blocks of :func:`forward_rank`, merged in the same order per rank, but each run of
+    ranks whose blocks read alike (:func:`_runs`) takes one kernel call per block, not one
+    per rank. Nothing is packed or sent: a cross block reads its keys where the sender holds
+    them, through the sender's part of the message."""
+    b, span, scale = q.shape[0] // config.world_size, (heads.start, heads.stop), config.scale
+    out, lse = new_accumulators(q)
+    for branch, steps in enumerate(rank_plan(config, 0, span).steps):  # every rank has the same steps
+        for step in range(steps + 1):
+            for ranks, senders, blocks in _runs(config, span, branch, step):
+                rq, rk, rv, rout, rlse = of_ranks(ranks, b, q, k, v, out, lse)
+                if step == 0:
+                    blocks_forward(rq, rk, rv, blocks, rout, rlse, scale=scale)
+                    continue
+                for (q_part, k_part), sender in zip(blocks, senders):
+                    sk, sv = _of_senders(ranks, sender, b, k, v)
+                    at, kv = q_part.view_args(), k_part.kv_view_args()
+                    attend(rows_view(rq, q_part.rows, *at), rows_view(sk, k_part.rows, *kv),
+                           rows_view(sv, k_part.rows, *kv), rows_view(rout, q_part.rows, *at),
+                           lse_view(rlse, q_part.rows, *at), causal=False, scale=scale)
+    return out, lse
+
+
+def backward_together(dout, q, k, v, out, lse, dlse, *, config: RingConfig, heads: slice):
+    """The backward of :func:`forward_together` (tensors stacked as there): the gradients of
+    :func:`backward_rank`. A cross block adds its dK/dV straight into the sender's rows, where
+    a rank sums them in the travelling accumulator first, so the two agree up to rounding.
+    Returns (dq, dk, dv) in the accumulation dtype."""
+    b, span, scale = q.shape[0] // config.world_size, (heads.start, heads.stop), config.scale
+    acc = accum_dtype(q.dtype)
+    dq, dk, dv = (torch.zeros(x.shape, dtype=acc, device=x.device) for x in (q, k, v))
+    for branch, steps in enumerate(rank_plan(config, 0, span).steps):
+        for step in range(steps + 1):
+            for ranks, senders, blocks in _runs(config, span, branch, step):
+                rdout, rq, rk, rv, rout, rlse, rdlse, rdq, rdk, rdv = of_ranks(
+                    ranks, b, dout, q, k, v, out, lse, dlse, dq, dk, dv)
+                if step == 0:
+                    blocks_backward(rdout, rq, rk, rv, rout, rlse, rdlse, blocks, rdq, rdk, rdv, scale=scale)
+                    continue
+                for (q_part, k_part), sender in zip(blocks, senders):
+                    sk, sv, sdk, sdv = _of_senders(ranks, sender, b, k, v, dk, dv)
+                    at, kv, rows = q_part.view_args(), k_part.kv_view_args(), q_part.rows
+                    attend_backward(
+                        rows_view(rdout, rows, *at), rows_view(rq, rows, *at), rows_view(sk, k_part.rows, *kv),
+                        rows_view(sv, k_part.rows, *kv), rows_view(rout, rows, *at), lse_view(rlse, rows, *at),
+                        None if rdlse is None else lse_view(rdlse, rows, *at), rows_view(rdq, rows, *at),
+                        rows_view(sdk, k_part.rows, *kv), rows_view(sdv, k_part.rows, *kv), causal=False,
+                        scale=scale)
     return dq, dk, dv
 
 
