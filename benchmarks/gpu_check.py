@@ -23,8 +23,9 @@
    then the host time of one ring tile per backend and shape, and the LSE merge (the Triton
    kernel) against the torch merge and a cast plus one lerp_. "A/B: ring P=8, torch merge" is
    the ring with the torch merge, timed beside the ring with the kernel; "A/B: ring P=8, rank
-   by rank" the ring running each simulated rank's generator instead of all ranks at once;
-   "A/B: dilated, as before" dilated attention with a call per offset group (no copies) and
+   by rank" the ring running each simulated rank's generator instead of all ranks at once
+   (likewise "A/B: ring-dilated P=8, rank by rank" beside "simulated ring-dilated P=8", the
+   LongNet config on the simulated ring); "A/B: dilated, as before" dilated attention with a call per offset group (no copies) and
    every block merged into zeros (no first-branch writes).
 3. capacity: dilated forward+backward and forward alone at growing N (targets: 2M and 4M
    tokens), peak against the memory model; an out-of-memory error is shown as the user sees it.
@@ -175,6 +176,13 @@ def correctness_rows(device, n) -> list[dict]:
             rows.append(_guard(name, lambda: _check(
                 name, lambda q, k, v: ringlab.ring_attention(q, k, v, ring_size=8, causal=True, layout="zigzag"),
                 lambda q, k, v: dense_attention(q, k, v, causal=True)[0], ring_qkv, torch.bfloat16, device)))
+    with rank_by_rank():
+        name = "ring_dilated_attention P=8 zigzag causal, rank by rank"
+        rows.append(_guard(name, lambda: _check(
+            name, lambda q, k, v: ringlab.ring_dilated_attention(q, k, v, segs, rates, ring_size=8, causal=True,
+                                                                 layout="zigzag"),
+            lambda q, k, v: dense_dilated_attention(q, k, v, segs, rates, causal=True)[0], ring_qkv,
+            torch.bfloat16, device)))
     with _dilated_before():
         name = "dilated causal, as before (a call per offset group, merged from zeros)"
         rows.append(_guard(name, lambda: _check(
@@ -249,6 +257,11 @@ def _contestants(segs, device):
     calls["A/B: ring P=8, torch merge"] = (_inside(_torch_merge, calls["ring P=8 (simulated)"][0]), None, None)
     calls["A/B: ring P=8, rank by rank"] = (_inside(rank_by_rank, calls["ring P=8 (simulated)"][0]), None, None)
     calls["A/B: dilated, as before"] = (_inside(_dilated_before, calls["dilated (LongNet)"][0]), segs, None)
+    # Named apart from "ring" and "dilated": the targets read those rows.
+    calls["simulated ring-dilated P=8"] = (lambda q, k, v, c: ringlab.ring_dilated_attention(
+        q, k, v, segs, LONGNET["rates"], ring_size=8, causal=c, layout="zigzag"), segs, None)
+    calls["A/B: ring-dilated P=8, rank by rank"] = (
+        _inside(rank_by_rank, calls["simulated ring-dilated P=8"][0]), segs, None)
     return calls
 
 
@@ -574,7 +587,7 @@ def unchunked_rows(device, n, heads, dim, repeats, scale) -> list[dict]:
     dout = torch.randn_like(leaves[0])
     rows = []
     for name, (fn, _, _) in _contestants(segs, device).items():
-        if name.startswith(("SDPA", "attention", "A/B")):
+        if name not in ("ring P=8 (simulated)", "dilated (LongNet)"):
             continue
         step = _step(fn, leaves, False, dout)
         whole = min(side_by_side({"x": step}, repeats=repeats, device=device)["x"])

@@ -22,7 +22,8 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_json(tmp_path):
     assert {r["call"] for r in speed["rows"]} == {"SDPA flash", "attention", "ring P=8 (simulated)",
                                                    "dilated (LongNet)", "A/B: ring P=8, torch merge",
                                                    "A/B: ring P=8, rank by rank",
-                                                   "A/B: dilated, as before"}
+                                                   "A/B: dilated, as before", "simulated ring-dilated P=8",
+                                                   "A/B: ring-dilated P=8, rank by rank"}
     assert {(r["variant"], r["kernel"]) for r in merges["rows"]} == {("ringlab merge", "torch"), ("torch merge", "torch"),
                                                                      ("cast + lerp_", "torch")}  # the kernel is CUDA's
     assert summary["merge_kernel"] == "torch"
