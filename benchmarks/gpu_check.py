@@ -25,8 +25,8 @@
    the ring with the torch merge, timed beside the ring with the kernel; "A/B: ring P=8, rank
    by rank" the ring running each simulated rank's generator instead of all ranks at once
    (likewise "A/B: ring-dilated P=8, rank by rank" beside "simulated ring-dilated P=8", the
-   LongNet config on the simulated ring); "A/B: dilated, as before" dilated attention with a call per offset group (no copies) and
-   every block merged into zeros (no first-branch writes).
+   LongNet config on the simulated ring); "A/B: dilated, as before" dilated attention with a
+   call per offset group (no copies) and every block merged into zeros (no first-branch writes).
 3. capacity: dilated forward+backward and forward alone at growing N (targets: 2M and 4M
    tokens), peak against the memory model; an out-of-memory error is shown as the user sees it.
 4. notebooks: every notebook through papermill with device="cuda" at its default parameters

@@ -89,7 +89,8 @@ def test_host_overhead_counts_the_ops_of_each_call():
                                                                                  dtype, "fwd")]
         assert dilated["blocks"] == 11 and as_on_gpu["blocks"] == 4  # one call per branch
         assert as_on_gpu["kernels"] < dilated["kernels"]
-        rd, rd_alone = (rows[("ring-dilated P=8 zigzag (simulated" + how, dtype, "fwd")] for how in (")", ", rank by rank)"))
+        rd = rows[("ring-dilated P=8 zigzag (simulated)", dtype, "fwd")]
+        rd_alone = rows[("ring-dilated P=8 zigzag (simulated, rank by rank)", dtype, "fwd")]
         assert rd_alone["blocks"] == 256 and rd["blocks"] == 82  # together: runs of ranks whose blocks read alike
         assert dilated["blocks"] < rd["blocks"] and rd["kernels"] < rd_alone["kernels"] / 2
 

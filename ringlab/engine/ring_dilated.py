@@ -222,6 +222,22 @@ def _event(comm, step, sub, src, q_part, k_part):
                 * q_part.groups)
 
 
+def _cross(q_part: Part, k, v, q, out, lse, scale: float) -> None:
+    """One cross block: ``q_part``'s rows of q against the K/V views k, v (B, G, 1, count, H_g, D)
+    of the sender's part, merged into the accumulators out, lse."""
+    at, rows = q_part.view_args(), q_part.rows
+    attend(rows_view(q, rows, *at), k, v, rows_view(out, rows, *at), lse_view(lse, rows, *at),
+           causal=False, scale=scale)
+
+
+def _cross_backward(q_part: Part, k, v, dk, dv, dout, q, out, lse, dlse, dq, scale: float) -> None:
+    """The gradients of :func:`_cross`, added to dq's rows of ``q_part`` and to the views dk, dv."""
+    at, rows = q_part.view_args(), q_part.rows
+    attend_backward(rows_view(dout, rows, *at), rows_view(q, rows, *at), k, v, rows_view(out, rows, *at),
+                    lse_view(lse, rows, *at), None if dlse is None else lse_view(dlse, rows, *at),
+                    rows_view(dq, rows, *at), dk, dv, causal=False, scale=scale)
+
+
 def forward_rank(comm, q, k, v, *, config: RingConfig, heads: slice):
     """One rank's forward (a generator; see ringlab.engine.comm). Returns (out, lse) accumulators."""
     plan = rank_plan(config, comm.rank, (heads.start, heads.stop))
@@ -242,10 +258,8 @@ def forward_rank(comm, q, k, v, *, config: RingConfig, heads: slice):
                         src_i = (i - step) % len(s.members)
                         for q_part, k_part in cross_blocks(s.parts[i], s.parts[src_i], causal):
                             with trace.span(**_event(comm, step, s, s.members[src_i], q_part, k_part)):
-                                at = q_part.view_args()
-                                attend(rows_view(q, q_part.rows, *at), _part_view(held[j][0], k_part),
-                                       _part_view(held[j][1], k_part), rows_view(out, q_part.rows, *at),
-                                       lse_view(lse, q_part.rows, *at), causal=False, scale=scale)
+                                _cross(q_part, _part_view(held[j][0], k_part), _part_view(held[j][1], k_part),
+                                       q, out, lse, scale)
             for j, incoming, p in pending:
                 yield from p.wait()
                 held[j] = incoming
@@ -280,12 +294,9 @@ def backward_rank(comm, dout, q, k, v, out, lse, dlse, *, config: RingConfig, he
                     dkv = buf
                 for q_part, k_part in cross_blocks(s.parts[i], s.parts[src_i], causal):
                     with trace.span(**_event(comm, step, s, s.members[src_i], q_part, k_part)):
-                        at, rows = q_part.view_args(), q_part.rows
-                        attend_backward(
-                            rows_view(dout, rows, *at), rows_view(q, rows, *at), _part_view(held[j][0], k_part),
-                            _part_view(held[j][1], k_part), rows_view(out, rows, *at), lse_view(lse, rows, *at),
-                            None if dlse is None else lse_view(dlse, rows, *at), rows_view(dq, rows, *at),
-                            _part_view(dkv[0], k_part), _part_view(dkv[1], k_part), causal=False, scale=scale)
+                        # the held K, V and their dK, dV; unnamed, so the old message is freed when it moves on
+                        _cross_backward(q_part, *(_part_view(x, k_part) for x in (*held[j], *dkv)),
+                                        dout, q, out, lse, dlse, dq, scale)
                 # Pass the accumulator on; from the last holder, that is home to its owner.
                 incoming = comm.receive_buffer((2, q.shape[0], s.sizes[(src_i - 1) % members], q.shape[-1]), dkv)
                 p = comm.exchange([(s.members[(i + 1) % members], dkv)], [(s.members[(i - 1) % members], incoming)],
@@ -378,11 +389,9 @@ def forward_together(q, k, v, *, config: RingConfig, heads: slice):
                     blocks_forward(rq, rk, rv, blocks, rout, rlse, scale=scale)
                     continue
                 for (q_part, k_part), sender in zip(blocks, senders):
-                    sk, sv = _of_senders(ranks, sender, b, k, v)
-                    at, kv = q_part.view_args(), k_part.kv_view_args()
-                    attend(rows_view(rq, q_part.rows, *at), rows_view(sk, k_part.rows, *kv),
-                           rows_view(sv, k_part.rows, *kv), rows_view(rout, q_part.rows, *at),
-                           lse_view(rlse, q_part.rows, *at), causal=False, scale=scale)
+                    kv = k_part.rows, *k_part.kv_view_args()
+                    sk, sv = (rows_view(x, *kv) for x in _of_senders(ranks, sender, b, k, v))
+                    _cross(q_part, sk, sv, rq, rout, rlse, scale)
     return out, lse
 
 
@@ -403,14 +412,9 @@ def backward_together(dout, q, k, v, out, lse, dlse, *, config: RingConfig, head
                     blocks_backward(rdout, rq, rk, rv, rout, rlse, rdlse, blocks, rdq, rdk, rdv, scale=scale)
                     continue
                 for (q_part, k_part), sender in zip(blocks, senders):
-                    sk, sv, sdk, sdv = _of_senders(ranks, sender, b, k, v, dk, dv)
-                    at, kv, rows = q_part.view_args(), k_part.kv_view_args(), q_part.rows
-                    attend_backward(
-                        rows_view(rdout, rows, *at), rows_view(rq, rows, *at), rows_view(sk, k_part.rows, *kv),
-                        rows_view(sv, k_part.rows, *kv), rows_view(rout, rows, *at), lse_view(rlse, rows, *at),
-                        None if rdlse is None else lse_view(rdlse, rows, *at), rows_view(rdq, rows, *at),
-                        rows_view(sdk, k_part.rows, *kv), rows_view(sdv, k_part.rows, *kv), causal=False,
-                        scale=scale)
+                    kv = k_part.rows, *k_part.kv_view_args()
+                    sk, sv, sdk, sdv = (rows_view(x, *kv) for x in _of_senders(ranks, sender, b, k, v, dk, dv))
+                    _cross_backward(q_part, sk, sv, sdk, sdv, rdout, rq, rout, rlse, rdlse, rdq, scale)
     return dq, dk, dv
 
 
