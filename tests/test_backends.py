@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -141,9 +142,16 @@ def test_out_of_memory_propagates_with_what_the_call_needed(monkeypatch, pass_):
     monkeypatch.setitem(kernels.BACKENDS, "cpu_flash",
                         _broken("cpu_flash", torch.OutOfMemoryError("CPU out of memory"), times=1, pass_=pass_))
     q, k, v = (x.float().requires_grad_() for x in rand_qkv(1, 64, 2, 16))
+    est = estimate(Problem(64, 2, 16, segments=(16, 64), rates=(1, 2)), "dilated", backward=pass_ == "backward")
+    inputs = (4 if pass_ == "backward" else 3) * q.nbytes  # q, k, v and, in the backward, the output gradient
+    assert est.total - est.peak == inputs
     with pytest.raises(torch.OutOfMemoryError, match=r"(?s)CPU out of memory.*dilated .*N 64, heads 2, "
-                                                     r"head_dim 16, float32.*memory model estimates .* GiB free"):
+                                                     r"head_dim 16, float32.*memory model estimates") as raised:
         ringlab.dilated_attention(q, k, v, [16, 64], [1, 2]).sum().backward()
+    kib = lambda n: f"{n / 1024:.2f} KiB"  # noqa: E731
+    assert (f"estimates {kib(est.peak)} for the call on top of its inputs' {kib(inputs)}: {kib(est.total)}, "
+            f"against the ") in str(raised.value)
+    assert re.search(r"GiB of cpu \(\d+\.\d\d GiB free when it failed\)", str(raised.value))
     assert kernels.set_aside() == {}
     with kernels.record_backends() as used:  # the next call takes the fast path again
         ringlab.dilated_attention(q, k, v, [16, 64], [1, 2]).sum().backward()

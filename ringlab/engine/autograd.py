@@ -134,10 +134,10 @@ def exact_attention(q, k, v, algorithm, model: tuple[str, dict], *, chunked: boo
     return _ExactAttention.apply(q, k, v, algorithm, chunks, model)
 
 
-# (mode, problem fields, backward) -> peak bytes. ringlab.planning.memory_model sets it when
-# imported (ringlab's __init__ does), so the engine explains out-of-memory errors without
-# importing the planning layer above it.
-memory_estimate: Callable[[str, dict, bool], int] | None = None
+# (mode, problem fields, backward) -> (the call's peak, its resident inputs) in bytes.
+# ringlab.planning.memory_model sets it when imported (ringlab's __init__ does), so the engine
+# explains out-of-memory errors without importing the planning layer above it.
+memory_estimate: Callable[[str, dict, bool], tuple[int, int]] | None = None
 
 
 class _explained_oom:
@@ -167,20 +167,35 @@ class _explained_oom:
             try:
                 base = dict(seq_len=n, heads=h, head_dim=d, batch=b, dtype=dtype,
                             device="cuda" if q.device.type == "cuda" else "cpu")
-                need = memory_estimate(mode, {**base, **fields}, self.backward)
-                text += f". The memory model estimates {need / 2**30:.2f} GiB for the call"
+                need, inputs = memory_estimate(mode, {**base, **fields}, self.backward)
+                text += (f". The memory model estimates {_size(need)} for the call on top of its inputs' "
+                         f"{_size(inputs)}: {_size(need + inputs)}")
             except Exception as why:  # noqa: BLE001 - the explanation must not hide the real error
                 text += f" (memory model unavailable: {why})"
-        free = _free_bytes(q.device)
-        if free is not None:
-            text += f", against {free / 2**30:.2f} GiB free now"
+        total, free = _capacity(q.device)
+        if total is not None:
+            # free is read after the failure, with the failed call's tensors still alive
+            text += f", against the {_size(total)} of {q.device} ({_size(free)} free when it failed)"
         return text + ". Use fewer tokens per rank (more ranks), a smaller batch, or dilation."
 
 
-def _free_bytes(device) -> int | None:
+def _size(nbytes: int) -> str:
+    """Bytes in the largest binary unit under them, e.g. '79.27 GiB' or '24.00 KiB'."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.2f} {unit}"
+    return f"{nbytes} B"
+
+
+def _capacity(device) -> tuple[int | None, int | None]:
+    """(total, free) bytes of ``device``: the GPU's, or this machine's physical memory."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        free, total = torch.cuda.mem_get_info(device)
+        return total, free
+    if device.type != "cpu":
+        return None, None
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        page = os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
     except (ValueError, OSError):
-        return None
+        return None, None

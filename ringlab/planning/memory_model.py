@@ -520,8 +520,9 @@ def estimate(pb: Problem, mode: str, *, backward: bool = False, rank: int | None
     return Estimate(mode, backward, {k: v for k, v in terms.items() if v}, resident)
 
 
-def _peak(mode: str, fields: dict, backward: bool) -> int:
-    return estimate(Problem(**fields), mode, backward=backward).peak
+def _need(mode: str, fields: dict, backward: bool) -> tuple[int, int]:
+    est = estimate(Problem(**fields), mode, backward=backward)
+    return est.peak, est.total - est.peak
 
 
-autograd.memory_estimate = _peak  # the engine's out-of-memory errors quote the model
+autograd.memory_estimate = _need  # the engine's out-of-memory errors quote the model
