@@ -29,6 +29,7 @@
    call per offset group (no copies) and every block merged into zeros (no first-branch writes).
 3. capacity: dilated forward+backward and forward alone at growing N (targets: 2M and 4M
    tokens), peak against the memory model; an out-of-memory error is shown as the user sees it.
+   Where forward+backward first fails, one head per chunk is tried at that N (does 4M fit so?).
 4. notebooks: every notebook through papermill with device="cuda" at its default parameters
    (needs the wheels of tools/gpu-wheels on PYTHONPATH; skipped with a note otherwise).
 5. graphs: the ring's and dilated forward captured in a CUDA graph and replayed, against the
@@ -603,35 +604,45 @@ def unchunked_rows(device, n, heads, dim, repeats, scale) -> list[dict]:
 
 # ----------------------------------------------------------------------------- capacity
 def capacity_rows(device, sizes_fwd_bwd, sizes_fwd, heads, dim, scale) -> list[dict]:
-    """Dilated attention at growing N until it no longer fits: peak vs the memory model."""
+    """Dilated attention at growing N until it no longer fits: peak vs the memory model. Where
+    forward+backward first fails, it is tried again with one head per chunk (float32
+    accumulators for 1/H of the heads instead of about 1/8)."""
     segs = [s // scale for s in LONGNET["segments"]]
     rows = []
     for backward, sizes in ((True, sizes_fwd_bwd), (False, sizes_fwd)):
         for n in sizes:
-            row = dict(mode="fwd+bwd" if backward else "fwd", N=n)
-            leaves = dout = None
-            try:
-                leaves = [torch.randn(1, n, heads, dim, device=device, dtype=torch.bfloat16).requires_grad_(backward)
-                          for _ in range(3)]
-                dout = torch.randn_like(leaves[0]) if backward else None
-                fn = _contestants(segs, device)["dilated (LongNet)"][0]
-                with torch.enable_grad() if backward else torch.no_grad():
-                    t0 = time.perf_counter()
-                    measured = peak_bytes(_step(fn, leaves, False, dout))
-                model = _model("dilated", n, heads, dim, False, backward, segs, device)
-                row.update(fits=True, seconds=time.perf_counter() - t0, peak_GiB=measured / 2**30,
-                           inputs_GiB=(4 if backward else 3) * leaves[0].nbytes / 2**30,
-                           model_over_measured=model / measured)
-            except torch.OutOfMemoryError as err:
-                row.update(fits=False, error=str(err).split("ringlab:")[-1].strip()[:400])
-                print(f"out of memory at N={n}:\n{err}", flush=True)
-            finally:
-                del leaves, dout
-                _clear([], device)
-            rows.append(row)
-            if not row["fits"]:
+            rows.append(_capacity_row(device, n, backward, heads, dim, segs))
+            if not rows[-1]["fits"]:
+                if backward:
+                    with _chunks_of(1):
+                        rows.append(_capacity_row(device, n, backward, heads, dim, segs)
+                                    | dict(mode="fwd+bwd, 1-head chunks"))
                 break
     return rows
+
+
+def _capacity_row(device, n, backward, heads, dim, segs) -> dict:
+    row = dict(mode="fwd+bwd" if backward else "fwd", N=n)
+    leaves = dout = None
+    try:
+        leaves = [torch.randn(1, n, heads, dim, device=device, dtype=torch.bfloat16).requires_grad_(backward)
+                  for _ in range(3)]
+        dout = torch.randn_like(leaves[0]) if backward else None
+        fn = _contestants(segs, device)["dilated (LongNet)"][0]
+        with torch.enable_grad() if backward else torch.no_grad():
+            t0 = time.perf_counter()
+            measured = peak_bytes(_step(fn, leaves, False, dout))
+        model = _model("dilated", n, heads, dim, False, backward, segs, device)
+        row.update(fits=True, seconds=time.perf_counter() - t0, peak_GiB=measured / 2**30,
+                   inputs_GiB=(4 if backward else 3) * leaves[0].nbytes / 2**30,
+                   model_over_measured=model / measured)
+    except torch.OutOfMemoryError as err:
+        row.update(fits=False, error=str(err).split("ringlab:")[-1].strip()[:400])
+        print(f"out of memory at N={n}:\n{err}", flush=True)
+    finally:
+        del leaves, dout
+        _clear([], device)
+    return row
 
 
 # ----------------------------------------------------------------------------- notebooks
