@@ -178,6 +178,9 @@ MUTANTS = (
            "rows_view(dk, part.rows, *part.kv_view_args()).add_(_part_view(buf[0], part))",
            "rows_view(dk, part.rows, *part.kv_view_args()).add_(_part_view(buf[1], part))",
            "tests/test_ring_dilated.py", "together_give_what_each_rank_gives"),
+    Mutant("head-chunk-keeps-its-last-gradient", "ringlab/engine/autograd.py",
+           "del part, p  #", "del part  #",
+           "tests/test_memory.py", "head_chunk_frees"),
     # The Triton merge (run on CPU through triton's interpreter).
     Mutant("fused-merge-nan-weight-for-empty-rows", "ringlab/engine/merge.py",
            'w = tl.where(new == float("-inf"), 0.0, tl.sigmoid(new - old))',

@@ -112,7 +112,7 @@ class _ExactAttention(torch.autograd.Function):
                                           views if direct else None)
                 for view, p in zip(views, part):
                     _store(view, p, view if direct else None)
-                del part
+                del part, p  # free this chunk's accumulators before the next allocates (p held the last)
         return (*grads, None, None, None)
 
 
