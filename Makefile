@@ -1,9 +1,9 @@
-# ringlab: the two commands of the README.
+# ringlab: the two commands of the README (figures, test), and two more.
 #   make figures   set up, then execute every notebook with papermill and rewrite figures/ (and its index.html)
 #   make test      set up, then run the whole test suite
 #   make bench     set up, then run every benchmark (BENCH_ARGS=--quick for a smoke test)
 #   make mutants   plant the known bugs of tools/mutants.py in a copy; every one must fail a test
-# Both create (or refresh, when pyproject.toml changes) a virtual environment in .venv.
+# Each creates (or refreshes, when pyproject.toml changes) a virtual environment in .venv.
 #
 # TORCH picks the torch build. The default, torch==2.13.0, is the CPU wheel on the CI and
 # workbench machines. On a GPU machine install a CUDA torch first, e.g.

@@ -1,7 +1,7 @@
 """One script for a 15-minute GPU lease (one H100 or H200): CUDA correctness, then speed and memory.
 
     python -m benchmarks.gpu_check              # on the GPU machine (about 6 minutes on an H200)
-    python -m benchmarks.gpu_check --dry-run    # the same steps on CPU at toy sizes (CI runs this)
+    python -m benchmarks.gpu_check --dry-run    # the same steps but 4 and 5 on CPU at toy sizes (CI runs this)
 
 1. correctness: every public function on CUDA (float32 and bf16, small shapes) against the
    float64 dense reference at the docs/design.md §7 tolerances, with the ringlab backend that served
@@ -27,6 +27,8 @@
    (likewise "A/B: ring-dilated P=8, rank by rank" beside "simulated ring-dilated P=8", the
    LongNet config on the simulated ring); "A/B: dilated, as before" dilated attention with a
    call per offset group (no copies) and every block merged into zeros (no first-branch writes).
+   packed: ``attention`` on 64 packed documents (cu_seqlens) against one SDPA call per document.
+   chunks: the ring and dilated at 128K in 8 head chunks against all heads at once (time, peak).
 3. capacity: dilated forward+backward and forward alone at growing N (targets: 2M and 4M
    tokens), peak against the memory model; an out-of-memory error is shown as the user sees it.
    Where forward+backward first fails, one head per chunk is tried at that N (does 4M fit so?).
@@ -690,7 +692,7 @@ def _timed(name, fn, log):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--dry-run", action="store_true", help="run every step on CPU at toy sizes")
+    parser.add_argument("--dry-run", action="store_true", help="run every step but notebooks and graphs on CPU at toy sizes")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_check.{json,md} (default $OUT)")
     parser.add_argument("--notebook-budget", type=float, default=240, help="seconds for the notebooks step")
     parser.add_argument("--skip", nargs="*", default=[], choices=["correctness", "speed", "packed", "profile", "chunks", "capacity",

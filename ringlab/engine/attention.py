@@ -66,7 +66,7 @@ class _Documents:
 
 def attention(q, k, v, *, causal: bool = False, scale: float | None = None,
               return_lse: bool = False, cu_seqlens=None):
-    """Softmax attention of q (B, Sq, H, D) over k, v (B, Sk, H, D).
+    """Softmax attention of q (B, Sq, H, D) over k, v (B, Sk, H_kv, D); H_kv divides H (grouped-query).
 
     Args:
         causal: query i sees keys j <= i (top-left aligned, as torch SDPA).

@@ -1,6 +1,6 @@
 """A ring call's configuration: one frozen object, its checks, and the algorithm it builds.
 
-    config = ring_config(q, k, v, group=None, ring_size=4, causal=True, layout="zigzag")
+    config = ring_config(q, k, v, group=None, ring_size=4, causal=True, layout="zigzag", scale=None)
     out, lse = run_ring(config, q, k, v, group=None, ring_size=4)
 
 :func:`ringlab.ring_attention` and :func:`ringlab.ring_dilated_attention` check their arguments

@@ -20,6 +20,7 @@ Backends (:data:`BACKENDS`, in order of preference; "auto" takes the first that 
   cuda_cudnn      torch's cuDNN attention op (fp16/bf16; the fastest on Hopper)
   cuda_flash      torch's CUDA flash op (fp16/bf16)
   cuda_efficient  torch's memory-efficient op (fp32 too)
+and, outside it, the fallback when none applies:
   math            plain torch, every dtype and device, chunked over query rows.
 Private ops change between torch releases. A backend is set aside only for a real
 incompatibility (an op missing, a schema or shape it rejects), and only for that

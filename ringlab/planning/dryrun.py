@@ -9,8 +9,8 @@ shapes and dtypes but no data, so a billion-token call runs in seconds. A dispat
 tracker records every tensor the engine allocates and when it dies, giving the peak the rank
 would reach.
 
-Kernels: on ``meta`` the engine dispatches as on CUDA (flash for 16-bit dtypes, else the
-efficient kernel), and torch's meta registrations of those ops give output shapes. Their
+Kernels: on ``meta`` the engine dispatches as on CUDA (cuDNN for 16-bit dtypes up to head_dim
+128, flash above, else the efficient kernel), and torch's meta registrations of those ops give output shapes. Their
 internal workspace is not allocated on meta; the report adds the CUDA kernel-scratch term of
 :mod:`ringlab.planning.memory_model` to compare with the planner.
 """

@@ -1,5 +1,6 @@
 """The workbench, above the engine and planning: experiments for the notebooks (experiments),
-their figures (viz), running the notebooks (notebooks) and sweeps over them (sweep).
+their figures (viz), running the notebooks (notebooks) and their gallery (gallery), sweeps over
+them (sweep, slurm), and the baselines and timing the experiments use (baselines, timing).
 
 It needs the ``workbench`` extra: ``pip install "ringlab[workbench]"``.
 """
