@@ -137,6 +137,49 @@ def test_an_incompatible_backend_is_set_aside_for_that_case_only(monkeypatch):
     assert used == {"forward/math": 1, "forward/cpu_flash": 1}
 
 
+@pytest.mark.parametrize("fn", ["attention", "ring", "dilated"])
+def test_a_loss_scaled_lse_gradient_stays_finite_in_fp16(fn):
+    """A fused backward takes dlse folded into an extra fp16 column: at GradScaler's 2^16 it
+    once overflowed to inf and gave NaN gradients."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 32, 2, 16, generator=g, dtype=torch.float64).half() for _ in range(3))
+    k = k * 0.1  # flat scores: dq and dk stay well inside fp16
+    call = dict(attention=lambda *x: ringlab.attention(*x, return_lse=True),
+                ring=lambda *x: ringlab.ring_attention(*x, ring_size=2, return_lse=True),
+                dilated=lambda *x: ringlab.dilated_attention(*x, [16, 32], [1, 2], return_lse=True))[fn]
+    ref = dict(attention=dense_attention, ring=dense_attention,
+               dilated=lambda *x: dense_dilated_attention(*x, [16, 32], [1, 2]))[fn]
+    xs = [x.requires_grad_() for x in (q, k, v)]
+    with kernels.record_backends() as used:
+        lse = call(*xs)[1]
+        grads = torch.autograd.grad(lse, xs[:2], torch.full_like(lse, 2.0**16))  # lse does not depend on v
+    assert used["backward/cpu_flash"] > 0
+    rs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    rlse = ref(*rs)[1]
+    expected = torch.autograd.grad(rlse, rs[:2], torch.full_like(rlse, 2.0**16))
+    for got, want in zip(grads, expected):
+        assert torch.isfinite(got).all()
+        assert (got.double() - want).abs().max() <= tolerance(torch.float16, want.abs().max().item(), grad=True)
+
+
+@pytest.mark.parametrize("fn", ["attention", "ring"])
+def test_float32_under_autocast_stays_float32(fn):
+    """Autocast once rounded the math path's matmuls (blocks of few keys) to bf16: 2e-2 errors."""
+    q, k, v = (x.float().requires_grad_() for x in rand_qkv(1, 12, 2, 8))
+    call = dict(attention=lambda *x: ringlab.attention(*x, causal=True),
+                ring=lambda *x: ringlab.ring_attention(*x, ring_size=4, causal=True))[fn]
+    with torch.autocast("cpu", dtype=torch.bfloat16), kernels.record_backends() as used:
+        out = call(q, k, v)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert used["forward/math"] > 0 and out.dtype == torch.float32
+    rs = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    rout = dense_attention(*rs, causal=True)[0]
+    expected = torch.autograd.grad(rout.sum(), rs)
+    assert (out.double() - rout).abs().max() <= tolerance(torch.float32, rout.abs().max().item())
+    for got, want in zip(grads, expected):
+        assert (got.double() - want).abs().max() <= tolerance(torch.float32, want.abs().max().item(), grad=True)
+
+
 @pytest.mark.parametrize("pass_", ["forward", "backward"])
 def test_out_of_memory_propagates_with_what_the_call_needed(monkeypatch, pass_):
     monkeypatch.setitem(kernels.BACKENDS, "cpu_flash",

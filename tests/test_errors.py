@@ -136,6 +136,34 @@ def test_ring_size_and_group_together():
         ringlab.ring_attention(*qkv(), ring_size=2, group=object())
 
 
+@pytest.mark.parametrize("call", [
+    lambda x: ringlab.ring_attention(x, x, x, group="world"),
+    lambda x: ringlab.ring_dilated_attention(x, x, x, [4], [1], group=2),
+    lambda x: ringlab.ulysses_attention(x, x, x, ulysses_group="world"),
+], ids=["ring", "ring_dilated", "ulysses"])
+def test_a_group_that_is_not_a_process_group(call):
+    with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
+        call(qkv()[0])
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: ringlab.ring_dilated_attention(x, x, x, None, [2], ring_size=2),
+    lambda x: ringlab.ring_dilated_attention(x, x, x, None, None, ring_size=2),
+    lambda x: ringlab.ulysses_dilated_attention(x, x, x, None, [2], ulysses_size=2),
+], ids=["ring_dilated", "ring_dilated-no-rates", "ulysses_dilated"])
+def test_dilated_ring_functions_need_segments(call):
+    """None is not "no dilation" here: it once ran the plain ring."""
+    with pytest.raises(TypeError, match="segment_lengths must be a sequence of ints"):
+        call(qkv()[0])
+
+
+@pytest.mark.parametrize("call", [lambda x: ringlab.shard_mesh(x, 0, 0, 2), lambda x: ringlab.unshard_mesh([x, x], 0)],
+                         ids=["shard_mesh", "unshard_mesh"])
+def test_mesh_sharding_needs_a_ulysses_size(call):
+    with pytest.raises(ValueError, match="ulysses_size must be >= 1"):
+        call(qkv()[0])
+
+
 def test_ring_needs_group_or_size():
     with pytest.raises(ValueError, match="pass group="):
         ringlab.ring_attention(*qkv())

@@ -19,6 +19,7 @@ forward+backward must return (out, dq, dk, dv).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Callable
@@ -65,7 +66,7 @@ class _ExactAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, algorithm, chunks, model):
         ctx.algorithm, ctx.chunks, ctx.model = algorithm, chunks, model
-        with trace.in_pass("forward"), _explained_oom(q, model, backward=False):
+        with trace.in_pass("forward"), _explained_oom(q, model, backward=False), _no_autocast(q.device):
             if len(chunks) == 1:
                 out, lse = algorithm.forward(q, k, v, chunks[0], None)
                 out = out.to(q.dtype)
@@ -97,7 +98,7 @@ class _ExactAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         algorithm, chunks = ctx.algorithm, ctx.chunks
-        with trace.in_pass("backward"), _explained_oom(q, ctx.model, backward=True):
+        with trace.in_pass("backward"), _explained_oom(q, ctx.model, backward=True), _no_autocast(q.device):
             if len(chunks) == 1:
                 dq, dk, dv = algorithm.backward(dout, q, k, v, out, lse, dlse, chunks[0], None)
                 return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
@@ -114,6 +115,14 @@ class _ExactAttention(torch.autograd.Function):
                     _store(view, p, view if direct else None)
                 del part, p  # free this chunk's accumulators before the next allocates (p held the last)
         return (*grads, None, None, None)
+
+
+def _no_autocast(device: torch.device):
+    """The engine computes in its inputs' dtype: under autocast the math path's matmuls would
+    round a float32 call to bf16 (and only the blocks with few keys, which take that path)."""
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _store(dst, src, into) -> None:

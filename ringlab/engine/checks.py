@@ -10,6 +10,7 @@ import math
 import numbers
 
 import torch
+import torch.distributed as dist
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 DTYPE_NAMES = tuple(str(d).removeprefix("torch.") for d in DTYPES)
@@ -132,6 +133,14 @@ def check_ring(group, ring_size) -> None:
                          "ring_size= (simulated ring on one device), not both")
     if ring_size is not None:
         check_size("ring_size", ring_size)
+    check_group("group", group)
+
+
+def check_group(name: str, group) -> None:
+    """A process group argument: None or a torch.distributed ProcessGroup."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup (dist.group.WORLD, or one from "
+                        f"dist.new_group), got {type(group).__name__}")
 
 
 def check_size(name: str, value) -> None:

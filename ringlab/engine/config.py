@@ -93,14 +93,18 @@ class RingConfig:
         return meta, names, show
 
 
-def ring_config(q, k, v, *, group, ring_size, causal, layout, scale, segment_lengths=None,
-                dilation_rates=None, head_offsets="interleaved", cu_seqlens=None,
+_RING = object()  # segment_lengths and dilation_rates left out: ring attention, not ring-dilated
+
+
+def ring_config(q, k, v, *, group, ring_size, causal, layout, scale, segment_lengths=_RING,
+                dilation_rates=_RING, head_offsets="interleaved", cu_seqlens=None,
                 seq_len: int | None = None) -> RingConfig:
     """Check a ring call's arguments (no communication yet) and return its configuration.
-    ``segment_lengths`` None: ring attention; otherwise ring-dilated. ``cu_seqlens``: packed
+    ``segment_lengths`` and ``dilation_rates`` left out: ring attention; otherwise ring-dilated
+    (where None is an error, not the plain ring). ``cu_seqlens``: packed
     documents of the whole sequence. ``seq_len``: the whole sequence when q is not (a
     hybrid's Ulysses rank holds part of a ring shard)."""
-    dilated = segment_lengths is not None
+    dilated = segment_lengths is not _RING or dilation_rates is not _RING
     if dilated:
         segs, rates, scale = check_dilated_args(q, k, v, segment_lengths, dilation_rates, causal, scale,
                                                 head_offsets)

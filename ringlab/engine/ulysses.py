@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from . import trace
 from .autograd import exact_attention
-from .checks import check_qkv, check_size
+from .checks import check_group, check_qkv, check_size
 from .comm import Mailbox, P2PComm, RingAlgorithm, RingComm, SimComm, check_group_agrees, run_lockstep, run_rank
 from .config import RingConfig, rank_functions, ring_config
 from .layout import get, shard, unshard
@@ -80,6 +80,8 @@ def mesh_config(q, k, v, *, ulysses_group, ring_group, ulysses_size, ring_size, 
         raise ValueError("pass process groups (ulysses_group=, ring_group=: q, k, v are this rank's shards) or "
                          "sizes (ulysses_size=, ring_size=: simulate the mesh on this device), not both")
     if distributed:
+        check_group("ulysses_group", ulysses_group)
+        check_group("ring_group", ring_group)
         u = 1 if ulysses_group is None else dist.get_world_size(ulysses_group)
         r = 1 if ring_group is None else dist.get_world_size(ring_group)
     else:
@@ -169,6 +171,7 @@ def shard_mesh(x: torch.Tensor, rank: int, ulysses_size: int, ring_size: int, la
     rank = r * ulysses_size + u and the ring shards follow ``layout`` over ring_size ranks.
     ``cu_seqlens``: the packed documents of the whole sequence, for a layout that splits each
     document ("doc_zigzag"; see :func:`ringlab.shard`)."""
+    check_size("ulysses_size", ulysses_size)
     r, u = divmod(rank, ulysses_size)
     ring_shard = shard(x, r, ring_size, layout, dim, cu_seqlens=cu_seqlens)
     if ring_shard.shape[dim] % ulysses_size:
@@ -182,6 +185,7 @@ def unshard_mesh(shards, ulysses_size: int, layout: str = "contiguous", dim: int
     """The whole tensor from every mesh rank's shard, in mesh rank order (inverse of shard_mesh,
     with the same ``cu_seqlens``)."""
     shards = list(shards)
+    check_size("ulysses_size", ulysses_size)
     if not shards or len(shards) % ulysses_size:
         raise ValueError(f"unshard_mesh needs one shard per mesh rank, a multiple of ulysses_size "
                          f"{ulysses_size}; got {len(shards)}")
