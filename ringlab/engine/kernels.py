@@ -411,11 +411,11 @@ def _dlse_folded(dout, q, k, v, out, dlse, pad: int):
         return torch.cat([x, extra], dim=-1)
 
     row_dlse = dlse.transpose(1, 2)  # (B, Sq, H), float32
-    one = 1
-    if dout.dtype == torch.float16:  # fp16 ends at 65504, a loss scale's dlse does not: carry it as (dlse / c) * c
-        one = torch.exp2(torch.log2(row_dlse.abs() * 2**-14).ceil().clamp(0, 15))  # powers of two: exact
-        row_dlse = row_dlse / one
-    return widen(dout, -row_dlse.to(dout.dtype)), widen(q, 0), widen(k, 0), widen(v, 0), widen(out, one)
+    c = 1  # O's column: D gains (-dlse / c) * c
+    if dout.dtype == torch.float16:  # fp16 ends at 65504, a loss scale's dlse does not
+        c = torch.exp2(torch.log2(row_dlse.abs() * 2**-14).ceil().clamp(0, 15))  # powers of two: exact
+        row_dlse = row_dlse / c
+    return widen(dout, -row_dlse.to(dout.dtype)), widen(q, 0), widen(k, 0), widen(v, 0), widen(out, c)
 # ---------------------------------------------------------------- packed documents: one varlen call
 # torch's CUDA flash op takes packed documents natively (cumulative lengths); "meta" is the dry run.
 VARLEN_OPS = ("_flash_attention_forward", "_flash_attention_backward")
