@@ -137,18 +137,22 @@ def test_an_incompatible_backend_is_set_aside_for_that_case_only(monkeypatch):
     assert used == {"forward/math": 1, "forward/cpu_flash": 1}
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("fn", ["attention", "ring", "dilated"])
-def test_a_loss_scaled_lse_gradient_stays_finite_in_fp16(fn):
+def test_a_loss_scaled_lse_gradient_stays_finite_in_fp16(fn, causal):
     """A fused backward takes dlse folded into an extra fp16 column: at GradScaler's 2^16 it
-    once overflowed to inf and gave NaN gradients."""
+    once overflowed to inf and gave NaN gradients. Causal row 0 sees one key (P = 1), so the
+    kernel's dS = P dlse itself reached 2^16 until (dout, dlse) were scaled down."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 32, 2, 16, generator=g, dtype=torch.float64).half() for _ in range(3))
     k = k * 0.1  # flat scores: dq and dk stay well inside fp16
-    call = dict(attention=lambda *x: ringlab.attention(*x, return_lse=True),
-                ring=lambda *x: ringlab.ring_attention(*x, ring_size=2, return_lse=True),
-                dilated=lambda *x: ringlab.dilated_attention(*x, [16, 32], [1, 2], return_lse=True))[fn]
-    ref = dict(attention=dense_attention, ring=dense_attention,
-               dilated=lambda *x: dense_dilated_attention(*x, [16, 32], [1, 2]))[fn]
+    call = dict(attention=lambda *x: ringlab.attention(*x, causal=causal, return_lse=True),
+                ring=lambda *x: ringlab.ring_attention(*x, ring_size=2, causal=causal, return_lse=True),
+                dilated=lambda *x: ringlab.dilated_attention(*x, [16, 32], [1, 2], causal=causal,
+                                                             return_lse=True))[fn]
+    ref = dict(attention=lambda *x: dense_attention(*x, causal=causal),
+               ring=lambda *x: dense_attention(*x, causal=causal),
+               dilated=lambda *x: dense_dilated_attention(*x, [16, 32], [1, 2], causal=causal))[fn]
     xs = [x.requires_grad_() for x in (q, k, v)]
     with kernels.record_backends() as used:
         lse = call(*xs)[1]

@@ -397,25 +397,40 @@ def _backward_with_dlse(dout, q, k, v, out, lse, dlse, causal, scale):
     the backend is then chosen for the wider head dim.
     """
     d = q.shape[-1]
-    folded = _dlse_folded(dout, q, k, v, out, dlse, pad=8 if q.device.type in ("cuda", "meta") else 1)
-    dq, dk, dv = block_attention_backward(*folded, lse, causal=causal, scale=scale)
-    return dq[..., :d], dk[..., :d], dv[..., :d]
+    folded, s = _dlse_folded(dout, q, k, v, out, dlse, pad=8 if q.device.type in ("cuda", "meta") else 1)
+    grads = block_attention_backward(*folded, lse, causal=causal, scale=scale)
+    return tuple(_loss_scale_restored(g[..., :d], s) for g in grads)
 
 
 def _dlse_folded(dout, q, k, v, out, dlse, pad: int):
-    """(dout, q, k, v, out) widened by ``pad`` head-dim columns that fold dlse into D (see
-    :func:`_backward_with_dlse`)."""
+    """((dout, q, k, v, out) widened by ``pad`` head-dim columns that fold dlse into D (see
+    :func:`_backward_with_dlse`), s): in fp16, dout and dlse are divided by s, the power of two
+    that brings |dlse| under 2^12; elsewhere s is None.
+
+    A fused fp16 kernel holds dS = P (dP - D + dlse) in fp16: GradScaler's 2^16 on lse overflows
+    it where one key takes a whole row (P = 1). The backward is linear in (dout, dlse), and a
+    power of two scales exactly, so the gradients are the kernel's times s.
+    """
     def widen(x, last):
         extra = x.new_zeros(*x.shape[:-1], pad)
         extra[..., 0] = last
         return torch.cat([x, extra], dim=-1)
 
-    row_dlse = dlse.transpose(1, 2)  # (B, Sq, H), float32
-    c = 1  # O's column: D gains (-dlse / c) * c
-    if dout.dtype == torch.float16:  # fp16 ends at 65504, a loss scale's dlse does not
-        c = torch.exp2(torch.log2(row_dlse.abs() * 2**-14).ceil().clamp(0, 15))  # powers of two: exact
-        row_dlse = row_dlse / c
-    return widen(dout, -row_dlse.to(dout.dtype)), widen(q, 0), widen(k, 0), widen(v, 0), widen(out, c)
+    s = None
+    if dout.dtype == torch.float16:
+        s = torch.exp2(torch.log2(dlse.abs().amax() * 2**-12).ceil().clamp(min=0))
+        dlse = dlse / s
+    folded_dout = widen(dout, -dlse.transpose(1, 2).to(dout.dtype))  # dlse: (B, H, Sq)
+    if s is not None:
+        folded_dout[..., :-pad].div_(s)
+    return (folded_dout, widen(q, 0), widen(k, 0), widen(v, 0), widen(out, 1)), s
+
+
+def _loss_scale_restored(grad, s):
+    """A gradient of :func:`_dlse_folded`'s scaled inputs, times s (in place)."""
+    return grad if s is None else grad.mul_(s)
+
+
 # ---------------------------------------------------------------- packed documents: one varlen call
 # torch's CUDA flash op takes packed documents natively (cumulative lengths); "meta" is the dry run.
 VARLEN_OPS = ("_flash_attention_forward", "_flash_attention_backward")
@@ -452,15 +467,16 @@ def varlen_attention_backward(dout, q, k, v, out, lse, documents: tuple[int, ...
     """(dq, dk, dv) of :func:`varlen_attention`, given its out and lse; ``dlse`` folded in as
     in :func:`block_attention_backward`."""
     d = q.shape[-1]
+    s = None
     if dlse is not None:
-        dout, q, k, v, out = _dlse_folded(dout, q, k, v, out, dlse, pad=8)
+        (dout, q, k, v, out), s = _dlse_folded(dout, q, k, v, out, dlse, pad=8)
     cu, longest = _cumulative(documents, q.device)
     rng, unused = _unused_rng_state((2,), torch.uint64, q.device), _unused_rng_state((), torch.uint64, q.device)
     grads = torch.ops.aten._flash_attention_backward(
         dout[0].contiguous(), *(_kernel_layout(x)[0] for x in (q, k, v, out)), lse[0].contiguous(), cu, cu, longest,
         longest, 0.0, causal, rng, unused, scale=scale)
     _count("backward", "cuda_flash_varlen")
-    return tuple(g[None, ..., :d] for g in grads)
+    return tuple(_loss_scale_restored(g[None, ..., :d], s) for g in grads)
 
 
 # ---------------------------------------------------------------- math path
