@@ -156,6 +156,18 @@ def test_checkpointing_gives_identical_gradients():
         assert torch.equal(grads[0][name], grads[1][name]), name
 
 
+@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+def test_a_layout_without_a_group_changes_nothing(layout):
+    """One process holds the whole sequence in order: a layout (for sequence parallelism) must
+    not shard the positions, so any length runs and the logits are the contiguous ones."""
+    logits = []
+    for lay in ("contiguous", layout):
+        torch.manual_seed(0)
+        model = LongNetLM(30, 16, 2, 2, [4, 16], [1, 2], max_seq_len=16, layout=lay, dtype=torch.float64)
+        logits.append(model(torch.arange(7)[None] % 30))
+    assert torch.equal(*logits)
+
+
 def test_packed_documents_are_separate_sequences():
     """LongNetLM with cu_seqlens: logits and gradients of each document run alone, positions
     restarting at each document (the packed sequence is longer than max_seq_len)."""

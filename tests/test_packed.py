@@ -216,6 +216,7 @@ WRONG = {
     "int32 or int64": (torch.tensor([0.0, 5.0, 8.0]), TypeError),
     "1-D": (torch.tensor([[0, 8]]), ValueError),
     "torch.Tensor": ([0, 8], TypeError),
+    "hold its boundaries' values": (torch.tensor([0, 5, 8], device="meta"), ValueError),
 }
 CALLS = {
     "attention": lambda q, k, v, cu: ringlab.attention(q, k, v, cu_seqlens=cu),

@@ -274,6 +274,8 @@ def test_shard_and_unshard_take_negative_dims(layout):
 def test_unshard_refuses_unequal_shards():
     with pytest.raises(ValueError, match="equal shape"):
         ringlab.unshard([torch.zeros(1, 4, 2, 2), torch.zeros(1, 3, 2, 2)])
+    with pytest.raises(ValueError, match="on one device"):
+        ringlab.unshard([torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 2, device="meta")])
     with pytest.raises(ValueError, match="out of range"):
         ringlab.shard(torch.zeros(1, 4, 2, 2), 0, 2, dim=4)
 

@@ -164,6 +164,9 @@ def check_cu_seqlens(cu_seqlens, seq_len: int | None, batch: int | None) -> tupl
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must be 1-D with at least 2 entries (0 and the sequence length), got shape "
                          f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device.type == "meta":
+        raise ValueError("cu_seqlens must hold its boundaries' values, got a tensor on the meta device; keep it on "
+                         "the CPU, also when q, k, v are meta tensors")
     if batch not in (None, 1):
         raise ValueError(f"cu_seqlens needs batch 1, got batch {batch}: pack the batch's sequences into one "
                          "sequence and list every document's boundaries in cu_seqlens")

@@ -448,6 +448,9 @@ def unshard(shards, layout: str = "contiguous", dim: int = 1, *, cu_seqlens=None
     for r, s in enumerate(shards):
         if not isinstance(s, torch.Tensor):
             raise TypeError(f"shards[{r}] must be a torch.Tensor, got {type(s).__name__}")
+        if s.device != shards[0].device:
+            raise ValueError(f"unshard needs shards on one device; shard 0 is on {shards[0].device}, shard {r} on "
+                             f"{s.device}: move them first, e.g. [s.cpu() for s in shards]")
         if s.shape != shards[0].shape:
             raise ValueError(f"unshard needs shards of equal shape (every layout splits evenly); shard 0 "
                              f"has {tuple(shards[0].shape)}, shard {r} has {tuple(s.shape)}")

@@ -203,8 +203,11 @@ class LongNetLM(nn.Module):
     def positions(self, n_local: int, device, documents: tuple[int, ...] = ()) -> torch.Tensor:
         """Positions of this rank's tokens: global ones, or with packed ``documents``
         (cu_seqlens as a tuple) counted from the start of each token's document."""
-        rank, p = (0, 1) if self.group is None else (dist.get_rank(self.group), dist.get_world_size(self.group))
-        pos = shard_positions(n_local * p, rank, p, self.layout, documents or None)
+        if self.group is None:  # one process holds the whole sequence in order, whatever the layout
+            pos = torch.arange(n_local)
+        else:
+            p = dist.get_world_size(self.group)
+            pos = shard_positions(n_local * p, dist.get_rank(self.group), p, self.layout, documents or None)
         if documents:
             starts = torch.tensor(documents[:-1])
             pos = pos - starts[torch.searchsorted(starts, pos, right=True) - 1]

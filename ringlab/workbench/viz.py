@@ -111,18 +111,24 @@ def ring_rotation_figure(events, world_size: int, *, pass_: str = "forward", tit
     fig.update_traces(zmin=-0.5, zmax=3.5, colorscale=_discrete_scale(STATE_COLORS), x=list(range(p)), y=list(range(p)),
                       colorbar=dict(tickvals=[0, 1, 2, 3], ticktext=STATE_NAMES, title="tile"),
                       hovertemplate="queries of rank %{y}<br>keys/values of rank %{x}<br>%{text}<extra></extra>")
-    steps = [dict(method="animate", label=f.name, args=[[f.name], dict(mode="immediate", frame=dict(duration=0, redraw=True))])
-             for f in frames]
     fig.update_layout(
         title=title or f"Ring attention, {p} ranks: the tile each rank computes at each step ({pass_})",
         xaxis=dict(title="K/V block (source rank)", dtick=1), yaxis=dict(title="query block (rank)", dtick=1, autorange="reversed"),
-        sliders=[dict(steps=steps, currentvalue=dict(prefix=""), pad=dict(t=50), x=0.15, len=0.85)],
+        **_player(frames, frame_ms=700), height=520)
+    return fig
+
+
+def _player(frames: list, *, frame_ms: int) -> dict:
+    """Layout of a slider over ``frames`` (its current frame's name shown at the right end, clear
+    of the buttons) and play/pause buttons at its left."""
+    steps = [dict(method="animate", label=f.name, args=[[f.name], dict(mode="immediate", frame=dict(duration=0, redraw=True))])
+             for f in frames]
+    return dict(
+        sliders=[dict(steps=steps, currentvalue=dict(prefix="", xanchor="right"), pad=dict(t=50), x=0.25, len=0.75)],
         updatemenus=[dict(type="buttons", showactive=False, direction="left", x=0, y=-0.1, xanchor="left",
                           yanchor="top", pad=dict(t=50), buttons=[
-            dict(label="play", method="animate", args=[None, dict(frame=dict(duration=700, redraw=True), fromcurrent=True)]),
-            dict(label="pause", method="animate", args=[[None], dict(mode="immediate", frame=dict(duration=0))])])],
-        height=520)
-    return fig
+            dict(label="play", method="animate", args=[None, dict(frame=dict(duration=frame_ms, redraw=True), fromcurrent=True)]),
+            dict(label="pause", method="animate", args=[[None], dict(mode="immediate", frame=dict(duration=0))])])])
 
 
 def timeline_figure(events, *, title: str | None = None):
@@ -518,17 +524,10 @@ def mesh_figure(frames: list[dict], ulysses_size: int, *, title: str | None = No
     label = lambda f: f"{f['label']} ({f['bytes']:,} B sent by rank 0)"  # noqa: E731
     frames_ = [go.Frame(name=label(f), data=data(f)) for f in frames]
     fig = go.Figure(data=frames_[0].data, frames=frames_)
-    steps = [dict(method="animate", label=f.name, args=[[f.name], dict(mode="immediate", frame=dict(duration=0, redraw=True))])
-             for f in frames_]
     fig.update_layout(
         title=title or f"Who holds which tokens and heads: {ulysses_size} x {len(frames[0]['holds']) // ulysses_size} mesh (forward)",
         xaxis=dict(title="token position"), yaxis=dict(autorange="reversed"),
-        sliders=[dict(steps=steps, currentvalue=dict(prefix=""), pad=dict(t=50), x=0.15, len=0.85)],
-        updatemenus=[dict(type="buttons", showactive=False, direction="left", x=0, y=-0.1, xanchor="left",
-                          yanchor="top", pad=dict(t=50), buttons=[
-            dict(label="play", method="animate", args=[None, dict(frame=dict(duration=900, redraw=True), fromcurrent=True)]),
-            dict(label="pause", method="animate", args=[[None], dict(mode="immediate", frame=dict(duration=0))])])],
-        height=160 + 40 * len(frames[0]["holds"]))
+        **_player(frames_, frame_ms=900), height=160 + 40 * len(frames[0]["holds"]))
     return fig
 
 
