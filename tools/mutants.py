@@ -134,8 +134,8 @@ MUTANTS = (
     # The native varlen call: its backward must fold in the gradient that reaches lse, and the
     # dilated planner's closed form must count a causal segment's rows from their offset.
     Mutant("packed-varlen-backward-drops-dlse", "ringlab/engine/kernels.py",
-           "    if dlse is not None:\n        dout, q, k, v, out = _dlse_folded",
-           "    if False:\n        dout, q, k, v, out = _dlse_folded",
+           "    if dlse is not None:\n        (dout, q, k, v, out), s = _dlse_folded",
+           "    if False:\n        (dout, q, k, v, out), s = _dlse_folded",
            "tests/test_packed.py", "native_varlen_kernel"),
     Mutant("packed-dilated-work-causal-off-by-one", "ringlab/engine/dilation.py",
            "return (t0 + t1 + 2) * (t1 - t0 + 1) // 2",
