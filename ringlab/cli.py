@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import pathlib
 import sys
 
 from .engine.layout import LAYOUTS
@@ -99,6 +101,15 @@ def _sweep(args) -> int:
 def _figures(args) -> int:
     from .workbench.notebooks import run_notebooks
     from .workbench.notebooks import FIGURES, NOTEBOOKS
+    if args.notebooks and not pathlib.Path(args.notebooks).is_dir():
+        raise ValueError(f"--notebooks {args.notebooks} is not a folder")
+    if not 0 < args.timeout < math.inf:
+        raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    out = pathlib.Path(args.out or FIGURES)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot write the figures folder {out}: {err.strerror or err}; choose one with --out") from None
     if args.index:
         from .workbench.gallery import write_index
         from .workbench.notebooks import notebook_names
@@ -198,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--only", nargs="*", default=None, help="notebook names in --notebooks")
     f.add_argument("--notebooks", default=None, help="folder of notebooks (default: the checkout's notebooks/)")
     f.add_argument("--out", default=None, help="folder for the figures (default: the checkout's figures/)")
-    f.add_argument("--timeout", type=float, default=1800, help="seconds per notebook")
+    f.add_argument("--timeout", type=float, default=1800, help="seconds per notebook cell")
     f.add_argument("--index", action="store_true", help="only rewrite index.html from the figures there")
     f.set_defaults(run=_figures)
     return parser

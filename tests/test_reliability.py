@@ -23,6 +23,7 @@ import torch
 import ringlab
 from ringlab import cli, run
 from ringlab.planning import memory, planner
+from ringlab.planning.strategies import compare
 from ringlab.workbench import sweep, viz
 from ringlab.engine.launch import RankError, launch
 from ringlab.engine.layout import LAYOUTS
@@ -79,6 +80,26 @@ def test_sweep_into_an_unwritable_folder(tmp_path, capsys):
     blocker.write_text("")
     err = cli_error(capsys, ["sweep", "scaling", "-p", "heads", "1", "--runs", str(blocker)])
     assert "cannot write the sweep folder" in err and "--runs" in err
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", '{"notebook": 1, "runs": [], "timeout": 5}',
+                                     '{"notebook": "a.ipynb", "runs": [{"name": "x"}], "timeout": 5}'])
+def test_sweep_collect_names_a_sweep_json_of_the_wrong_shape(tmp_path, capsys, content):
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "sweep.json").write_text(content)
+    err = cli_error(capsys, ["sweep", "--collect", "s1", "--runs", str(tmp_path)])
+    assert "sweep.json is unreadable" in err and "run the sweep command again" in err
+
+
+def test_figures_and_sweep_check_their_folders_and_timeouts(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert "cannot write the figures folder" in cli_error(capsys, ["figures", "--index", "--out", str(blocker / "x")])
+    assert "is not a folder" in cli_error(capsys, ["figures", "--index", "--notebooks", str(tmp_path / "none")])
+    assert "--timeout must be a positive" in cli_error(capsys, ["figures", "--timeout", "-5"])
+    for bad in ("-5", "nan"):
+        err = cli_error(capsys, ["sweep", "scaling", "-p", "heads", "1", "--timeout", bad, "--runs", str(tmp_path)])
+        assert "timeout must be a positive number" in err
 
 
 def test_sweep_resume_names_a_truncated_status_file_and_reruns_it(tmp_path, monkeypatch):
@@ -258,6 +279,52 @@ def test_plan_command_errors_are_messages(tmp_path, capsys):
     assert "must have exactly the fields" in cli_error(capsys, base + ["--tokens", "1G", "--devices", str(bad)])
 
 
+def test_device_profile_numbers_out_of_range_are_named(tmp_path, capsys):
+    base = ["plan", "--heads", "32", "--head-dim", "128", "--tokens", "1G"]
+    good = json.loads(planner.DEVICES_FILE.read_text())["h100"]
+    for field, value in (("usable", 5.0), ("hbm_gib", 1e-300), ("bf16_tflops", 1e300), ("gpus_per_node", 2.5)):
+        bad = tmp_path / f"{field}.json"
+        bad.write_text(json.dumps({"h100": {**good, field: value}}))
+        assert f"{field} must be a number from" in cli_error(capsys, base + ["--devices", str(bad)])
+
+
+@pytest.mark.parametrize("tokens", [-4096, 0, True, 2.5])
+def test_planner_takes_only_a_positive_whole_number_of_tokens(tokens):
+    for call in (planner.plan, compare):
+        with pytest.raises(ValueError, match="tokens must be"):
+            call(tokens, heads=8, head_dim=64, gpus=1)
+    assert planner.parse_tokens("9007199254740993") == 2**53 + 1  # exact, not through a float
+
+
+@pytest.mark.parametrize("option,value", [("--heads", "0"), ("--head-dim", "-64"), ("--batch", "0"),
+                                          ("--kv-heads", "0"), ("--gpus-per-node", "0"), ("--dtype", "int8")])
+def test_plan_with_strategy_checks_what_plain_plan_checks(capsys, option, value):
+    base = ["plan", "--tokens", "4096", "--heads", "8", "--head-dim", "64", "--gpus", "8"]
+    err = cli_error(capsys, [*base, "--strategy", "best", option, value])
+    assert "must be" in err and option.lstrip("-").replace("-", "_") in err
+
+
+def test_compare_checks_its_arguments_like_plan():
+    kw = dict(heads=8, head_dim=64, gpus=8)
+    for bad, match in ((dict(dtype="bf16"), "dtype must be one of"), (dict(layout="foo"), "layout must be one of"),
+                       (dict(causal="yes"), "causal must be True or False"),
+                       (dict(head_offsets="foo"), "head_offsets must be one of"),
+                       (dict(segments=[1024], rates=[1], layout="striped"), "whole chunks")):
+        with pytest.raises(ValueError, match=match):
+            compare(4096, **{**kw, **bad})
+
+
+def test_exp_documents_are_drawn_at_once_and_bounded():
+    """The draw is vectorised (a million documents in well under a second of it) and a mean
+    that would make more than MAX_DOCUMENTS documents is refused instead of running for hours."""
+    lengths = planner.document_lengths("exp:64", 2**26, multiple=4)
+    assert sum(lengths) == 2**26 and all(n > 0 and n % 4 == 0 for n in lengths[:-1]) and len(lengths) > 900_000
+    with pytest.raises(ValueError, match="use a mean of at least 256"):
+        planner.document_lengths("exp:1", 2**30)
+    with pytest.raises(ValueError, match="multiple must be a positive int"):
+        planner.document_lengths("exp:10", 100, multiple=0)
+
+
 # ---------------------------------------------------------------- 8: shard / unshard
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_shard_and_unshard_take_negative_dims(layout):
@@ -312,13 +379,32 @@ def test_nested_or_concurrent_memory_regions_raise():
 
 # ---------------------------------------------------------------- 10: other messages
 def test_modules_check_their_arguments():
-    from ringlab.engine.nn import LongNetLM, MultiheadDilatedAttention
+    from ringlab.engine.nn import DilatedAttention, LongNetBlock, LongNetLM, MultiheadDilatedAttention, RingAttention
 
     with pytest.raises(ValueError, match="num_heads must be a positive int"):
         MultiheadDilatedAttention(8, 0, [4], [1])
     model = LongNetLM(10, 8, 1, 2, [4], [1], max_seq_len=8)
     with pytest.raises(ValueError, match=r"9 tokens.*max_seq_len=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+    for tokens in (torch.zeros(8, dtype=torch.long), torch.zeros(1, 8)):
+        with pytest.raises(TypeError, match=r"tokens must be a \(batch, seq\) tensor of integer token ids"):
+            model(tokens)
+    with pytest.raises(ValueError, match="total_tokens must be a positive int"):
+        model.loss(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), total_tokens=0)
+    bad = [(lambda: LongNetLM(10, 8, 0, 2, [4], [1]), ValueError, "depth must be a positive int"),
+           (lambda: LongNetLM(-1, 8, 1, 2, [4], [1]), ValueError, "vocab_size must be a positive int"),
+           (lambda: LongNetLM(10, 8, 1, 2, [4], [1], max_seq_len=0), ValueError, "max_seq_len must be"),
+           (lambda: LongNetBlock(8, 2, [4], [1], mlp_ratio=-1), ValueError, "mlp_ratio must be"),
+           (lambda: MultiheadDilatedAttention(8, 2, [4], [1], layer_norm_eps=-1.0), ValueError, "layer_norm_eps"),
+           (lambda: MultiheadDilatedAttention(8, 2, [4], [1], gamma_init=math.nan), ValueError, "gamma_init"),
+           (lambda: DilatedAttention([4, 8], [1]), ValueError, "same length"),
+           (lambda: DilatedAttention(4.0, 1), TypeError, "segment_lengths must"),
+           (lambda: DilatedAttention([4], [1], head_offsets="x"), ValueError, "head_offsets must be one of"),
+           (lambda: DilatedAttention([4], [1], layout="striped"), ValueError, "layout must be one of"),
+           (lambda: RingAttention(ring_size=2, layout="x"), ValueError, "layout must be one of")]
+    for make, kind, match in bad:
+        with pytest.raises(kind, match=match):
+            make()
 
 
 def test_numpy_bool_causal_is_explained():

@@ -121,6 +121,12 @@ def check_branches(segment_lengths, dilation_rates) -> tuple[tuple[int, ...], tu
     return segs, rates
 
 
+def check_positive(name: str, value) -> None:
+    """``value`` must be an int >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

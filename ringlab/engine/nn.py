@@ -20,9 +20,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .checks import check_cu_seqlens
+from .checks import HEAD_OFFSETS, check_branches, check_choice, check_cu_seqlens, check_positive
 from .dilated import dilated_attention
-from .layout import shard_positions
+from .layout import LAYOUTS, shard_positions, with_pieces
 from .ring import ring_attention
 from .ring_dilated import ring_dilated_attention
 
@@ -51,6 +51,9 @@ class DilatedAttention(nn.Module):
                  group=None, layout: str = "contiguous"):
         super().__init__()
         _no_dropout(attention_dropout, "attention_dropout")
+        segment_lengths, dilation_rates = check_branches(segment_lengths, dilation_rates)
+        check_choice("head_offsets", head_offsets, HEAD_OFFSETS)
+        check_choice("layout", layout, with_pieces())  # what ring-dilated attention takes
         self.segment_lengths, self.dilation_rates = list(segment_lengths), list(dilation_rates)
         self.softmax_scale, self.head_offsets = softmax_scale, head_offsets
         self.group, self.layout = group, layout
@@ -76,6 +79,7 @@ class RingAttention(nn.Module):
     def __init__(self, *, group=None, ring_size: int | None = None, layout: str = "contiguous",
                  softmax_scale: float | None = None):
         super().__init__()
+        check_choice("layout", layout, tuple(LAYOUTS))
         self.group, self.ring_size, self.layout, self.softmax_scale = group, ring_size, layout, softmax_scale
 
     def forward(self, query, key, value, is_causal: bool = False, *, cu_seqlens=None):
@@ -103,8 +107,10 @@ class MultiheadDilatedAttention(nn.Module):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+            check_positive(name, val)
+        for name, val in (("layer_norm_eps", layer_norm_eps), ("gamma_init", gamma_init)):
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 < val < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got {val!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if num_heads % num_kv_heads:
@@ -158,6 +164,7 @@ class LongNetBlock(nn.Module):
                  num_kv_heads: int | None = None, mlp_ratio: int = 4, group=None, layout: str = "contiguous",
                  checkpoint: bool = False, gamma_init: float = 1.0, device=None, dtype=None):
         super().__init__()
+        check_positive("mlp_ratio", mlp_ratio)
         kw = dict(device=device, dtype=dtype)
         self.norm1, self.norm2 = nn.LayerNorm(embed_dim, **kw), nn.LayerNorm(embed_dim, **kw)
         self.attn = MultiheadDilatedAttention(embed_dim, num_heads, segment_lengths, dilation_rates,
@@ -188,6 +195,9 @@ class LongNetLM(nn.Module):
                  segment_lengths, dilation_rates, *, num_kv_heads: int | None = None, max_seq_len: int = 65536,
                  group=None, layout: str = "contiguous", checkpoint: bool = False, device=None, dtype=None):
         super().__init__()
+        for name, val in (("vocab_size", vocab_size), ("embed_dim", embed_dim), ("depth", depth),
+                          ("max_seq_len", max_seq_len)):
+            check_positive(name, val)
         kw = dict(device=device, dtype=dtype)
         self.group, self.layout = group, layout
         self.tok = nn.Embedding(vocab_size, embed_dim, **kw)
@@ -214,6 +224,11 @@ class LongNetLM(nn.Module):
         return pos.to(device)
 
     def forward(self, tokens, *, cu_seqlens=None):
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.is_floating_point() or \
+                tokens.is_complex() or tokens.dtype == torch.bool:
+            raise TypeError("tokens must be a (batch, seq) tensor of integer token ids, got "
+                            + (f"{tokens.dtype} of shape {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor)
+                               else type(tokens).__name__))
         n = tokens.shape[1] * (dist.get_world_size(self.group) if self.group is not None else 1)
         docs = () if cu_seqlens is None else check_cu_seqlens(cu_seqlens, n, tokens.shape[0])
         longest = max(b - a for a, b in zip(docs, docs[1:])) if docs else n
@@ -228,7 +243,8 @@ class LongNetLM(nn.Module):
 
     def loss(self, tokens, targets, total_tokens: int | None = None, *, cu_seqlens=None):
         logits = self(tokens, cu_seqlens=cu_seqlens)
-        total = total_tokens or targets.numel()
+        total = targets.numel() if total_tokens is None else total_tokens
+        check_positive("total_tokens", total)
         return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / total
 
 

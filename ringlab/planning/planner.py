@@ -23,14 +23,15 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..engine.checks import HEAD_OFFSETS, check_branches, check_choice
+from ..engine.checks import HEAD_OFFSETS, check_branches, check_choice, check_positive
 from ..engine.dilation import dilated_work_per_rank, score_pairs
-from ..engine.layout import LAYOUTS, max_over_mean, work_per_rank
+from ..engine.layout import LAYOUTS, max_over_mean, with_pieces, work_per_rank
 from ..engine.ring_dilated import rank_plan
 from .memory_model import DTYPE_BYTES, Problem, estimate
 
 DEVICES_FILE = pathlib.Path(__file__).with_name("devices.json")
 MAX_GPUS = 1 << 20
+MAX_DOCUMENTS = 1 << 22  # of one exp:MEAN draw: each is a Python int, and the plan counts work per document
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,12 @@ class Device:
         return peak * 1e12 * self.efficiency
 
 
+# What a profile's numbers may be: beyond these, a typo (units, a fraction as a percentage).
+PROFILE_RANGES = {"hbm_gib": (2**-10, 2**20), "bf16_tflops": (1e-3, 1e6), "fp32_tflops": (1e-3, 1e6),
+                  "nvlink_gb_s": (1e-3, 1e6), "ib_gb_s": (1e-3, 1e6), "gpus_per_node": (1, 1024),
+                  "usable": (0.01, 1), "efficiency": (0.001, 1)}
+
+
 def devices(path=DEVICES_FILE) -> dict[str, Device]:
     """The device profiles, by key (h100, h200, a100, ...). Raises ValueError naming the file
     when it is missing or malformed."""
@@ -77,11 +84,13 @@ def devices(path=DEVICES_FILE) -> dict[str, Device]:
         if not isinstance(v, dict) or set(v) != set(fields):
             raise ValueError(f"device profile {k!r} in {path} must have exactly the fields {', '.join(fields)}; "
                              f"got {sorted(v) if isinstance(v, dict) else type(v).__name__}")
-        bad = [f for f in fields if f != "name" and (isinstance(v[f], bool) or not isinstance(v[f], (int, float))
-                                                      or not math.isfinite(v[f]) or v[f] <= 0)]
-        if bad:
-            raise ValueError(f"device profile {k!r} in {path}: {', '.join(bad)} must be positive numbers")
-        out[k] = Device(key=k, **v)
+        for f, (lo, hi) in PROFILE_RANGES.items():
+            x = v[f]
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or not lo <= x <= hi or \
+                    (f == "gpus_per_node" and x != int(x)):
+                raise ValueError(f"device profile {k!r} in {path}: {f} must be a number from {lo:g} to {hi:g}"
+                                 f"{' (a whole number)' if f == 'gpus_per_node' else ''}, got {x!r}")
+        out[k] = Device(key=k, **{**v, "gpus_per_node": int(v["gpus_per_node"])})
     return out
 
 
@@ -286,18 +295,29 @@ def _min_gpus(pb: Problem, dev: Device, backward: bool) -> tuple[int | None, str
     return counts[hi], ""
 
 
-def _max_tokens(pb: Problem, dev: Device, backward: bool) -> int | None:
+def _max_tokens(pb: Problem, dev: Device, backward: bool, total: int) -> int | None:
     """The longest sequence (a multiple of what the layout needs) that fits on pb.world_size
-    GPUs. Memory grows about linearly in N at fixed P: scale from the current N, then step."""
+    GPUs, given pb's own estimate ``total``. Memory grows about linearly in N at fixed P: secant
+    steps from pb.seq_len, then 1% steps (an estimate of a long ring-dilated run takes seconds)."""
     unit = LAYOUTS[pb.layout].unit * pb.world_size
-    at = lambda m: Problem(**{**asdict(pb), "seq_len": m * unit})  # noqa: E731
-    m = max(1, pb.seq_len // unit)
-    m = max(1, int(m * dev.capacity / _memory(at(m), backward).total))
-    while m > 1 and not _fits(at(m), dev, backward):
-        m = max(1, int(m * 0.98))
-    if not _fits(at(m), dev, backward):
+    known = {pb.seq_len // unit: total}  # pb.seq_len splits: it is a multiple of unit
+
+    def memory(m):
+        if m not in known:
+            known[m] = _memory(Problem(**{**asdict(pb), "seq_len": m * unit}), backward).total
+        return known[m]
+
+    m0 = pb.seq_len // unit
+    m = max(1, int(m0 * dev.capacity / total))
+    for _ in range(3):
+        if abs(m - m0) <= m / 200 or memory(m) == memory(m0):
+            break
+        m0, m = m, max(1, int(m + (dev.capacity - memory(m)) * (m - m0) / (memory(m) - memory(m0))))
+    while m > 1 and memory(m) > dev.capacity:
+        m = max(1, int(m * 0.995))
+    if memory(m) > dev.capacity:
         return None
-    while _fits(at(int(m * 1.01) + 1), dev, backward):
+    while memory(int(m * 1.01) + 1) <= dev.capacity:
         m = int(m * 1.01) + 1
     return m * unit
 
@@ -312,14 +332,25 @@ def document_lengths(spec, tokens: int, multiple: int = 1, seed: int = 0) -> lis
         if kind != "exp" or not mean:
             raise ValueError(f"documents must be a list of lengths or 'exp:MEAN', got {spec!r}")
         mean = parse_tokens(mean)
+        check_positive("multiple", multiple)
+        expected = tokens / max(mean, multiple)
+        if expected > MAX_DOCUMENTS:
+            raise ValueError(f"documents {spec!r} over {tokens:,} tokens would be about {expected:,.0f} documents; the "
+                             f"planner takes up to {MAX_DOCUMENTS:,}: use a mean of at least "
+                             f"{-(-tokens // MAX_DOCUMENTS):,}")
         g = torch.Generator().manual_seed(seed)
-        lengths, left = [], tokens
-        while left > 0:
-            draw = float(torch.empty(1).exponential_(1 / mean, generator=g))
-            n = min(left, max(1, round(draw / multiple)) * multiple)
-            lengths.append(n)
-            left -= n
-        return lengths
+        chunks, left = [], tokens
+        while left > 0:  # float32 draws in blocks: the same stream as one draw at a time
+            draws = torch.empty(int(1.2 * left / mean) + 64).exponential_(1 / mean, generator=g)
+            n = (draws.double() / multiple).round().clamp(min=1).long() * multiple
+            end = n.cumsum(0)
+            cut = int(torch.searchsorted(end, left))  # the document that reaches the end, if this block has it
+            if cut < len(n):
+                n = n[:cut + 1]
+                n[-1] -= int(end[cut]) - left
+            chunks.append(n)
+            left -= int(n.sum())
+        return torch.cat(chunks).tolist()
     lengths = [parse_tokens(x) for x in spec]
     if sum(lengths) != tokens:
         raise ValueError(f"the document lengths add up to {sum(lengths):,} tokens, not the {tokens:,} planned")
@@ -344,19 +375,53 @@ def _packed_compute(pb: Problem, documents, per_pair: float, heads: tuple[int, i
 
 
 def parse_tokens(text) -> int:
-    """'1G' = 2**30, '512K' = 2**19, '1M', '65536', '1e9'."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().upper()
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(s[-1:], 1)
-    body = s[:-1] if mult > 1 else s
-    try:
-        value = float(body) * mult
-    except ValueError:
-        raise ValueError(f"tokens must be a number like 65536, 1e9, 512K or 1G; got {text!r}") from None
-    if not math.isfinite(value) or value != int(value) or value < 1:
+    """'1G' = 2**30, '512K' = 2**19, '1M', '65536', '1e9', or a positive int."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        s = str(text).strip().upper()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(s[-1:], 1)
+        body = s[:-1] if mult > 1 else s
+        try:
+            value = int(body) * mult  # exact, however long
+        except ValueError:
+            try:
+                value = float(body) * mult
+            except ValueError:
+                raise ValueError(f"tokens must be a number like 65536, 1e9, 512K or 1G; got {text!r}") from None
+    if isinstance(text, bool) or not math.isfinite(value) or value != int(value) or value < 1:
         raise ValueError(f"tokens must be a positive whole number, got {text!r}")
     return int(value)
+
+
+def check_problem(*, heads, head_dim, batch, kv_heads, dtype, causal, layout, head_offsets, segments, rates):
+    """The checks every planner entry point makes (ValueError naming the argument). Returns
+    (kv_heads, defaulted to heads; segments; rates)."""
+    kv_heads = heads if kv_heads is None else kv_heads
+    for name, val in (("heads", heads), ("head_dim", head_dim), ("batch", batch), ("kv_heads", kv_heads)):
+        check_positive(name, val)
+    if heads % kv_heads:
+        raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads}): each K/V head serves "
+                         "heads / kv_heads query heads")
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be True or False, got {causal!r}")
+    check_choice("dtype", dtype, tuple(DTYPE_BYTES))
+    check_choice("layout", layout, tuple(LAYOUTS))
+    check_choice("head_offsets", head_offsets, HEAD_OFFSETS)
+    if segments or rates:
+        segments, rates = check_branches(segments, rates)
+        if not LAYOUTS[layout].has_pieces:
+            raise ValueError(f"ring-dilated attention needs a layout whose ranks hold whole chunks "
+                             f"({', '.join(with_pieces())}), got {layout!r}")
+    return kv_heads, tuple(segments), tuple(rates)
+
+
+def device_profile(gpu: str, profiles=None) -> Device:
+    """The profile of ``gpu`` in ``profiles`` (default: :func:`devices`)."""
+    profiles = profiles or devices()
+    if gpu not in profiles:
+        raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(sorted(profiles))} (edit {DEVICES_FILE.name} to add one)")
+    return profiles[gpu]
 
 
 def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments=(), rates=(),
@@ -376,26 +441,12 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
     memory). With it, also reports the largest sequence that fits on that many GPUs.
     """
     tokens = parse_tokens(tokens)
-    profiles = device_profiles or devices()
-    if gpu not in profiles:
-        raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(sorted(profiles))} (edit {DEVICES_FILE.name} to add one)")
-    kv_heads = heads if kv_heads is None else kv_heads
-    for name, val in (("heads", heads), ("head_dim", head_dim), ("batch", batch), ("kv_heads", kv_heads)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
-    if heads % kv_heads:
-        raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads}): each K/V head serves "
-                         "heads / kv_heads query heads")
-    if gpus is not None and (isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 1):
-        raise ValueError(f"gpus must be a positive int, got {gpus!r}")
-    check_choice("dtype", dtype, tuple(DTYPE_BYTES))
-    check_choice("layout", layout, tuple(LAYOUTS))
-    check_choice("head_offsets", head_offsets, HEAD_OFFSETS)
-    if segments or rates:
-        segments, rates = check_branches(segments, rates)
-        if layout == "striped":
-            raise ValueError("ring-dilated attention supports layouts 'contiguous' and 'zigzag'")
-    dev = profiles[gpu]
+    dev = device_profile(gpu, device_profiles)
+    if gpus is not None:
+        check_positive("gpus", gpus)
+    kv_heads, segments, rates = check_problem(heads=heads, head_dim=head_dim, batch=batch, kv_heads=kv_heads,
+                                              dtype=dtype, causal=causal, layout=layout, head_offsets=head_offsets,
+                                              segments=segments, rates=rates)
     pb = _problem(tokens, heads, head_dim, dtype, segments, rates, gpus or 1, batch, causal, layout, head_offsets,
                   kv_heads)
     min_gpus, why = _min_gpus(pb, dev, backward)
@@ -420,7 +471,7 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
         compute=dict(flops_per_step=flops_fwd / steps, flops_total=flops,
                      seconds_total=flops / dev.flops(dtype), **packed),
         overlap=_overlap(pb, dev), min_gpus=min_gpus,
-        max_tokens=_max_tokens(pb, dev, backward) if gpus is not None else None,
+        max_tokens=_max_tokens(pb, dev, backward, est.total) if gpus is not None else None,
         notes=["memory: per GPU for one attention layer (q, k, v and the output gradient resident, plus the "
                "call's peak); activations of other layers, weights and optimizer state come on top",
                "1G = 2**30 tokens; FLOPs: 4 per score pair per head dim forward, 3.5x that with backward"])

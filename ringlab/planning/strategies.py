@@ -31,11 +31,11 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, replace
 
-from ..engine.checks import HEAD_OFFSETS, check_branches, check_choice
-from ..engine.layout import LAYOUTS, get, with_pieces
+from ..engine.checks import check_positive
+from ..engine.layout import LAYOUTS, get
 from .memory_model import Problem, estimate
-from .planner import (Device, _communication, _overlap, _packed_compute, _pairs_per_rank, devices, document_lengths,
-                      flops_per_pair, parse_tokens)
+from .planner import (Device, _communication, _overlap, _packed_compute, _pairs_per_rank, check_problem,
+                      device_profile, document_lengths, flops_per_pair, parse_tokens)
 
 STRATEGIES = ("ring", "ulysses", "hybrid")
 NVLINK, IB = "NVLink", "InfiniBand"
@@ -274,18 +274,13 @@ def compare(tokens, *, heads: int, head_dim: int, gpus: int, kv_heads: int | Non
     or "exp:MEAN" as :func:`ringlab.planning.planner.document_lengths` takes
     them; every strategy plans the same lengths."""
     tokens = parse_tokens(tokens)
-    if segments or rates:
-        segments, rates = check_branches(segments, rates)
-        check_choice("layout", layout, with_pieces())
-        check_choice("head_offsets", head_offsets, HEAD_OFFSETS)
-    profiles = device_profiles or devices()
-    if gpu not in profiles:
-        raise ValueError(f"unknown gpu {gpu!r}; known: {', '.join(sorted(profiles))}")
-    dev = profiles[gpu]
-    per_node = gpus_per_node or dev.gpus_per_node
+    kv_heads, segments, rates = check_problem(heads=heads, head_dim=head_dim, batch=batch, kv_heads=kv_heads,
+                                              dtype=dtype, causal=causal, layout=layout, head_offsets=head_offsets,
+                                              segments=segments, rates=rates)
+    dev = device_profile(gpu, device_profiles)
+    per_node = dev.gpus_per_node if gpus_per_node is None else gpus_per_node
     for name, val in (("gpus", gpus), ("gpus_per_node", per_node)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
+        check_positive(name, val)
     if gpus > per_node and gpus % per_node:
         raise ValueError(f"gpus ({gpus}) must fill whole nodes of {per_node}")
     for s in strategies:
@@ -295,8 +290,8 @@ def compare(tokens, *, heads: int, head_dim: int, gpus: int, kv_heads: int | Non
         # One draw in multiples of what the longest ring (R = G) needs, which every shorter ring accepts.
         documents = document_lengths(documents, tokens, get(layout).document_unit(gpus))
     pb = Problem(seq_len=tokens, heads=heads, head_dim=head_dim, batch=batch, dtype=dtype, world_size=gpus,
-                 causal=causal, layout=layout, device="cuda", kv_heads=kv_heads or heads, segments=tuple(segments),
-                 rates=tuple(rates), head_offsets=head_offsets)
+                 causal=causal, layout=layout, device="cuda", kv_heads=kv_heads, segments=segments, rates=rates,
+                 head_offsets=head_offsets)
     plans = {s: _plan_one(pb, dev, s, gpus, per_node, backward, fewest, documents) for s in strategies}
     best, why = _best(plans, gpus)
     return Report(dataclasses.asdict(pb), dataclasses.asdict(dev), gpus, per_node, plans, best, why, documents)

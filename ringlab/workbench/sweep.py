@@ -23,6 +23,7 @@ import concurrent.futures
 import csv
 import hashlib
 import itertools
+import math
 import json
 import os
 import pathlib
@@ -176,16 +177,16 @@ class Sweep:
     @classmethod
     def load(cls, folder) -> Sweep:
         folder = pathlib.Path(folder)
+        if not (folder / "sweep.json").is_file():
+            raise ValueError(f"{folder} holds no sweep (no sweep.json): give the id of a sweep started with "
+                             "ringlab sweep, and its --runs folder if it is not runs/")
         try:
             meta = json.loads((folder / "sweep.json").read_text())
-        except FileNotFoundError:
-            raise ValueError(f"{folder} holds no sweep (no sweep.json): give the id of a sweep started with "
-                             "ringlab sweep, and its --runs folder if it is not runs/") from None
-        except ValueError as err:
-            raise ValueError(f"{folder / 'sweep.json'} is unreadable ({err}); run the sweep command again to "
-                             "rewrite it") from None
-        return cls(folder.name, folder, pathlib.Path(meta["notebook"]),
-                   [(r["name"], r["params"]) for r in meta["runs"]], meta["timeout"])
+            return cls(folder.name, folder, pathlib.Path(meta["notebook"]),
+                       [(str(r["name"]), dict(r["params"])) for r in meta["runs"]], float(meta["timeout"]))
+        except (ValueError, TypeError, KeyError) as err:  # not JSON, or not what prepare() writes
+            raise ValueError(f"{folder / 'sweep.json'} is unreadable ({type(err).__name__}: {err}); run the sweep "
+                             "command again to rewrite it") from None
 
     def status(self, name: str) -> dict | None:
         path = self.folder / name / "status.json"
@@ -195,6 +196,8 @@ class Sweep:
 def prepare(notebook, params, *, sweep_id: str | None = None, root="runs", timeout: float = 1800) -> Sweep:
     """Check the grid ``params`` = [(name, [values...]), ...] against the notebook and write the
     sweep's folder and sweep.json (nothing runs yet)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a positive number of seconds per run, got {timeout!r}")
     path = find_notebook(notebook)
     grid = [(name, [parse_value(v) for v in values]) for name, values in params]
     known = notebook_parameters(path)
