@@ -28,9 +28,12 @@ DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32
 def _ints(text: str, what: str) -> list[int]:
     from .planning.planner import parse_tokens
     try:
-        return [parse_tokens(x) for x in text.replace(" ", ",").split(",") if x]
+        values = [parse_tokens(x) for x in text.replace(" ", ",").split(",") if x]
     except ValueError:
-        raise ValueError(f"{what} must be comma-separated positive numbers (K/M/G suffixes allowed), got {text!r}") from None
+        values = []
+    if not values:
+        raise ValueError(f"{what} must be comma-separated positive numbers (K/M/G suffixes allowed), got {text!r}")
+    return values
 
 
 def _documents(text: str | None):

@@ -270,6 +270,8 @@ def test_planner_memory_failure_names_the_largest_count_tried():
 def test_plan_command_errors_are_messages(tmp_path, capsys):
     base = ["plan", "--heads", "32", "--head-dim", "128"]
     assert "positive whole number" in cli_error(capsys, base + ["--tokens", "1e400"])
+    assert "--segments must be comma-separated" in cli_error(capsys, base + ["--tokens", "1G", "--segments", ",",
+                                                                          "--rates", ","])
     assert "cannot read the device profiles" in cli_error(capsys, base + ["--tokens", "1G", "--devices",
                                                                            str(tmp_path / "none.json")])
     bad = tmp_path / "bad.json"
