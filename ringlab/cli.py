@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
 import sys
 
@@ -225,6 +226,9 @@ def main(argv=None) -> int:
         return args.run(args)
     except ValueError as err:
         parser.exit(2, f"ringlab {args.command}: error: {err}\n")
+    except BrokenPipeError:  # the output went to a reader that stopped early (| head); not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit fails quietly
+        return 0
 
 
 if __name__ == "__main__":

@@ -281,6 +281,13 @@ def test_plan_command_errors_are_messages(tmp_path, capsys):
     assert "must have exactly the fields" in cli_error(capsys, base + ["--tokens", "1G", "--devices", str(bad)])
 
 
+def test_plan_piped_into_a_reader_that_stops_early_is_not_an_error():
+    cmd = (f"{sys.executable} -m ringlab.cli plan --tokens 1M --heads 8 --head-dim 64 --json --documents exp:64 "
+           "| head -c 1 > /dev/null; echo ${PIPESTATUS[0]}")
+    done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "0" and "BrokenPipeError" not in done.stderr, done.stderr
+
+
 def test_device_profile_numbers_out_of_range_are_named(tmp_path, capsys):
     base = ["plan", "--heads", "32", "--head-dim", "128", "--tokens", "1G"]
     good = json.loads(planner.DEVICES_FILE.read_text())["h100"]
