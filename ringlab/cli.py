@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import pathlib
 import sys
 
+from .engine.checks import check_positive_number
 from .engine.layout import LAYOUTS
 
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
@@ -107,8 +107,7 @@ def _figures(args) -> int:
     from .workbench.notebooks import FIGURES, NOTEBOOKS
     if args.notebooks and not pathlib.Path(args.notebooks).is_dir():
         raise ValueError(f"--notebooks {args.notebooks} is not a folder")
-    if not 0 < args.timeout < math.inf:
-        raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    check_positive_number("--timeout", args.timeout, " of seconds")
     out = pathlib.Path(args.out or FIGURES)
     try:
         out.mkdir(parents=True, exist_ok=True)

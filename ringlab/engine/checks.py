@@ -127,6 +127,13 @@ def check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def check_positive_number(name: str, value, unit: str = "") -> None:
+    """``value`` must be a real number, finite and > 0 (not a bool); ``unit`` follows "number"
+    in the message, e.g. " of seconds"."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise ValueError(f"{name} must be a positive number{unit}, got {value!r}")
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

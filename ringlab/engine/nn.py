@@ -20,7 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .checks import HEAD_OFFSETS, check_branches, check_choice, check_cu_seqlens, check_positive
+from .checks import (HEAD_OFFSETS, check_branches, check_choice, check_cu_seqlens, check_positive,
+                     check_positive_number)
 from .dilated import dilated_attention
 from .layout import LAYOUTS, shard_positions, with_pieces
 from .ring import ring_attention
@@ -108,9 +109,8 @@ class MultiheadDilatedAttention(nn.Module):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
             check_positive(name, val)
-        for name, val in (("layer_norm_eps", layer_norm_eps), ("gamma_init", gamma_init)):
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 < val < math.inf:
-                raise ValueError(f"{name} must be a positive finite number, got {val!r}")
+        check_positive_number("layer_norm_eps", layer_norm_eps)
+        check_positive_number("gamma_init", gamma_init)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if num_heads % num_kv_heads:

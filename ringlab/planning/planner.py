@@ -389,7 +389,7 @@ def parse_tokens(text) -> int:
                 value = float(body) * mult
             except ValueError:
                 raise ValueError(f"tokens must be a number like 65536, 1e9, 512K or 1G; got {text!r}") from None
-    if isinstance(text, bool) or not math.isfinite(value) or value != int(value) or value < 1:
+    if not math.isfinite(value) or value != int(value) or value < 1:
         raise ValueError(f"tokens must be a positive whole number, got {text!r}")
     return int(value)
 

@@ -23,7 +23,6 @@ import concurrent.futures
 import csv
 import hashlib
 import itertools
-import math
 import json
 import os
 import pathlib
@@ -37,6 +36,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+from ..engine.checks import check_positive_number
 from .notebooks import find_notebook
 
 
@@ -196,8 +196,7 @@ class Sweep:
 def prepare(notebook, params, *, sweep_id: str | None = None, root="runs", timeout: float = 1800) -> Sweep:
     """Check the grid ``params`` = [(name, [values...]), ...] against the notebook and write the
     sweep's folder and sweep.json (nothing runs yet)."""
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-        raise ValueError(f"timeout must be a positive number of seconds per run, got {timeout!r}")
+    check_positive_number("timeout", timeout, " of seconds per run")
     path = find_notebook(notebook)
     grid = [(name, [parse_value(v) for v in values]) for name, values in params]
     known = notebook_parameters(path)
