@@ -141,6 +141,19 @@ def test_score_pairs_dense_case():
     assert score_pairs(10, 3, [10], [1], causal=True) == 3 * 55
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_work_per_rank_stays_exact_past_int64(causal):
+    """Per-rank pairs of one dense 2**40-token segment (2**82 pairs a rank) are counted
+    exactly, not wrapped around in int64; a small case on the int64 path agrees with the masks."""
+    n, h, p = 2**40, 16, 4
+    rows = n // p
+    want = [h * (rows * (x * rows + 1) + rows * (rows - 1) // 2) if causal else h * rows * n for x in range(p)]
+    assert dilation.dilated_work_per_rank("contiguous", p, [0, n], h, [n], [1], causal=causal) == want
+    m = multiplicity(96, 3, [32, 96], [2, 3], causal=causal)
+    assert dilation.dilated_work_per_rank("zigzag", 3, [0, 96], 3, [32, 96], [2, 3], causal=causal) == [
+        int(m[:, [*range(16 * x, 16 * x + 16), *range(80 - 16 * x, 96 - 16 * x)]].sum()) for x in range(3)]
+
+
 def test_gpu_calls_are_cut_no_finer_than_the_floor():
     """On CUDA (meta, the dry run's stand-in, dispatches alike) the quarter-of-rows split stops
     at dilation.MIN_CALL_ELEMENTS and a branch's offset groups share a call (COPY_TO_FUSE):

@@ -398,6 +398,9 @@ def test_modules_check_their_arguments():
     for tokens in (torch.zeros(8, dtype=torch.long), torch.zeros(1, 8)):
         with pytest.raises(TypeError, match=r"tokens must be a \(batch, seq\) tensor of integer token ids"):
             model(tokens)
+    for wrong in (10, -1):
+        with pytest.raises(ValueError, match=rf"token ids must lie in \[0, 10\) \(vocab_size\), got {wrong}"):
+            model(torch.tensor([[3, wrong, 0]]))
     with pytest.raises(ValueError, match="total_tokens must be a positive int"):
         model.loss(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), total_tokens=0)
     bad = [(lambda: LongNetLM(10, 8, 0, 2, [4], [1]), ValueError, "depth must be a positive int"),

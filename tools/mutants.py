@@ -138,8 +138,8 @@ MUTANTS = (
            "    if False:\n        (dout, q, k, v, out), s = _dlse_folded",
            "tests/test_packed.py", "native_varlen_kernel"),
     Mutant("packed-dilated-work-causal-off-by-one", "ringlab/engine/dilation.py",
-           "return (t0 + t1 + 2) * (t1 - t0 + 1) // 2",
-           "return (t0 + t1 + 1) * (t1 - t0 + 1) // 2",
+           "return (t0 + t1 + 2) * count // 2",
+           "return (t0 + t1 + 1) * count // 2",
            "tests/test_packed.py", "dilated_compute_per_rank"),
     # The memory model forgetting that GPU dilated calls are cut no finer than the floor.
     Mutant("memory-model-ignores-gpu-call-floor", "ringlab/planning/memory_model.py",

@@ -14,6 +14,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .checks import check_cu_seqlens
@@ -393,40 +394,46 @@ def score_pairs(seq_len: int, num_heads: int, segment_lengths, dilation_rates, *
     return sum(blk.pairs(num_heads) for blk in blocks)
 
 
-@functools.lru_cache(maxsize=1 << 16)  # packed documents repeat lengths, and so ranges
-def row_pairs(lo: int, hi: int, length: int, num_heads: int, segment_lengths: tuple, dilation_rates: tuple,
-              head_offsets: str = "interleaved", causal: bool = False, heads: tuple[int, int] | None = None) -> int:
+def row_pairs(lo: np.ndarray, hi: np.ndarray, length: np.ndarray, num_heads: int, segment_lengths: tuple,
+              dilation_rates: tuple, head_offsets: str = "interleaved", causal: bool = False,
+              heads: tuple[int, int] | None = None) -> np.ndarray:
     """Score pairs the queries at positions lo <= p < hi of a ``length``-token sequence (one
     document) compute, summed over heads (those h0 <= h < h1 of ``heads``, default all) and
-    branches: :func:`score_pairs` of a range of rows, in O(branches x offsets) whatever the
-    length (the planner counts billion-token runs)."""
+    branches: :func:`score_pairs` of ranges of rows, elementwise over the arrays, in
+    O(branches x offsets) numpy steps whatever the length (the planner counts billion-token
+    runs over thousands of ranks). Exact: int64 where no count can overflow it, Python ints
+    otherwise."""
+    w = max(segment_lengths)
+    bound = 4 * num_heads * len(segment_lengths) * w * max(w, int(np.max(hi - lo, initial=0)))
+    lo, hi, length = (np.asarray(x, dtype=np.int64 if bound < 2**62 else object) for x in (lo, hi, length))
     return sum(head_count(group) * _branch_rows(lo, hi, length, w, r, o, causal)
                for w, r in zip(segment_lengths, dilation_rates)
                for o, group in offset_groups(num_heads, r, head_offsets, heads))
 
 
-def _branch_rows(lo: int, hi: int, length: int, w: int, r: int, o: int, causal: bool) -> int:
+def _branch_rows(lo, hi, length, w: int, r: int, o: int, causal: bool):
     """Pairs of the rows [lo, hi) for the heads of offset o in one branch (w, r). Segments wholly
     inside [lo, hi) and before the document's ragged last one all count the same."""
     first, last = lo // w, (hi - 1) // w
 
     def segment(s):
         start = s * w
-        return _segment_rows(max(lo, start) - start, min(hi, start + w) - start, min(w, length - start), r, o, causal)
+        return _segment_rows(np.maximum(lo, start) - start, np.minimum(hi, start + w) - start,
+                             np.minimum(w, length - start), r, o, causal)
 
-    ends = segment(first) + (segment(last) if last > first else 0)
-    return ends + max(0, last - first - 1) * _segment_rows(0, w, w, r, o, causal)
+    whole = np.full(1, w, lo.dtype)  # an array, so that Python ints stay exact in the object case
+    ends = segment(first) + np.where(last > first, segment(last), 0)
+    return ends + np.maximum(0, last - first - 1) * _segment_rows(whole * 0, whole, whole, r, o, causal)
 
 
-def _segment_rows(x0: int, x1: int, size: int, r: int, o: int, causal: bool) -> int:
+def _segment_rows(x0, x1, size, r: int, o: int, causal: bool):
     """Pairs of the rows x0 <= x < x1 of one ``size``-row segment for offset o: its selected rows
     are x = o + t r, and each sees the keys o + t' r with t' <= t (causal) or every selected key."""
-    t0, t1 = max(0, -(-(x0 - o) // r)), (x1 - 1 - o) // r
-    if t1 < t0:
-        return 0
+    t0, t1 = np.maximum(0, -((o - x0) // r)), (x1 - 1 - o) // r
+    count = np.maximum(0, t1 - t0 + 1)
     if causal:
-        return (t0 + t1 + 2) * (t1 - t0 + 1) // 2
-    return (t1 - t0 + 1) * ((size - 1 - o) // r + 1)
+        return (t0 + t1 + 2) * count // 2
+    return count * ((size - 1 - o) // r + 1)
 
 
 def dilated_work_per_rank(layout: str, world_size: int, cu_seqlens, num_heads: int, segment_lengths,
@@ -443,14 +450,17 @@ def dilated_work_per_rank(layout: str, world_size: int, cu_seqlens, num_heads: i
         return summed_by_length(docs, lambda n: dilated_work_per_rank(
             layout, world_size, [0, n], num_heads, segment_lengths, dilation_rates, head_offsets=head_offsets,
             causal=causal, heads=heads))
-    branches = (num_heads, tuple(segment_lengths), tuple(dilation_rates), head_offsets, causal, heads)
-    work = []
+    ranges = []  # (rank, lo, hi, document length)
     for rank in range(world_size):
-        total = 0
         for start, inside, _ in document_pieces(lay.pieces(docs[-1], rank, world_size, docs), docs):
             length = docs[bisect.bisect_right(docs, start)] - start
-            total += sum(row_pairs(a, b, length, *branches) for a, b in inside)
-        work.append(total)
+            ranges += [(rank, a, b, length) for a, b in inside]
+    rank, lo, hi, length = np.array(ranges, dtype=np.int64).reshape(-1, 4).T
+    pairs = row_pairs(lo, hi, length, num_heads, tuple(segment_lengths), tuple(dilation_rates), head_offsets,
+                      causal, heads)
+    work = [0] * world_size
+    for x, n in zip(rank.tolist(), np.asarray(pairs).tolist()):
+        work[x] += n
     return work
 
 

@@ -229,6 +229,11 @@ class LongNetLM(nn.Module):
             raise TypeError("tokens must be a (batch, seq) tensor of integer token ids, got "
                             + (f"{tokens.dtype} of shape {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor)
                                else type(tokens).__name__))
+        if tokens.numel():  # an id out of range would be an IndexError on CPU and a device-side assert on CUDA
+            low, high = (int(x) for x in torch.aminmax(tokens))
+            if low < 0 or high >= self.tok.num_embeddings:
+                raise ValueError(f"token ids must lie in [0, {self.tok.num_embeddings}) (vocab_size), got "
+                                 f"{low if low < 0 else high}")
         n = tokens.shape[1] * (dist.get_world_size(self.group) if self.group is not None else 1)
         docs = () if cu_seqlens is None else check_cu_seqlens(cu_seqlens, n, tokens.shape[0])
         longest = max(b - a for a, b in zip(docs, docs[1:])) if docs else n

@@ -20,6 +20,7 @@ same blocks, reading each message's rows where their sender holds them.
 from __future__ import annotations
 
 import bisect
+import collections
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -124,47 +125,71 @@ def _moved(part: Part, local0: int, start: int) -> Part:
     return dataclasses.replace(part, rows=relocated(part.rows, local0, start)) if local0 or start else part
 
 
+@dataclass(frozen=True)
+class Holders:
+    """Who holds what, the same for every rank. ``inside[d]``: {rank: (its pieces inside
+    document d, counted from the document's start; its first local row)}. ``shared[b]``: the
+    segments of branch b that several ranks hold, as (document, segment, members);
+    ``of_rank[b]``: {rank: indices into shared[b] of those it is a member of}; ``steps[b]``:
+    the most hops of any sub-ring of branch b."""
+    docs: tuple[int, ...]
+    inside: tuple[dict, ...]
+    shared: tuple[tuple[tuple[int, int, tuple[int, ...]], ...], ...]
+    of_rank: tuple[dict[int, list[int]], ...]
+    steps: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=16)
+def holders(seq_len: int, world_size: int, layout: str, documents: tuple[int, ...],
+            segments: tuple[int, ...]) -> Holders:
+    """The segments of each branch held by several ranks (see :class:`Holders`). Packed
+    documents are separate sequences: segments are per document, in document order."""
+    docs = documents or (0, seq_len)
+    inside: list[dict[int, tuple]] = [{} for _ in docs[1:]]
+    for x in range(world_size):
+        for start, rel, local0 in document_pieces(get(layout).pieces(seq_len, x, world_size, documents or None), docs):
+            inside[bisect.bisect_left(docs, start)][x] = (rel, local0)
+    spans = [sorted((a, e, x) for x, (rel, _) in held.items() for a, e in rel) for held in inside]  # tile each document
+    shared, of_rank = [], []
+    for w in segments:
+        found, mine = [], collections.defaultdict(list)
+        for d, held_spans in enumerate(spans):
+            starts, stops = [a for a, _, _ in held_spans], [e for _, e, _ in held_spans]
+            # A segment reaches several ranks only where one span ends and the next begins inside it.
+            for seg in sorted({e // w for _, e, _ in held_spans[:-1] if e % w}):
+                lo, hi = bisect.bisect_right(stops, seg * w), bisect.bisect_left(starts, (seg + 1) * w)
+                members = tuple(sorted({x for _, _, x in held_spans[lo:hi]}))
+                if len(members) > 1:
+                    for x in members:
+                        mine[x].append(len(found))
+                    found.append((d, seg, members))
+        shared.append(tuple(found))
+        of_rank.append(dict(mine))
+    steps = tuple(max((len(m) - 1 for _, _, m in found), default=0) for found in shared)
+    return Holders(docs, tuple(inside), tuple(shared), tuple(of_rank), steps)
+
+
 @functools.lru_cache(maxsize=64)
 def rank_plan(config: RingConfig, rank: int, heads: tuple[int, int] | None = None) -> RankPlan:
     """Local blocks and sub-rings of ``rank`` (see module doc), for the heads h0 <= h < h1
-    of ``heads`` = (h0, h1) (default all), numbered from h0. Packed documents are separate
-    sequences: segments and sub-rings are per document, in document order on every rank."""
-    seq_len, world_size, num_heads = config.seq_len, config.world_size, config.heads
-    docs = config.documents or (0, seq_len)
-    pieces_of = [get(config.layout).pieces(seq_len, x, world_size, config.documents or None)
-                 for x in range(world_size)]
-    own = document_blocks(pieces_of[rank], config.documents, num_heads, config.segments, config.rates,
+    of ``heads`` = (h0, h1) (default all), numbered from h0."""
+    geo = holders(config.seq_len, config.world_size, config.layout, config.documents, config.segments)
+    pieces = get(config.layout).pieces(config.seq_len, rank, config.world_size, config.documents or None)
+    own = document_blocks(pieces, config.documents, config.heads, config.segments, config.rates,
                           config.head_offsets, config.causal, heads, config.kv_group)
     local = tuple(tuple(x for x in own if x.branch == b) for b in range(len(config.segments)))
-    # Per document: {rank: (its pieces inside, counted from the document's start; its first local row)}.
-    inside: list[dict[int, tuple]] = [{} for _ in docs[1:]]
-    for x, pieces in enumerate(pieces_of):
-        for start, rel, local0 in document_pieces(pieces, docs):
-            inside[bisect.bisect_left(docs, start)][x] = (rel, local0)
-    spans = [sorted((a, e, x) for x, (rel, _) in held.items() for a, e in rel) for held in inside]  # disjoint
-    subrings, steps = [], []
+    subrings = []
     for b, (w, r) in enumerate(zip(config.segments, config.rates)):
-        groups = head_groups(num_heads, r, config.head_offsets, heads, config.kv_group)
+        groups = head_groups(config.heads, r, config.head_offsets, heads, config.kv_group)
         mine = []
-        most = 0
-        for d, (held, held_spans) in enumerate(zip(inside, spans)):
-            starts, stops = [a for a, _, _ in held_spans], [e for _, e, _ in held_spans]
-            # Only a piece's first and last segments can reach another rank.
-            for seg in sorted({s for a, e, _ in held_spans for s in (a // w, (e - 1) // w)}):
-                lo, hi = bisect.bisect_right(stops, seg * w), bisect.bisect_left(starts, (seg + 1) * w)
-                members = tuple(sorted({x for _, _, x in held_spans[lo:hi]}))
-                if len(members) < 2:
-                    continue
-                most = max(most, len(members) - 1)
-                if rank not in members:
-                    continue
-                layouts = [_message_layout(held[x][0], w, r, seg, groups) for x in members]
-                parts = tuple(tuple(_moved(part, held[x][1], docs[d]) for part in p)
-                              for x, (p, _) in zip(members, layouts))
-                mine.append(SubRing(b, seg, members, parts, tuple(n for _, n in layouts), d))
+        for d, seg, members in (geo.shared[b][i] for i in geo.of_rank[b].get(rank, ())):
+            held = geo.inside[d]
+            layouts = [_message_layout(held[x][0], w, r, seg, groups) for x in members]
+            parts = tuple(tuple(_moved(part, held[x][1], geo.docs[d]) for part in p)
+                          for x, (p, _) in zip(members, layouts))
+            mine.append(SubRing(b, seg, members, parts, tuple(n for _, n in layouts), d))
         subrings.append(tuple(mine))
-        steps.append(most)
-    return RankPlan(local, tuple(subrings), tuple(steps))
+    return RankPlan(local, tuple(subrings), geo.steps)
 
 
 def _part_view(msg: torch.Tensor, part: Part) -> torch.Tensor:

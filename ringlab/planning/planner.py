@@ -132,11 +132,12 @@ class Plan:
                   + ("fits" if self.fits else "DOES NOT FIT"), "",
                   "communication per GPU"]
         c = self.communication
+        width = max([38, *map(len, c["per_step"])])  # a long branch label widens its section
         for label, b in c["per_step"].items():
-            lines.append(f"  {label:<38} {b / 2**20:>11,.1f} MiB")
-        lines += [f"  {'total, forward':<38} {gib(c['total_forward']):>14}"]
+            lines.append(f"  {label:<{width}} {b / 2**20:>11,.1f} MiB")
+        lines += [f"  {'total, forward':<{width}} {gib(c['total_forward']):>14}"]
         if c["backward"]:
-            lines.append(f"  {'total, forward+backward':<38} {gib(c['total']):>14}")
+            lines.append(f"  {'total, forward+backward':<{width}} {gib(c['total']):>14}")
         k = self.compute
         lines += ["", "compute per GPU" + (" (the busiest rank)" if "documents" in k else ""),
                   f"  {'FLOPs per ring step (forward)':<38} {k['flops_per_step']:>14.3e}",
@@ -152,7 +153,7 @@ class Plan:
             lines.append("  every segment stays on its rank: nothing is sent")
         for link, o in self.overlap.items():
             lines.append(f"  {link:<18} compute {o['compute_s'] * 1e3:9.3f} ms  transfer {o['transfer_s'] * 1e3:9.3f} ms  "
-                         f"{'hides' if o['hides'] else 'EXPOSED'}   (needs >= {o['tokens_per_gpu_needed']:,} tokens per GPU)")
+                         f"{'hides' if o['hides'] else 'EXPOSED':<7}  (needs >= {o['tokens_per_gpu_needed']:,} tokens per GPU)")
         if self.min_gpus is not None:
             lines.append(f"\nminimum GPUs for {p['seq_len']:,} tokens: {self.min_gpus}")
         if self.max_tokens is not None:
@@ -197,6 +198,10 @@ def flops_per_pair(pb: Problem, backward: bool) -> float:
     return 4 * pb.batch * pb.head_dim * (3.5 if backward else 1.0)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _communication(pb: Problem, backward: bool) -> dict:
     """Bytes one rank sends: per ring step (hop) and in total. Messages hold the K/V heads only
     (grouped-query attention: H_kv / H of the bytes)."""
@@ -204,14 +209,14 @@ def _communication(pb: Problem, backward: bool) -> dict:
     row = pb.batch * pb.head_dim
     per_step, fwd = {}, 0
     if not pb.segments:
-        per_step[f"K/V block, each of {p - 1} steps"] = 2 * n * pb.kv_heads * row * e
+        per_step[f"K/V block, each of {_count(p - 1, 'step')}"] = 2 * n * pb.kv_heads * row * e
         fwd = (p - 1) * 2 * n * pb.kv_heads * row * e
     else:
         plan = rank_plan(pb.ring_config(), 0)
         for b, ((w, r), subs) in enumerate(zip(zip(pb.segments, pb.rates), plan.subrings)):
             hop = sum(2 * s.sizes[s.members.index(0)] * row * e for s in subs)
             hops = max((s.hops() for s in subs), default=0)
-            per_step[f"branch {b} (w={w}, r={r}), each of {hops} hops"] = hop
+            per_step[f"branch {b} (w={w}, r={r}), each of {_count(hops, 'hop')}"] = hop
             fwd += hops * hop
     bwd = 0
     if backward:  # K/V again, and the dK/dV accumulators (float32; float64 for float64) riding along (and home)
