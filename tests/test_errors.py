@@ -160,7 +160,7 @@ def test_dilated_ring_functions_need_segments(call):
 @pytest.mark.parametrize("call", [lambda x: ringlab.shard_mesh(x, 0, 0, 2), lambda x: ringlab.unshard_mesh([x, x], 0)],
                          ids=["shard_mesh", "unshard_mesh"])
 def test_mesh_sharding_needs_a_ulysses_size(call):
-    with pytest.raises(ValueError, match="ulysses_size must be >= 1"):
+    with pytest.raises(ValueError, match="ulysses_size must be an int >= 1"):
         call(qkv()[0])
 
 

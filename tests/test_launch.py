@@ -56,7 +56,7 @@ def _nested():
     return inner
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5])
-def test_bad_world_size(bad):
-    with pytest.raises(ValueError, match="world_size"):
+@pytest.mark.parametrize("bad, kind", [(0, ValueError), (-1, ValueError), (1.5, TypeError)])
+def test_bad_world_size(bad, kind):
+    with pytest.raises(kind, match="world_size must be an int"):
         launch(workers.rank_and_size, bad)

@@ -55,10 +55,10 @@ def _imports(path: pathlib.Path) -> set[str]:
 
 @pytest.mark.parametrize("layer", sorted(LAYERS))
 def test_layers_import_only_downwards(layer):
-    """engine imports torch and the standard library alone (and triton, where installed, for
-    its GPU merge kernel); planning adds the engine; the workbench sits above both, and may use
+    """engine imports the standard library and the core dependencies, torch and numpy, alone
+    (and triton, where installed, for its GPU merge kernel); planning adds the engine; the workbench sits above both, and may use
     the public package and its float64 reference. Nothing imports a layer above its own."""
-    third_party = {"engine": {"torch", "triton"}, "planning": {"torch"},
+    third_party = {"engine": {"torch", "numpy", "triton"}, "planning": {"torch", "numpy"},
                    "workbench": {"torch", "numpy", "plotly", "ipywidgets", "IPython", "papermill", "nbformat",
                                  "tqdm", "kaleido", "pandas"}}[layer]
     for path in sorted((ROOT / "ringlab" / layer).glob("*.py")):

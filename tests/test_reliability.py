@@ -330,7 +330,7 @@ def test_exp_documents_are_drawn_at_once_and_bounded():
     assert sum(lengths) == 2**26 and all(n > 0 and n % 4 == 0 for n in lengths[:-1]) and len(lengths) > 900_000
     with pytest.raises(ValueError, match="use a mean of at least 256"):
         planner.document_lengths("exp:1", 2**30)
-    with pytest.raises(ValueError, match="multiple must be a positive int"):
+    with pytest.raises(ValueError, match="multiple must be an int >= 1"):
         planner.document_lengths("exp:10", 100, multiple=0)
 
 
@@ -390,7 +390,7 @@ def test_nested_or_concurrent_memory_regions_raise():
 def test_modules_check_their_arguments():
     from ringlab.engine.nn import DilatedAttention, LongNetBlock, LongNetLM, MultiheadDilatedAttention, RingAttention
 
-    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+    with pytest.raises(ValueError, match="num_heads must be an int >= 1"):
         MultiheadDilatedAttention(8, 0, [4], [1])
     model = LongNetLM(10, 8, 1, 2, [4], [1], max_seq_len=8)
     with pytest.raises(ValueError, match=r"9 tokens.*max_seq_len=8"):
@@ -401,10 +401,11 @@ def test_modules_check_their_arguments():
     for wrong in (10, -1):
         with pytest.raises(ValueError, match=rf"token ids must lie in \[0, 10\) \(vocab_size\), got {wrong}"):
             model(torch.tensor([[3, wrong, 0]]))
-    with pytest.raises(ValueError, match="total_tokens must be a positive int"):
+    with pytest.raises(ValueError, match="total_tokens must be an int >= 1"):
         model.loss(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), total_tokens=0)
-    bad = [(lambda: LongNetLM(10, 8, 0, 2, [4], [1]), ValueError, "depth must be a positive int"),
-           (lambda: LongNetLM(-1, 8, 1, 2, [4], [1]), ValueError, "vocab_size must be a positive int"),
+    bad = [(lambda: LongNetLM(10, 8, 0, 2, [4], [1]), ValueError, "depth must be an int >= 1"),
+           (lambda: LongNetLM(-1, 8, 1, 2, [4], [1]), ValueError, "vocab_size must be an int >= 1"),
+           (lambda: LongNetLM(10.0, 8, 1, 2, [4], [1]), TypeError, r"vocab_size must be an int, got 10\.0 \(float\)"),
            (lambda: LongNetLM(10, 8, 1, 2, [4], [1], max_seq_len=0), ValueError, "max_seq_len must be"),
            (lambda: LongNetBlock(8, 2, [4], [1], mlp_ratio=-1), ValueError, "mlp_ratio must be"),
            (lambda: MultiheadDilatedAttention(8, 2, [4], [1], layer_norm_eps=-1.0), ValueError, "layer_norm_eps"),

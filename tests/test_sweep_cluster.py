@@ -61,7 +61,7 @@ def test_gpus_per_run_errors_say_why(tmp_path, monkeypatch, capsys):
         sweep.run_sweep("dilation", [("heads", ["1"])], gpus_per_run=3, root=tmp_path, progress=False)
     with pytest.raises(ValueError, match="--jobs 3 needs 3 groups of 2 GPUs, and there are 2"):
         sweep.run_sweep("dilation", [("heads", ["1"])], gpus_per_run=2, jobs=3, root=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="--gpus-per-run must be an int >= 1, got 0"):
         sweep.gpu_groups(0, ["0"])
     assert not list(tmp_path.iterdir())  # refused before anything was written
 

@@ -146,7 +146,7 @@ def test_gloo_bytes_per_rank_equal_planner(case):
     (dict(q_heads=6, kv_heads=6, ulysses_size=4), "Ulysses size 4 must divide the query heads"),
     (dict(q_heads=4, kv_heads=2, ulysses_size=4), r"K/V heads \(2\)"),
     (dict(n=12, ulysses_size=4, ring_size=2), "does not split over ulysses_size 4"),
-    (dict(ulysses_size=0), "ulysses_size must be >= 1"),
+    (dict(ulysses_size=0), "ulysses_size must be an int >= 1"),
     (dict(ulysses_size=None), "pass ulysses_group="),
 ])
 def test_bad_factorization_raises_before_any_transfer(bad, match):

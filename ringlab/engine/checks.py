@@ -121,10 +121,13 @@ def check_branches(segment_lengths, dilation_rates) -> tuple[tuple[int, ...], tu
     return segs, rates
 
 
-def check_positive(name: str, value) -> None:
-    """``value`` must be an int >= 1 (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+def check_int(name: str, value, low: int = 1) -> None:
+    """``value`` must be an int (not a bool): TypeError otherwise; and >= ``low``: ValueError
+    otherwise. Counts of ranks, heads, GPUs, jobs and tokens all go through here."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def check_positive_number(name: str, value, unit: str = "") -> None:
@@ -145,7 +148,7 @@ def check_ring(group, ring_size) -> None:
         raise ValueError("pass either group= (a torch.distributed ProcessGroup: real ring) or "
                          "ring_size= (simulated ring on one device), not both")
     if ring_size is not None:
-        check_size("ring_size", ring_size)
+        check_int("ring_size", ring_size)
     check_group("group", group)
 
 
@@ -154,14 +157,6 @@ def check_group(name: str, group) -> None:
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"{name} must be a torch.distributed ProcessGroup (dist.group.WORLD, or one from "
                         f"dist.new_group), got {type(group).__name__}")
-
-
-def check_size(name: str, value) -> None:
-    """A simulated rank count: an int >= 1."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def check_cu_seqlens(cu_seqlens, seq_len: int | None, batch: int | None) -> tuple[int, ...]:

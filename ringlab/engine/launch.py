@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .checks import check_int
+
 
 class RankError(RuntimeError):
     """A rank failed or did not finish; ``ranks`` lists which."""
@@ -180,8 +182,7 @@ def launch(fn, world_size: int, *, args=(), kwargs=None, backend: str | None = N
         RankError: a rank raised or exited (its traceback is in the message), or the group
             did not finish within ``timeout`` seconds (the unfinished ranks are named).
     """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    check_int("world_size", world_size)
     if (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not math.isfinite(timeout)
             or timeout <= 0):
         raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .checks import (HEAD_OFFSETS, check_branches, check_choice, check_cu_seqlens, check_positive,
+from .checks import (HEAD_OFFSETS, check_branches, check_choice, check_cu_seqlens, check_int,
                      check_positive_number)
 from .dilated import dilated_attention
 from .layout import LAYOUTS, shard_positions, with_pieces
@@ -108,7 +108,7 @@ class MultiheadDilatedAttention(nn.Module):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-            check_positive(name, val)
+            check_int(name, val)
         check_positive_number("layer_norm_eps", layer_norm_eps)
         check_positive_number("gamma_init", gamma_init)
         if embed_dim % num_heads:
@@ -164,7 +164,7 @@ class LongNetBlock(nn.Module):
                  num_kv_heads: int | None = None, mlp_ratio: int = 4, group=None, layout: str = "contiguous",
                  checkpoint: bool = False, gamma_init: float = 1.0, device=None, dtype=None):
         super().__init__()
-        check_positive("mlp_ratio", mlp_ratio)
+        check_int("mlp_ratio", mlp_ratio)
         kw = dict(device=device, dtype=dtype)
         self.norm1, self.norm2 = nn.LayerNorm(embed_dim, **kw), nn.LayerNorm(embed_dim, **kw)
         self.attn = MultiheadDilatedAttention(embed_dim, num_heads, segment_lengths, dilation_rates,
@@ -197,7 +197,7 @@ class LongNetLM(nn.Module):
         super().__init__()
         for name, val in (("vocab_size", vocab_size), ("embed_dim", embed_dim), ("depth", depth),
                           ("max_seq_len", max_seq_len)):
-            check_positive(name, val)
+            check_int(name, val)
         kw = dict(device=device, dtype=dtype)
         self.group, self.layout = group, layout
         self.tok = nn.Embedding(vocab_size, embed_dim, **kw)
@@ -249,7 +249,7 @@ class LongNetLM(nn.Module):
     def loss(self, tokens, targets, total_tokens: int | None = None, *, cu_seqlens=None):
         logits = self(tokens, cu_seqlens=cu_seqlens)
         total = targets.numel() if total_tokens is None else total_tokens
-        check_positive("total_tokens", total)
+        check_int("total_tokens", total)
         return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / total
 
 

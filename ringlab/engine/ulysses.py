@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from . import trace
 from .autograd import exact_attention
-from .checks import check_group, check_qkv, check_size
+from .checks import check_group, check_int, check_qkv
 from .comm import Mailbox, P2PComm, RingAlgorithm, RingComm, SimComm, check_group_agrees, run_lockstep, run_rank
 from .config import RingConfig, rank_functions, ring_config
 from .layout import get, shard, unshard
@@ -89,8 +89,8 @@ def mesh_config(q, k, v, *, ulysses_group, ring_group, ulysses_size, ring_size, 
             raise ValueError("pass ulysses_group= (a torch.distributed ProcessGroup; q, k, v are this rank's "
                              "shards) or ulysses_size= (simulate that many Ulysses ranks on this device)")
         u, r = ulysses_size, 1 if ring_size is None else ring_size
-        check_size("ulysses_size", u)
-        check_size("ring_size", r)
+        check_int("ulysses_size", u)
+        check_int("ring_size", r)
     check_qkv(q, k, v, same_length=True)  # before q's length is read
     ring = ring_config(q, k, v, group=None, ring_size=r, causal=causal, layout=layout, scale=scale,
                        cu_seqlens=cu_seqlens, seq_len=q.shape[1] * (u * r if distributed else 1), **dilation)
@@ -171,7 +171,7 @@ def shard_mesh(x: torch.Tensor, rank: int, ulysses_size: int, ring_size: int, la
     rank = r * ulysses_size + u and the ring shards follow ``layout`` over ring_size ranks.
     ``cu_seqlens``: the packed documents of the whole sequence, for a layout that splits each
     document ("doc_zigzag"; see :func:`ringlab.shard`)."""
-    check_size("ulysses_size", ulysses_size)
+    check_int("ulysses_size", ulysses_size)
     r, u = divmod(rank, ulysses_size)
     ring_shard = shard(x, r, ring_size, layout, dim, cu_seqlens=cu_seqlens)
     if ring_shard.shape[dim] % ulysses_size:
@@ -185,7 +185,7 @@ def unshard_mesh(shards, ulysses_size: int, layout: str = "contiguous", dim: int
     """The whole tensor from every mesh rank's shard, in mesh rank order (inverse of shard_mesh,
     with the same ``cu_seqlens``)."""
     shards = list(shards)
-    check_size("ulysses_size", ulysses_size)
+    check_int("ulysses_size", ulysses_size)
     if not shards or len(shards) % ulysses_size:
         raise ValueError(f"unshard_mesh needs one shard per mesh rank, a multiple of ulysses_size "
                          f"{ulysses_size}; got {len(shards)}")
@@ -290,8 +290,8 @@ def mesh_groups(ulysses_size: int, ring_size: int):
     world size must be U * R: Ulysses groups are U consecutive ranks (a node), ring groups
     take one rank of each. Every rank must call it (it creates every group). A dimension of
     size 1 gives None."""
-    check_size("ulysses_size", ulysses_size)
-    check_size("ring_size", ring_size)
+    check_int("ulysses_size", ulysses_size)
+    check_int("ring_size", ring_size)
     world, me = dist.get_world_size(), dist.get_rank()
     if world != ulysses_size * ring_size:
         raise ValueError(f"world size {world} is not ulysses_size x ring_size = {ulysses_size} x {ring_size}: "

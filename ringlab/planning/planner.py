@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..engine.checks import HEAD_OFFSETS, check_branches, check_choice, check_positive
+from ..engine.checks import HEAD_OFFSETS, check_branches, check_choice, check_int
 from ..engine.dilation import dilated_work_per_rank, score_pairs
 from ..engine.layout import LAYOUTS, max_over_mean, with_pieces, work_per_rank
 from ..engine.ring_dilated import rank_plan
@@ -337,7 +337,7 @@ def document_lengths(spec, tokens: int, multiple: int = 1, seed: int = 0) -> lis
         if kind != "exp" or not mean:
             raise ValueError(f"documents must be a list of lengths or 'exp:MEAN', got {spec!r}")
         mean = parse_tokens(mean)
-        check_positive("multiple", multiple)
+        check_int("multiple", multiple)
         expected = tokens / max(mean, multiple)
         if expected > MAX_DOCUMENTS:
             raise ValueError(f"documents {spec!r} over {tokens:,} tokens would be about {expected:,.0f} documents; the "
@@ -404,7 +404,7 @@ def check_problem(*, heads, head_dim, batch, kv_heads, dtype, causal, layout, he
     (kv_heads, defaulted to heads; segments; rates)."""
     kv_heads = heads if kv_heads is None else kv_heads
     for name, val in (("heads", heads), ("head_dim", head_dim), ("batch", batch), ("kv_heads", kv_heads)):
-        check_positive(name, val)
+        check_int(name, val)
     if heads % kv_heads:
         raise ValueError(f"kv_heads ({kv_heads}) must divide heads ({heads}): each K/V head serves "
                          "heads / kv_heads query heads")
@@ -448,7 +448,7 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
     tokens = parse_tokens(tokens)
     dev = device_profile(gpu, device_profiles)
     if gpus is not None:
-        check_positive("gpus", gpus)
+        check_int("gpus", gpus)
     kv_heads, segments, rates = check_problem(heads=heads, head_dim=head_dim, batch=batch, kv_heads=kv_heads,
                                               dtype=dtype, causal=causal, layout=layout, head_offsets=head_offsets,
                                               segments=segments, rates=rates)

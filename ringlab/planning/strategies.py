@@ -31,7 +31,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, replace
 
-from ..engine.checks import check_positive
+from ..engine.checks import check_int
 from ..engine.layout import LAYOUTS, get
 from .memory_model import Problem, estimate
 from .planner import (Device, _communication, _overlap, _packed_compute, _pairs_per_rank, check_problem,
@@ -280,7 +280,7 @@ def compare(tokens, *, heads: int, head_dim: int, gpus: int, kv_heads: int | Non
     dev = device_profile(gpu, device_profiles)
     per_node = dev.gpus_per_node if gpus_per_node is None else gpus_per_node
     for name, val in (("gpus", gpus), ("gpus_per_node", per_node)):
-        check_positive(name, val)
+        check_int(name, val)
     if gpus > per_node and gpus % per_node:
         raise ValueError(f"gpus ({gpus}) must fill whole nodes of {per_node}")
     for s in strategies:

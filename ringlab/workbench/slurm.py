@@ -23,6 +23,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from ..engine.checks import check_int
+
 # what sbatch --time accepts: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
 TIME = re.compile(r"(\d+|\d+:\d\d|\d+:\d\d:\d\d|\d+-\d+|\d+-\d+:\d\d|\d+-\d+:\d\d:\d\d)")
 RDZV_PORT = 29500
@@ -45,10 +47,8 @@ class SlurmOptions:
         if not isinstance(self.time, str) or not TIME.fullmatch(self.time):
             raise ValueError(f"--slurm needs --time, each task's time limit as sbatch takes it (minutes, "
                              f"HH:MM:SS or D-HH:MM:SS), got {self.time!r}")
-        for name in ("gpus_per_task", "nodes_per_task"):
-            value, low = getattr(self, name), 0 if name == "gpus_per_task" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"--{name.replace('_', '-')} must be an int >= {low}, got {value!r}")
+        check_int("--gpus-per-task", self.gpus_per_task, low=0)
+        check_int("--nodes-per-task", self.nodes_per_task)
         bad = [a for a in self.sbatch_args if not str(a).startswith("--") or "\n" in str(a)]
         if bad:
             raise ValueError(f"--sbatch takes long sbatch options such as --account=NAME, got {bad}")

@@ -36,7 +36,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-from ..engine.checks import check_positive_number
+from ..engine.checks import check_int, check_positive_number
 from .notebooks import find_notebook
 
 
@@ -108,8 +108,7 @@ def visible_gpus() -> list[str]:
 def gpu_groups(gpus_per_run: int, gpus: list[str] | None = None) -> list[list[str]]:
     """``gpus`` (default: the visible ones) split into groups of ``gpus_per_run``, one group per
     parallel run; ValueError when there are no GPUs or the size does not divide their number."""
-    if isinstance(gpus_per_run, bool) or not isinstance(gpus_per_run, int) or gpus_per_run < 1:
-        raise ValueError(f"--gpus-per-run must be a positive int, got {gpus_per_run!r}")
+    check_int("--gpus-per-run", gpus_per_run)
     gpus = visible_gpus() if gpus is None else list(gpus)
     if not gpus:
         import torch
@@ -309,8 +308,8 @@ def run_sweep(notebook, params, *, jobs: int | None = None, sweep_id: str | None
     unfinished points as a SLURM job array instead of running them here."""
     from tqdm.auto import tqdm
 
-    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
-        raise ValueError(f"jobs must be a positive int, got {jobs!r}")
+    if jobs is not None:
+        check_int("jobs", jobs)
     if slurm is not None and gpus_per_run is not None:
         raise ValueError("--gpus-per-run is for runs on this machine; with --slurm each task gets the GPUs of "
                          "--gpus-per-task from SLURM")
