@@ -131,9 +131,11 @@ def check_int(name: str, value, low: int = 1) -> None:
 
 
 def check_positive_number(name: str, value, unit: str = "") -> None:
-    """``value`` must be a real number, finite and > 0 (not a bool); ``unit`` follows "number"
-    in the message, e.g. " of seconds"."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+    """``value`` must be a real number (not a bool): TypeError otherwise; finite and > 0:
+    ValueError otherwise. ``unit`` follows "number" in the message, e.g. " of seconds"."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number{unit}, got {value!r} ({type(value).__name__})")
+    if not 0 < value < math.inf:
         raise ValueError(f"{name} must be a positive number{unit}, got {value!r}")
 
 

@@ -20,8 +20,6 @@ import ctypes
 import datetime
 import glob
 import importlib
-import math
-import numbers
 import os
 import shutil
 import signal
@@ -37,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .checks import check_int
+from .checks import check_int, check_positive_number
 
 
 class RankError(RuntimeError):
@@ -183,9 +181,7 @@ def launch(fn, world_size: int, *, args=(), kwargs=None, backend: str | None = N
             did not finish within ``timeout`` seconds (the unfinished ranks are named).
     """
     check_int("world_size", world_size)
-    if (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not math.isfinite(timeout)
-            or timeout <= 0):
-        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    check_positive_number("timeout", timeout, " of seconds")
     _check_importable(fn)
     where = _main_guard_missing()
     if where:
