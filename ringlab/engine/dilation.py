@@ -403,8 +403,8 @@ def row_pairs(lo: np.ndarray, hi: np.ndarray, length: np.ndarray, num_heads: int
     O(branches x offsets) numpy steps whatever the length (the planner counts billion-token
     runs over thousands of ranks). Exact: int64 where no count can overflow it, Python ints
     otherwise."""
-    w = max(segment_lengths)
-    bound = 4 * num_heads * len(segment_lengths) * w * max(w, int(np.max(hi - lo, initial=0)))
+    widest = max(segment_lengths)
+    bound = 4 * num_heads * len(segment_lengths) * widest * max(widest, int(np.max(hi - lo, initial=0)))
     lo, hi, length = (np.asarray(x, dtype=np.int64 if bound < 2**62 else object) for x in (lo, hi, length))
     return sum(head_count(group) * _branch_rows(lo, hi, length, w, r, o, causal)
                for w, r in zip(segment_lengths, dilation_rates)
