@@ -22,10 +22,6 @@ import sys
 from .engine.checks import check_positive_number
 from .engine.layout import LAYOUTS
 
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-                 "float": "float32", "fp64": "float64", "double": "float64"}
-
-
 def _ints(text: str, what: str) -> list[int]:
     from .planning.planner import parse_tokens
     try:
@@ -52,7 +48,7 @@ def _plan(args) -> int:
     if args.strategy:
         return _strategies(args, profiles)
     p = plan(args.tokens, heads=args.heads, head_dim=args.head_dim,
-             dtype=DTYPE_ALIASES.get(args.dtype, args.dtype),
+             dtype=args.dtype,
              segments=_ints(args.segments, "--segments") if args.segments else (),
              rates=_ints(args.rates, "--rates") if args.rates else (), gpu=args.gpu, gpus=args.gpus,
              batch=args.batch, causal=not args.no_causal, layout=args.layout, head_offsets=args.head_offsets,
@@ -132,7 +128,7 @@ def _strategies(args, profiles) -> int:
     if args.dry_run:
         raise ValueError("--strategy takes no --dry-run: dry-run the ring with a plain plan")
     report = compare(args.tokens, heads=args.heads, head_dim=args.head_dim, gpus=args.gpus, kv_heads=args.kv_heads,
-                     dtype=DTYPE_ALIASES.get(args.dtype, args.dtype), gpu=args.gpu, gpus_per_node=args.gpus_per_node,
+                     dtype=args.dtype, gpu=args.gpu, gpus_per_node=args.gpus_per_node,
                      batch=args.batch, causal=not args.no_causal, layout=args.layout,
                      backward=not args.forward_only, device_profiles=profiles,
                      strategies=STRATEGIES if args.strategy == "best" else (args.strategy,),

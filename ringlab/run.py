@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import ringlab
 from ringlab.planning import memory
-from ringlab.engine.checks import DTYPE_NAMES
+from ringlab.engine.checks import DTYPE_ALIASES, DTYPE_NAMES, dtype_name
 from ringlab.engine.layout import LAYOUTS
 
 
@@ -35,7 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES + tuple(DTYPE_ALIASES),
+                   help="float32 (default), bfloat16, float16, float64, or bf16, fp16, fp32, fp64")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--layout", default="contiguous", choices=list(LAYOUTS))
     p.add_argument("--segments", default="", help="comma-separated segment lengths: ring-dilated")
@@ -49,6 +50,7 @@ def parse_args(argv=None):
                         "float32 on the same device from the same inputs rounded to --dtype; prints the "
                         "max abs error. Needs the whole sequence's q, k, v and output on every rank's device")
     args = p.parse_args(argv)
+    args.dtype = dtype_name(args.dtype)
     for name in ("seq_len", "batch", "heads", "head_dim", "iters"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -316,7 +316,9 @@ def test_plan_with_strategy_checks_what_plain_plan_checks(capsys, option, value)
 
 def test_compare_checks_its_arguments_like_plan():
     kw = dict(heads=8, head_dim=64, gpus=8)
-    for bad, match in ((dict(dtype="bf16"), "dtype must be one of"), (dict(layout="foo"), "layout must be one of"),
+    assert compare(4096, **kw, dtype="bf16").to_dict() == compare(4096, **kw, dtype=torch.bfloat16).to_dict() == \
+        compare(4096, **kw, dtype="bfloat16").to_dict()
+    for bad, match in ((dict(dtype="int8"), "dtype must be one of"), (dict(layout="foo"), "layout must be one of"),
                        (dict(causal="yes"), "causal must be True or False"),
                        (dict(head_offsets="foo"), "head_offsets must be one of"),
                        (dict(segments=[1024], rates=[1], layout="striped"), "whole chunks")):
@@ -443,6 +445,13 @@ def test_run_arguments_are_checked(argv, message, capsys):
     with pytest.raises(SystemExit):
         run.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_run_and_plan_take_the_same_dtype_names():
+    from ringlab.planning.planner import plan
+
+    assert run.parse_args(["--dtype", "bf16"]).dtype == run.parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
+    assert plan(4096, heads=8, head_dim=64, dtype="fp32", gpus=1).problem["dtype"] == "float32"
 
 
 # ---------------------------------------------------------------- 14: run --check

@@ -14,6 +14,8 @@ import torch.distributed as dist
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 DTYPE_NAMES = tuple(str(d).removeprefix("torch.") for d in DTYPES)
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                 "float": "float32", "fp64": "float64", "double": "float64"}
 HEAD_OFFSETS = ("interleaved", "grouped")
 # Beyond these the float32 scores overflow (scale) or index arithmetic reaches int64 limits
 # (segment lengths and rates; a segment longer than the sequence is the whole sequence anyway).
@@ -137,6 +139,16 @@ def check_positive_number(name: str, value, unit: str = "") -> None:
         raise TypeError(f"{name} must be a number{unit}, got {value!r} ({type(value).__name__})")
     if not 0 < value < math.inf:
         raise ValueError(f"{name} must be a positive number{unit}, got {value!r}")
+
+
+def dtype_name(value) -> str:
+    """The torch name of a dtype given by it ("bfloat16", torch.bfloat16) or by a short alias
+    ("bf16", see DTYPE_ALIASES); ValueError for any other."""
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    name = DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+    check_choice("dtype", name, DTYPE_NAMES + tuple(DTYPE_ALIASES))
+    return name
 
 
 def check_choice(name: str, value, choices) -> None:

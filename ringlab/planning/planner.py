@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..engine.checks import HEAD_OFFSETS, check_branches, check_choice, check_int
+from ..engine.checks import HEAD_OFFSETS, check_branches, check_choice, check_int, dtype_name
 from ..engine.dilation import dilated_work_per_rank, score_pairs
 from ..engine.layout import LAYOUTS, max_over_mean, with_pieces, work_per_rank
 from ..engine.ring_dilated import rank_plan
@@ -401,7 +401,7 @@ def parse_tokens(text) -> int:
 
 def check_problem(*, heads, head_dim, batch, kv_heads, dtype, causal, layout, head_offsets, segments, rates):
     """The checks every planner entry point makes (ValueError naming the argument). Returns
-    (kv_heads, defaulted to heads; segments; rates)."""
+    (kv_heads, defaulted to heads; dtype's torch name; segments; rates)."""
     kv_heads = heads if kv_heads is None else kv_heads
     for name, val in (("heads", heads), ("head_dim", head_dim), ("batch", batch), ("kv_heads", kv_heads)):
         check_int(name, val)
@@ -410,7 +410,7 @@ def check_problem(*, heads, head_dim, batch, kv_heads, dtype, causal, layout, he
                          "heads / kv_heads query heads")
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be True or False, got {causal!r}")
-    check_choice("dtype", dtype, tuple(DTYPE_BYTES))
+    dtype = dtype_name(dtype)
     check_choice("layout", layout, tuple(LAYOUTS))
     check_choice("head_offsets", head_offsets, HEAD_OFFSETS)
     if segments or rates:
@@ -418,7 +418,7 @@ def check_problem(*, heads, head_dim, batch, kv_heads, dtype, causal, layout, he
         if not LAYOUTS[layout].has_pieces:
             raise ValueError(f"ring-dilated attention needs a layout whose ranks hold whole chunks "
                              f"({', '.join(with_pieces())}), got {layout!r}")
-    return kv_heads, tuple(segments), tuple(rates)
+    return kv_heads, dtype, tuple(segments), tuple(rates)
 
 
 def device_profile(gpu: str, profiles=None) -> Device:
@@ -449,7 +449,7 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
     dev = device_profile(gpu, device_profiles)
     if gpus is not None:
         check_int("gpus", gpus)
-    kv_heads, segments, rates = check_problem(heads=heads, head_dim=head_dim, batch=batch, kv_heads=kv_heads,
+    kv_heads, dtype, segments, rates = check_problem(heads=heads, head_dim=head_dim, batch=batch, kv_heads=kv_heads,
                                               dtype=dtype, causal=causal, layout=layout, head_offsets=head_offsets,
                                               segments=segments, rates=rates)
     pb = _problem(tokens, heads, head_dim, dtype, segments, rates, gpus or 1, batch, causal, layout, head_offsets,

@@ -274,7 +274,7 @@ def compare(tokens, *, heads: int, head_dim: int, gpus: int, kv_heads: int | Non
     or "exp:MEAN" as :func:`ringlab.planning.planner.document_lengths` takes
     them; every strategy plans the same lengths."""
     tokens = parse_tokens(tokens)
-    kv_heads, segments, rates = check_problem(heads=heads, head_dim=head_dim, batch=batch, kv_heads=kv_heads,
+    kv_heads, dtype, segments, rates = check_problem(heads=heads, head_dim=head_dim, batch=batch, kv_heads=kv_heads,
                                               dtype=dtype, causal=causal, layout=layout, head_offsets=head_offsets,
                                               segments=segments, rates=rates)
     dev = device_profile(gpu, device_profiles)
