@@ -56,3 +56,20 @@ def test_a_registered_chunk_layout_runs_ring_dilated(reversed_layout, p):
 def test_a_name_registers_once():
     with pytest.raises(ValueError, match="'zigzag' is already registered"):
         register(ChunkLayout("zigzag", 2, _reversed_tile, lambda rank, world_size: (rank,)))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_work_per_rank_stays_exact_past_int64(causal):
+    """One striped 2**40-token document: each rank's ~2**78 pairs counted exactly; and a
+    striped layout over many small documents (every rank's run reaches each of them) agrees
+    with counting position by position."""
+    from ringlab.engine.layout import work_per_rank
+
+    n, p = 2**40, 4
+    c = n // p
+    want = [c * (x + 1) + p * c * (c - 1) // 2 if causal else c * n for x in range(p)]
+    assert work_per_rank("striped", p, [0, n], causal) == want
+    cu = [0, 3, 8, 20, 21, 32]
+    doc = [next(d for d in range(5) if cu[d] <= q < cu[d + 1]) for q in range(32)]
+    seen = [(q - cu[doc[q]] + 1) if causal else cu[doc[q] + 1] - cu[doc[q]] for q in range(32)]
+    assert work_per_rank("striped", p, cu, causal) == [sum(seen[x::p]) for x in range(p)]

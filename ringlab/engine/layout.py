@@ -47,6 +47,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .checks import check_choice, check_cu_seqlens
@@ -312,16 +313,25 @@ def shard_pieces(seq_len: int, rank: int, world_size: int, layout: str, document
     return get(layout).pieces(seq_len, rank, world_size, documents)
 
 
+def _document_cuts(r: Run, documents: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run ``r`` cut at the document boundaries (an int64 array, as cu_seqlens): arrays
+    (document index i, first, stop) over the documents it reaches, its elements first <= j < stop
+    lying in document i. Vectorised: a striped run reaches every document."""
+    last = r.pos + (r.count - 1) * r.stride
+    i = np.arange(np.searchsorted(documents, r.pos, "right") - 1, np.searchsorted(documents, last, "right"))
+    first = np.maximum(0, -((r.pos - documents[i]) // r.stride))
+    stop = np.minimum(r.count, -((r.pos - documents[i + 1]) // r.stride))
+    keep = first < stop
+    return i[keep], first[keep], stop[keep]
+
+
 def _document_runs(runs, documents) -> dict[int, list[Run]]:
     """``runs`` cut at the document boundaries: {document index: its runs}."""
     out: dict[int, list[Run]] = {}
+    docs = np.asarray(documents, dtype=np.int64)
     for r in runs:
-        last = r.pos + (r.count - 1) * r.stride
-        for i in range(bisect.bisect_right(documents, r.pos) - 1, bisect.bisect_right(documents, last)):
-            lo = max(0, -(-(documents[i] - r.pos) // r.stride))
-            hi = min(r.count, -(-(documents[i + 1] - r.pos) // r.stride))
-            if lo < hi:
-                out.setdefault(i, []).append(Run(r.local + lo, r.pos + lo * r.stride, hi - lo, r.stride))
+        for i, lo, hi in zip(*(x.tolist() for x in _document_cuts(r, docs))):
+            out.setdefault(i, []).append(Run(r.local + lo, r.pos + lo * r.stride, hi - lo, r.stride))
     return out
 
 
@@ -372,15 +382,20 @@ def work_per_rank(layout: str, world_size: int, cu_seqlens, causal: bool = True)
     lay.check_split(docs[-1], world_size, documents=docs)
     if lay.splits_documents and len(docs) > 2:
         return summed_by_length(docs, lambda n: work_per_rank(layout, world_size, [0, n], causal))
+    bounds = np.asarray(docs, dtype=np.int64)
+    # A rank's sum reaches N x the longest document: int64 while that fits, Python ints beyond.
+    exact = np.int64 if 2 * docs[-1] * max(b - a for a, b in zip(docs, docs[1:])) < 2**62 else object
+    starts, stops = bounds[:-1].astype(exact), bounds[1:].astype(exact)
     work = []
     for rank in range(world_size):
         total = 0
-        for d, runs in _document_runs(lay.runs(docs[-1], rank, world_size, docs), docs).items():
-            for r in runs:
-                if causal:  # sum over the run's positions p of p - start + 1
-                    total += r.count * (r.pos - docs[d] + 1) + r.stride * r.count * (r.count - 1) // 2
-                else:
-                    total += r.count * (docs[d + 1] - docs[d])
+        for r in lay.runs(docs[-1], rank, world_size, docs):
+            i, first, stop = _document_cuts(r, bounds)
+            first, n = first.astype(exact), (stop - first).astype(exact)
+            if causal:  # sum over the run's positions p of p - start + 1
+                total += int((n * (r.pos + first * r.stride - starts[i] + 1) + r.stride * n * (n - 1) // 2).sum())
+            else:
+                total += int((n * (stops[i] - starts[i])).sum())
         work.append(total)
     return work
 
