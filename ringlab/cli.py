@@ -54,20 +54,18 @@ def _plan(args) -> int:
              batch=args.batch, causal=not args.no_causal, layout=args.layout, head_offsets=args.head_offsets,
              backward=not args.forward_only, device_profiles=profiles, kv_heads=args.kv_heads,
              documents=_documents(args.documents))
-    result = p.to_dict()
+    dry = None
     if args.dry_run:
         from .planning.dryrun import dry_run
-        pb = Problem(**p.problem)
-        result["dry_run"] = dry_run(pb, backward=not args.forward_only)
-    if args.json:
-        json.dump(result, sys.stdout, indent=1, default=str)
+        dry = dry_run(Problem(**p.problem), backward=not args.forward_only)
+    if args.json:  # only here: a million packed documents make the dict slow to build
+        json.dump(p.to_dict() | ({"dry_run": dry} if dry else {}), sys.stdout, indent=1, default=str)
         print()
         return 0
     print(p.table())
-    if args.dry_run:
-        d = result["dry_run"]
-        print(f"\ndry run of rank 0's engine code on meta tensors: peak {d['measured'] / 2**30:,.2f} GiB "
-              f"measured vs {d['model'] / 2**30:,.2f} GiB modelled (ratio {d['ratio']:.4f}; kernel scratch "
+    if dry:
+        print(f"\ndry run of rank 0's engine code on meta tensors: peak {dry['measured'] / 2**30:,.2f} GiB "
+              f"measured vs {dry['model'] / 2**30:,.2f} GiB modelled (ratio {dry['ratio']:.4f}; kernel scratch "
               "excluded: meta kernels allocate none)")
     return 0
 

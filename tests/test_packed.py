@@ -309,6 +309,10 @@ def test_plan_reports_compute_per_rank():
     assert sum(drawn) == 8192 and all(n % 8 == 0 and n > 0 for n in drawn) and len(drawn) > 4
     with pytest.raises(ValueError, match="add up to 4,000 tokens, not the 4,096"):
         plan(4096, **args, documents=[4000])
+    many = plan(2**16, **{**args, "gpus": 32, "layout": "contiguous"}, documents=[2**15] + [2**10] * 32)
+    flops, table = many.compute["flops_per_rank"], many.table()  # 32 ranks: a summary, not 32 lines
+    assert "rank 31" not in table and len(flops) == 32
+    assert f"busiest rank ({flops.index(max(flops))})" in table and "mean of the 32 ranks" in table
 
 
 def pairs_by_reference(layout, p, docs, heads, segments, rates, causal):

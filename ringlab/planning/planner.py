@@ -147,7 +147,14 @@ class Plan:
             lengths = k["documents"]
             lines += [f"  {len(lengths):,} packed documents, {min(lengths):,} to {max(lengths):,} tokens; "
                       f"imbalance (max/mean work) {k['imbalance']:.3f}"]
-            lines += [f"  rank {r:<33} {f:>14.3e} FLOPs" for r, f in enumerate(k["flops_per_rank"])]
+            flops = k["flops_per_rank"]
+            if len(flops) <= 16:
+                lines += [f"  rank {r:<33} {f:>14.3e} FLOPs" for r, f in enumerate(flops)]
+            else:  # every rank's is in --json
+                busiest = max(range(len(flops)), key=flops.__getitem__)
+                lines += [f"  {f'busiest rank ({busiest})':<38} {flops[busiest]:>14.3e} FLOPs",
+                          f"  {f'mean of the {len(flops):,} ranks':<38} {sum(flops) / len(flops):>14.3e} FLOPs",
+                          f"  {'least busy rank':<38} {min(flops):>14.3e} FLOPs"]
         lines += ["", "overlap: does a step's transfer hide behind its compute?"]
         if not self.overlap:
             lines.append("  every segment stays on its rank: nothing is sent")
