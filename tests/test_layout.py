@@ -73,3 +73,20 @@ def test_work_per_rank_stays_exact_past_int64(causal):
     doc = [next(d for d in range(5) if cu[d] <= q < cu[d + 1]) for q in range(32)]
     seen = [(q - cu[doc[q]] + 1) if causal else cu[doc[q] + 1] - cu[doc[q]] for q in range(32)]
     assert work_per_rank("striped", p, cu, causal) == [sum(seen[x::p]) for x in range(p)]
+
+
+def test_striped_work_in_closed_form_equals_counting_each_rank():
+    """StripedLayout.work counts every rank at once from the documents' starts mod P; the
+    generic Layout.work cuts each rank's run at every document. Both, on random documents,
+    world sizes above and below the document lengths, causal and not."""
+    import random
+
+    from ringlab.engine.layout import LAYOUTS, Layout
+
+    striped, rng = LAYOUTS["striped"], random.Random(0)
+    for _ in range(300):
+        p = rng.choice([1, 2, 3, 5, 8, 16])
+        n = p * rng.randint(1, 10)
+        docs = (0, *sorted(rng.sample(range(1, n), rng.randint(0, min(n - 1, 9)))), n)
+        for causal in (False, True):
+            assert striped.work(p, docs, causal) == Layout.work(striped, p, docs, causal), (p, docs, causal)

@@ -72,6 +72,11 @@ MUTANTS = (
            "return Tile(slice(1, n), slice(0, n - 1), True) if n > 1 else None",
            "return Tile(slice(0, n), slice(0, n), True)",
            "tests/test_ring.py", "simulated_ring_scale"),
+    # The striped closed form for packed-document balance: a window that wraps past rank P - 1.
+    Mutant("striped-work-ignores-the-wrap", "ringlab/engine/layout.py",
+           "(np.zeros_like(start), np.full_like(start, p))",
+           "(np.zeros_like(start), np.zeros_like(start))",
+           "tests/test_layout.py", "striped_work"),
     Mutant("zigzag-second-chunk-index", "ringlab/engine/layout.py",
            "return rank, 2 * world_size - 1 - rank",
            "return rank, 2 * world_size - 2 - rank",

@@ -136,6 +136,26 @@ class Layout:
         """The whole tensor from every rank's shard (equal shapes, checked)."""
         raise NotImplementedError
 
+    def work(self, world_size: int, documents: tuple[int, ...], causal: bool) -> list[int]:
+        """Score pairs of each rank when the packed ``documents`` (checked cu_seqlens, which
+        this layout splits) attend within themselves (see :func:`work_per_rank`): per rank,
+        its runs cut at the documents, each cut counted in closed form."""
+        bounds = np.asarray(documents, dtype=np.int64)
+        exact = _exact_dtype(documents)
+        starts, stops = bounds[:-1].astype(exact), bounds[1:].astype(exact)
+        work = []
+        for rank in range(world_size):
+            total = 0
+            for r in self.runs(documents[-1], rank, world_size, documents):
+                i, first, stop = _document_cuts(r, bounds)
+                first, n = first.astype(exact), (stop - first).astype(exact)
+                if causal:  # sum over the run's positions p of p - start + 1
+                    total += int((n * (r.pos + first * r.stride - starts[i] + 1) + r.stride * n * (n - 1) // 2).sum())
+                else:
+                    total += int((n * (stops[i] - starts[i])).sum())
+            work.append(total)
+        return work
+
     def tile(self, rank: int, src: int, world_size: int, n: int, causal: bool) -> Tile | None:
         """The tile ``rank`` computes against the K/V block of ``src`` (n rows each); None = skip."""
         if not causal:
@@ -193,6 +213,41 @@ class StripedLayout(Layout):
 
     def unshard(self, shards, dim, documents=None):
         return torch.stack(shards, dim + 1).flatten(dim, dim + 1)
+
+    def work(self, world_size, documents, causal):
+        """Every rank at once, in O(documents + P) rather than O(documents x P): rank x holds
+        the positions = x (mod P), so a document of length L = qP + m starting at s puts
+        c = q + [a < m] rows on x, a = (x - s) mod P the offset of the first; causally they
+        see a + 1, a + 1 + P, ... keys, c (a + 1) + P c (c - 1) / 2 in all; else c L."""
+        p, bounds = world_size, np.asarray(documents, dtype=np.int64)
+        exact = _exact_dtype(documents)
+        length = np.diff(bounds).astype(exact)
+        q, m, start = length // p, length % p, bounds[:-1] % p
+        x = np.arange(p).astype(exact)
+        # [a < m]: x in the cyclic window [start, start + m), a = x - start there, or + P past the wrap.
+        ends = start + m.astype(np.int64)
+        lo, hi, shift = (np.concatenate(z) for z in ((start, np.zeros_like(start)), (np.minimum(ends, p), ends - p),
+                                                      (np.zeros_like(start), np.full_like(start, p))))
+        keep = lo < hi
+        slope, const = (np.zeros(p + 1, exact) for _ in range(2))
+        if causal:  # the window's extra row: a + 1 + P q = x + (1 - start + shift + P q) keys
+            extra = np.tile(1 + p * q - start.astype(exact), 2) + shift.astype(exact)
+            np.add.at(slope, lo[keep], 1)
+            np.add.at(slope, hi[keep], -1)
+        else:
+            extra = np.tile(length, 2)
+        np.add.at(const, lo[keep], extra[keep])
+        np.add.at(const, hi[keep], -extra[keep])
+        work = np.cumsum(slope)[:p] * x + np.cumsum(const)[:p]
+        if causal:  # the q rows every document puts on x: q (a + 1) + P q (q - 1) / 2, where
+            # a + 1 = x + 1 - start, plus P for the documents starting after x
+            at = np.zeros(p + 1, exact)
+            np.add.at(at, start, q)
+            after = q.sum() - np.cumsum(at)[:p]
+            work += x * q.sum() + (q * (1 - start.astype(exact)) + p * q * (q - 1) // 2).sum() + p * after
+        else:
+            work += (q * length).sum()
+        return [int(w) for w in work]
 
 
 def _merged(pieces) -> tuple[tuple[int, int], ...]:
@@ -313,6 +368,11 @@ def shard_pieces(seq_len: int, rank: int, world_size: int, layout: str, document
     return get(layout).pieces(seq_len, rank, world_size, documents)
 
 
+def _exact_dtype(documents: tuple[int, ...]):
+    """A rank's pairs reach N x the longest document: int64 while that fits, Python ints beyond."""
+    return np.int64 if 2 * documents[-1] * max(b - a for a, b in zip(documents, documents[1:])) < 2**62 else object
+
+
 def _document_cuts(r: Run, documents: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run ``r`` cut at the document boundaries (an int64 array, as cu_seqlens): arrays
     (document index i, first, stop) over the documents it reaches, its elements first <= j < stop
@@ -382,22 +442,7 @@ def work_per_rank(layout: str, world_size: int, cu_seqlens, causal: bool = True)
     lay.check_split(docs[-1], world_size, documents=docs)
     if lay.splits_documents and len(docs) > 2:
         return summed_by_length(docs, lambda n: work_per_rank(layout, world_size, [0, n], causal))
-    bounds = np.asarray(docs, dtype=np.int64)
-    # A rank's sum reaches N x the longest document: int64 while that fits, Python ints beyond.
-    exact = np.int64 if 2 * docs[-1] * max(b - a for a, b in zip(docs, docs[1:])) < 2**62 else object
-    starts, stops = bounds[:-1].astype(exact), bounds[1:].astype(exact)
-    work = []
-    for rank in range(world_size):
-        total = 0
-        for r in lay.runs(docs[-1], rank, world_size, docs):
-            i, first, stop = _document_cuts(r, bounds)
-            first, n = first.astype(exact), (stop - first).astype(exact)
-            if causal:  # sum over the run's positions p of p - start + 1
-                total += int((n * (r.pos + first * r.stride - starts[i] + 1) + r.stride * n * (n - 1) // 2).sum())
-            else:
-                total += int((n * (stops[i] - starts[i])).sum())
-        work.append(total)
-    return work
+    return lay.work(world_size, docs, causal)
 
 
 def summed_by_length(documents: tuple[int, ...], work: Callable[[int], list[int]]) -> list[int]:
