@@ -74,8 +74,8 @@ MUTANTS = (
            "tests/test_ring.py", "simulated_ring_scale"),
     # The striped closed form for packed-document balance: a window that wraps past rank P - 1.
     Mutant("striped-work-ignores-the-wrap", "ringlab/engine/layout.py",
-           "(np.zeros_like(start), np.full_like(start, p))",
-           "(np.zeros_like(start), np.zeros_like(start))",
+           "shift = np.repeat([0, p], len(home))",
+           "shift = np.repeat([0, 0], len(home))",
            "tests/test_layout.py", "striped_work"),
     Mutant("zigzag-second-chunk-index", "ringlab/engine/layout.py",
            "return rank, 2 * world_size - 1 - rank",

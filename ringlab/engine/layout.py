@@ -222,16 +222,18 @@ class StripedLayout(Layout):
         p, bounds = world_size, np.asarray(documents, dtype=np.int64)
         exact = _exact_dtype(documents)
         length = np.diff(bounds).astype(exact)
-        q, m, start = length // p, length % p, bounds[:-1] % p
+        q, m, home = length // p, length % p, bounds[:-1] % p  # home: the rank of a document's first row
         x = np.arange(p).astype(exact)
-        # [a < m]: x in the cyclic window [start, start + m), a = x - start there, or + P past the wrap.
-        ends = start + m.astype(np.int64)
-        lo, hi, shift = (np.concatenate(z) for z in ((start, np.zeros_like(start)), (np.minimum(ends, p), ends - p),
-                                                      (np.zeros_like(start), np.full_like(start, p))))
+        # [a < m]: x in the cyclic window [home, home + m). There a = x - home, and x - home + P
+        # in the part that wraps past rank P - 1, [0, home + m - P).
+        ends = home + m.astype(np.int64)
+        lo = np.concatenate([home, np.zeros_like(home)])
+        hi = np.concatenate([np.minimum(ends, p), ends - p])
+        shift = np.repeat([0, p], len(home))
         keep = lo < hi
         slope, const = (np.zeros(p + 1, exact) for _ in range(2))
-        if causal:  # the window's extra row: a + 1 + P q = x + (1 - start + shift + P q) keys
-            extra = np.tile(1 + p * q - start.astype(exact), 2) + shift.astype(exact)
+        if causal:  # the window's extra row: a + 1 + P q = x + (1 - home + shift + P q) keys
+            extra = np.tile(1 + p * q - home.astype(exact), 2) + shift.astype(exact)
             np.add.at(slope, lo[keep], 1)
             np.add.at(slope, hi[keep], -1)
         else:
@@ -240,11 +242,11 @@ class StripedLayout(Layout):
         np.add.at(const, hi[keep], -extra[keep])
         work = np.cumsum(slope)[:p] * x + np.cumsum(const)[:p]
         if causal:  # the q rows every document puts on x: q (a + 1) + P q (q - 1) / 2, where
-            # a + 1 = x + 1 - start, plus P for the documents starting after x
+            # a + 1 = x + 1 - home, plus P for the documents whose home is past x
             at = np.zeros(p + 1, exact)
-            np.add.at(at, start, q)
+            np.add.at(at, home, q)
             after = q.sum() - np.cumsum(at)[:p]
-            work += x * q.sum() + (q * (1 - start.astype(exact)) + p * q * (q - 1) // 2).sum() + p * after
+            work += x * q.sum() + (q * (1 - home.astype(exact)) + p * q * (q - 1) // 2).sum() + p * after
         else:
             work += (q * length).sum()
         return [int(w) for w in work]
