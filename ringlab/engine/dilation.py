@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .checks import check_cu_seqlens
-from .layout import get, summed_by_length
+from .layout import exact_dtype, get, summed_by_length
 
 Pieces = tuple[tuple[int, int], ...]  # sorted, disjoint [start, stop) ranges of positions
 
@@ -405,7 +405,7 @@ def row_pairs(lo: np.ndarray, hi: np.ndarray, length: np.ndarray, num_heads: int
     otherwise."""
     widest = max(segment_lengths)
     bound = 4 * num_heads * len(segment_lengths) * widest * max(widest, int(np.max(hi - lo, initial=0)))
-    lo, hi, length = (np.asarray(x, dtype=np.int64 if bound < 2**62 else object) for x in (lo, hi, length))
+    lo, hi, length = (np.asarray(x, dtype=exact_dtype(bound)) for x in (lo, hi, length))
     return sum(head_count(group) * _branch_rows(lo, hi, length, w, r, o, causal)
                for w, r in zip(segment_lengths, dilation_rates)
                for o, group in offset_groups(num_heads, r, head_offsets, heads))

@@ -370,9 +370,15 @@ def shard_pieces(seq_len: int, rank: int, world_size: int, layout: str, document
     return get(layout).pieces(seq_len, rank, world_size, documents)
 
 
+def exact_dtype(largest: int):
+    """The numpy dtype that counts exactly up to ``largest``: int64 while it fits with room to
+    spare, object (Python ints) beyond."""
+    return np.int64 if largest < 2**62 else object
+
+
 def _exact_dtype(documents: tuple[int, ...]):
-    """A rank's pairs reach N x the longest document: int64 while that fits, Python ints beyond."""
-    return np.int64 if 2 * documents[-1] * max(b - a for a, b in zip(documents, documents[1:])) < 2**62 else object
+    """A rank's pairs reach N x the longest document."""
+    return exact_dtype(2 * documents[-1] * max(b - a for a, b in zip(documents, documents[1:])))
 
 
 def _document_cuts(r: Run, documents: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -128,14 +128,12 @@ def _moved(part: Part, local0: int, start: int) -> Part:
 @dataclass(frozen=True)
 class Holders:
     """Who holds what, the same for every rank. ``inside[d]``: {rank: (its pieces inside
-    document d, counted from the document's start; its first local row)}. ``shared[b]``: the
-    segments of branch b that several ranks hold, as (document, segment, members);
-    ``of_rank[b]``: {rank: indices into shared[b] of those it is a member of}; ``steps[b]``:
-    the most hops of any sub-ring of branch b."""
+    document d, counted from the document's start; its first local row)}. ``of_rank[b]``:
+    {rank: the segments of branch b it shares with other ranks, as (document, segment,
+    members)}; ``steps[b]``: the most hops of any sub-ring of branch b."""
     docs: tuple[int, ...]
     inside: tuple[dict, ...]
-    shared: tuple[tuple[tuple[int, int, tuple[int, ...]], ...], ...]
-    of_rank: tuple[dict[int, list[int]], ...]
+    of_rank: tuple[dict[int, list[tuple[int, int, tuple[int, ...]]]], ...]
     steps: tuple[int, ...]
 
 
@@ -150,9 +148,9 @@ def holders(seq_len: int, world_size: int, layout: str, documents: tuple[int, ..
         for start, rel, local0 in document_pieces(get(layout).pieces(seq_len, x, world_size, documents or None), docs):
             inside[bisect.bisect_left(docs, start)][x] = (rel, local0)
     spans = [sorted((a, e, x) for x, (rel, _) in held.items() for a, e in rel) for held in inside]  # tile each document
-    shared, of_rank = [], []
+    of_rank, steps = [], []
     for w in segments:
-        found, mine = [], collections.defaultdict(list)
+        mine, most = collections.defaultdict(list), 0
         for d, held_spans in enumerate(spans):
             starts, stops = [a for a, _, _ in held_spans], [e for _, e, _ in held_spans]
             # A segment reaches several ranks only where one span ends and the next begins inside it.
@@ -160,13 +158,12 @@ def holders(seq_len: int, world_size: int, layout: str, documents: tuple[int, ..
                 lo, hi = bisect.bisect_right(stops, seg * w), bisect.bisect_left(starts, (seg + 1) * w)
                 members = tuple(sorted({x for _, _, x in held_spans[lo:hi]}))
                 if len(members) > 1:
+                    most = max(most, len(members) - 1)
                     for x in members:
-                        mine[x].append(len(found))
-                    found.append((d, seg, members))
-        shared.append(tuple(found))
+                        mine[x].append((d, seg, members))
         of_rank.append(dict(mine))
-    steps = tuple(max((len(m) - 1 for _, _, m in found), default=0) for found in shared)
-    return Holders(docs, tuple(inside), tuple(shared), tuple(of_rank), steps)
+        steps.append(most)
+    return Holders(docs, tuple(inside), tuple(of_rank), tuple(steps))
 
 
 @functools.lru_cache(maxsize=64)
@@ -182,7 +179,7 @@ def rank_plan(config: RingConfig, rank: int, heads: tuple[int, int] | None = Non
     for b, (w, r) in enumerate(zip(config.segments, config.rates)):
         groups = head_groups(config.heads, r, config.head_offsets, heads, config.kv_group)
         mine = []
-        for d, seg, members in (geo.shared[b][i] for i in geo.of_rank[b].get(rank, ())):
+        for d, seg, members in geo.of_rank[b].get(rank, ()):
             held = geo.inside[d]
             layouts = [_message_layout(held[x][0], w, r, seg, groups) for x in members]
             parts = tuple(tuple(_moved(part, held[x][1], geo.docs[d]) for part in p)

@@ -407,7 +407,8 @@ def parse_tokens(text) -> int:
 
 
 def check_problem(*, heads, head_dim, batch, kv_heads, dtype, causal, layout, head_offsets, segments, rates):
-    """The checks every planner entry point makes (ValueError naming the argument). Returns
+    """The checks every planner entry point makes (ValueError naming the argument; TypeError for
+    a count that is not an int). Returns
     (kv_heads, defaulted to heads; dtype's torch name; segments; rates)."""
     kv_heads = heads if kv_heads is None else kv_heads
     for name, val in (("heads", heads), ("head_dim", head_dim), ("batch", batch), ("kv_heads", kv_heads)):
@@ -456,9 +457,9 @@ def plan(tokens, *, heads: int, head_dim: int, dtype: str = "bfloat16", segments
     dev = device_profile(gpu, device_profiles)
     if gpus is not None:
         check_int("gpus", gpus)
-    kv_heads, dtype, segments, rates = check_problem(heads=heads, head_dim=head_dim, batch=batch, kv_heads=kv_heads,
-                                              dtype=dtype, causal=causal, layout=layout, head_offsets=head_offsets,
-                                              segments=segments, rates=rates)
+    kv_heads, dtype, segments, rates = check_problem(
+        heads=heads, head_dim=head_dim, batch=batch, kv_heads=kv_heads, dtype=dtype, causal=causal, layout=layout,
+        head_offsets=head_offsets, segments=segments, rates=rates)
     pb = _problem(tokens, heads, head_dim, dtype, segments, rates, gpus or 1, batch, causal, layout, head_offsets,
                   kv_heads)
     min_gpus, why = _min_gpus(pb, dev, backward)

@@ -274,9 +274,9 @@ def compare(tokens, *, heads: int, head_dim: int, gpus: int, kv_heads: int | Non
     or "exp:MEAN" as :func:`ringlab.planning.planner.document_lengths` takes
     them; every strategy plans the same lengths."""
     tokens = parse_tokens(tokens)
-    kv_heads, dtype, segments, rates = check_problem(heads=heads, head_dim=head_dim, batch=batch, kv_heads=kv_heads,
-                                              dtype=dtype, causal=causal, layout=layout, head_offsets=head_offsets,
-                                              segments=segments, rates=rates)
+    kv_heads, dtype, segments, rates = check_problem(
+        heads=heads, head_dim=head_dim, batch=batch, kv_heads=kv_heads, dtype=dtype, causal=causal, layout=layout,
+        head_offsets=head_offsets, segments=segments, rates=rates)
     dev = device_profile(gpu, device_profiles)
     per_node = dev.gpus_per_node if gpus_per_node is None else gpus_per_node
     for name, val in (("gpus", gpus), ("gpus_per_node", per_node)):
